@@ -1,0 +1,79 @@
+"""Public entry points: :func:`capture` and :func:`explain`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from graphprune.errors import CaptureError
+from graphprune.ir import PruneGraph
+
+
+def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = None) -> PruneGraph:
+    """Capture a model into a :class:`PruneGraph`.
+
+    Parameters
+    ----------
+    model_or_onnx : torch.nn.Module, onnx.ModelProto, str or os.PathLike
+        A PyTorch module (captured with ``torch.export``, falling back to ``torch.fx``), an ONNX
+        model, or the path of a ``.onnx`` file.
+    example_inputs : tuple of tensors, optional
+        Required for torch modules; use a batch size >= 2. Ignored for ONNX.
+
+    Examples
+    --------
+    >>> import torch, graphprune as gp
+    >>> pg = gp.capture(torch.nn.Conv2d(3, 8, 3), (torch.randn(2, 3, 8, 8),))
+    >>> pg.capture_method
+    'torch.export'
+    """
+    if isinstance(model_or_onnx, (str, os.PathLike)):
+        from graphprune.capture_onnx import capture_onnx
+
+        return capture_onnx(os.fspath(model_or_onnx), name=name)
+    try:
+        import onnx
+
+        if isinstance(model_or_onnx, onnx.ModelProto):
+            from graphprune.capture_onnx import capture_onnx
+
+            return capture_onnx(model_or_onnx, name=name)
+    except ImportError:  # pragma: no cover - onnx is a hard dependency
+        pass
+    import torch
+
+    if isinstance(model_or_onnx, torch.nn.Module):
+        from graphprune.capture_torch import capture_torch
+
+        return capture_torch(model_or_onnx, example_inputs, name=name)
+    raise CaptureError(
+        f"cannot capture an object of type {type(model_or_onnx).__name__}: pass a torch.nn.Module "
+        "with example_inputs, an onnx.ModelProto, or the path of a .onnx file."
+    )
+
+
+def explain(pg: PruneGraph, file: Any = None, limit: int | None = None) -> str:
+    """Print (and return) a table of ``pg``'s coupled groups.
+
+    Columns: group id, size (indices), granularity (positions per index in the first parameter),
+    members, and whether it is prunable, approximate (statistics over it change) or frozen.
+    """
+    groups = pg.groups()
+    rows = [("id", "size", "gran", "status", "members / reason")]
+    for g in groups[:limit] if limit else groups:
+        if g.frozen_reason:
+            status, detail = "frozen", f"{g.describe()}  <- {g.frozen_reason}"
+        elif not g.exact:
+            status, detail = "approx", f"{g.describe()}  ({g.reductions[0]})"
+        else:
+            status, detail = "prunable", g.describe()
+        rows.append((str(g.id), str(g.size), str(g.granularity), status, detail))
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [pg.summary()]
+    lines += ["  ".join(r[i].ljust(w[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    n_p = sum(1 for g in groups if g.prunable)
+    lines.append(f"{len(groups)} groups: {n_p} prunable, {len(groups) - n_p} frozen")
+    text = "\n".join(lines)
+    if file is not None:
+        print(text, file=file)
+    return text
