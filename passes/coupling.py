@@ -817,6 +817,8 @@ def _collect_groups(cp: Coupling) -> None:
         if not any(m.param for m in members):
             continue
         reasons = frozen.get(leaf)
+        if reasons and all(r.startswith("not a channel axis") for r in reasons):
+            continue  # kernel and other non-channel axes: not a group at all
         g = Group(len(groups), leaf, t.size[leaf], members,
                   "; ".join(reasons[:3]) if reasons else None, reductions.get(leaf, []))
         if g.size <= 1 and g.frozen_reason is None:

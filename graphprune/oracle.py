@@ -1,0 +1,154 @@
+"""The dead-channel oracle every structural test (and a cautious user) can run.
+
+Make a group's channels provably dead — zero every parameter slice the group touches, producers
+and consumers alike, so the channel is 0 wherever it flows — then remove that group physically
+and check that the smaller model computes what the original computes.
+
+Groups whose index space is *reduced* without weights (LayerNorm/RMSNorm statistics, ``mean``)
+are not exact under removal: there the reference masks those reductions to the kept positions
+(statistics over the surviving channels only), which is what the pruned model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphprune.capture_torch import _aten_name
+from graphprune.errors import UnsupportedOpError
+from graphprune.ir import PruneGraph
+from graphprune.passes.removal import RemovalPlan, plan_removal
+
+
+@dataclass
+class OracleResult:
+    group: int
+    removed: list[int]
+    reference: list[np.ndarray]
+    pruned: list[np.ndarray]
+    max_abs_diff: float
+
+    def assert_close(self, atol: float = 1e-4, rtol: float = 1e-4) -> None:
+        for i, (a, b) in enumerate(zip(self.reference, self.pruned)):
+            if a.shape != b.shape:
+                raise AssertionError(f"group {self.group}: output {i} shape {b.shape} != {a.shape}")
+            np.testing.assert_allclose(b, a, atol=atol, rtol=rtol,
+                                       err_msg=f"group {self.group}, output {i}")  # fmt: skip
+
+
+def choose_indices(size: int, rng: np.random.Generator, fraction: float = 0.5) -> list[int]:
+    k = min(max(1, int(round(size * fraction))), size - 1)
+    return sorted(rng.choice(size, size=k, replace=False).tolist())
+
+
+def dead_positions(plan: RemovalPlan, value: str, axis: int, size: int) -> np.ndarray:
+    k = plan.kept(value, axis)
+    return np.array([], dtype=np.int64) if k is None else np.setdiff1d(np.arange(size), k)
+
+
+def _flat(out: Any) -> list[np.ndarray]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach().float().numpy()]
+    if isinstance(out, (list, tuple)):
+        return [a for o in out for a in _flat(o)]
+    if isinstance(out, dict):
+        return [a for o in out.values() for a in _flat(o)]
+    return []
+
+
+def _masked_mean_like(fn_name: str):
+    def f(x: torch.Tensor, dims: Any, keep: dict[int, torch.Tensor], *rest: Any, **kw: Any):
+        for ax, idx in keep.items():
+            x = x.index_select(ax, idx)
+        return getattr(torch.ops.aten, fn_name)(x, dims, *rest, **kw)
+
+    return f
+
+
+def _masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *rest, keep=None):
+    idx = keep
+    y = torch.zeros_like(x)
+    w = weight.index_select(-1, idx) if weight is not None else None
+    b = bias.index_select(-1, idx) if bias is not None else None
+    y[..., idx] = F.layer_norm(x.index_select(-1, idx), (len(idx),), w, b, eps)
+    return y
+
+
+def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan, gid: int) -> None:
+    group = plan.coupling.groups[gid]
+    ops = {note.split(":")[0] for note in group.reductions}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    vid = {n.name: (f"%{n.name}" if n.op == "call_function" else n.name) for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is operator.getitem:
+            vid[n.name] = f"%{n.args[0].name}.{n.args[1]}"
+    for op in ops:
+        n = nodes.get(op)
+        if n is None:
+            raise UnsupportedOpError(f"oracle: reduction node {op!r} not found")
+        x = n.args[0]
+        xv = vid[x.name]
+        rank = len(pg.value(xv).shape)
+        name = _aten_name(n.target)
+        if name in ("mean", "sum", "var", "std", "amax", "amin"):
+            keep = {a: torch.from_numpy(plan.kept(xv, a)) for a in range(rank)
+                    if plan.kept(xv, a) is not None and a in pg.op(op).attrs["axes"]}  # fmt: skip
+            fn = getattr(torch.ops.aten, name)
+            overload = str(n.target).split(".")[-1]
+            fn = getattr(fn, overload)
+
+            def masked(x, *args, _keep=keep, _fn=fn, **kw):
+                for ax, idx in _keep.items():
+                    x = x.index_select(ax, idx)
+                return _fn(x, *args, **kw)
+
+            n.target = masked
+        elif name == "layer_norm" and len(n.args[1]) == 1:
+            k = plan.kept(xv, rank - 1)
+            n.target = _masked_layer_norm
+            n.kwargs = {**n.kwargs, "keep": torch.from_numpy(k)}
+        else:
+            raise UnsupportedOpError(f"oracle cannot mask reduction {name} at {op!r}")
+    gm.recompile()
+
+
+def run_oracle(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
+               seed: int = 0) -> OracleResult:  # fmt: skip
+    """Kill group ``gid``'s chosen indices in a copy of the model, prune them, compare outputs."""
+    if pg.frontend != "torch":
+        from graphprune.oracle_onnx import run_oracle_onnx
+
+        return run_oracle_onnx(pg, gid, indices, seed)
+    from graphprune.writeback_torch import apply_plan_torch
+
+    group = pg.groups()[gid]
+    rng = np.random.default_rng(seed + gid)
+    idx = list(indices) if indices is not None else choose_indices(group.size, rng)
+    plan = plan_removal(pg, {gid: idx})
+    ref = copy.deepcopy(pg.source["ep"].module())
+    tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    with torch.no_grad():
+        for m in group.params:
+            t = tensors.get(m.param)
+            if t is None:
+                t = getattr(ref, m.param)
+            dead = dead_positions(plan, m.value, m.axis, t.shape[m.axis])
+            if m.param.endswith("running_var"):
+                continue  # zeroing a variance would divide by ~sqrt(eps); its channel is dead anyway
+            t.index_fill_(m.axis, torch.from_numpy(dead), 0)
+    if group.reductions:
+        _mask_reductions(ref, pg, plan, gid)
+    pruned = apply_plan_torch(pg, plan)
+    args, kwargs = pg.source["args"], pg.source["kwargs"]
+    with torch.no_grad():
+        r = _flat(ref(*args, **kwargs))
+        p = _flat(pruned(*args, **kwargs))
+    diff = max((float(np.abs(a - b).max()) if a.shape == b.shape and a.size else np.inf)
+               for a, b in zip(r, p)) if r else 0.0  # fmt: skip
+    return OracleResult(gid, idx, r, p, diff)
