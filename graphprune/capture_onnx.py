@@ -189,7 +189,8 @@ def capture_onnx(model_or_path: Any, name: str | None = None) -> PruneGraph:
     graph = gs.import_onnx(inferred)
     graph.cleanup().toposort()
     pg = PruneGraph("onnx", "onnx-graphsurgeon", where)
-    pg.source = {"model": model, "graph": graph}
+    const_uses: dict[tuple[str, int], str] = {}
+    pg.source = {"model": model, "graph": graph, "const_uses": const_uses}
 
     def value_id(t: gs.Tensor) -> str:
         return t.name
@@ -225,26 +226,28 @@ def capture_onnx(model_or_path: Any, name: str | None = None) -> PruneGraph:
             kind, attrs = "unknown", {}
         attrs["onnx"] = node.op
         arg_slots = ARG_SLOTS.get(node.op, set())
+        op_id = node.name or f"{node.op}_{len(pg.nx)}"
+        while op_id in pg.nx:
+            op_id += "_"
+        node.name = op_id
         inputs: list[str | None] = []
         for i, t in enumerate(node.inputs):
+            arr = _const(node, i)
             if i in arg_slots or t.name == "":
                 inputs.append(None)
-            elif t.inputs and t.inputs[0].op == "Constant":
-                arr = np.asarray(t.inputs[0].attrs["value"].values)
-                if t.name not in pg.nx:
-                    pg.weights[t.name] = arr
-                    pg.add_value(t.name, Value(tuple(arr.shape), str(arr.dtype), "param",
-                                               param=t.name))  # fmt: skip
-                inputs.append(t.name)
+            elif arr is not None:
+                # Exporters deduplicate equal initializers (every zero bias becomes one): a
+                # constant is a value, so each use gets its own parameter and stays independent.
+                vid = t.name if t.name not in pg.nx else f"{t.name}@{op_id}:{i}"
+                pg.weights.setdefault(t.name, arr)
+                pg.add_value(vid, Value(tuple(arr.shape), str(arr.dtype), "param", param=t.name))
+                const_uses[(op_id, i)] = vid
+                inputs.append(vid)
             else:
                 inputs.append(ensure(t))
         if kind == "embedding":  # Gather(table, ids): table first, as torch's embedding
             inputs = inputs[:2]
         outputs = [ensure(t) for t in node.outputs]
-        op_id = node.name or f"{node.op}_{len(pg.nx)}"
-        while op_id in pg.nx:
-            op_id += "_"
-        node.name = op_id
         pg.add_op(op_id, OpNode(kind, node.op, attrs), inputs, outputs)
     for t in graph.outputs:
         vid = ensure(t)

@@ -117,6 +117,7 @@ ATEN_RULES: dict[str, Callable[[torch.fx.Node], tuple[str, dict]]] = {
     "conv_transpose2d": _with("conv_transpose", _convt_attrs),
     "conv_transpose3d": _with("conv_transpose", _convt_attrs),
     "linear": _const("linear", w_layout="oi"),
+    "addmm": _const("linear", w_layout="io", slots=(1, 2, 0)),
     "matmul": _const("matmul"),
     "mm": _const("matmul"),
     "bmm": _const("matmul"),
@@ -250,6 +251,13 @@ def _tensor_slots(node: torch.fx.Node) -> list[torch.fx.Node | None]:
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str]:
+    # Under no_grad, `torch.no_grad()` regions inside the model (HF rotary embeddings) stay plain
+    # ops instead of `wrap_with_set_grad_enabled` subgraphs the coupling table cannot see into.
+    with torch.no_grad():
+        return _export_inner(model, args, kwargs)
+
+
+def _export_inner(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str]:
     try:
         return torch.export.export(model, args, kwargs, strict=False), "torch.export"
     except Exception as e_export:  # noqa: BLE001 - any export failure triggers the fx route

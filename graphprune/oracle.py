@@ -71,13 +71,38 @@ def _masked_mean_like(fn_name: str):
     return f
 
 
-def _masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *rest, keep=None):
-    idx = keep
+def _masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *rest, keep=()):
+    idx = torch.tensor(keep, dtype=torch.long)
     y = torch.zeros_like(x)
     w = weight.index_select(-1, idx) if weight is not None else None
     b = bias.index_select(-1, idx) if bias is not None else None
     y[..., idx] = F.layer_norm(x.index_select(-1, idx), (len(idx),), w, b, eps)
     return y
+
+
+def _masked_reduce(x, *args, _keep=None, _fn="", **kw):
+    for ax, idx in (_keep or {}).items():
+        x = x.index_select(ax, torch.tensor(idx, dtype=torch.long))
+    packet, overload = _fn.split(".")[1:3]
+    return getattr(getattr(torch.ops.aten, packet), overload)(x, *args, **kw)
+
+
+def _masked_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *rest, keep=(),
+                       new_groups=1):  # fmt: skip
+    idx = torch.tensor(keep, dtype=torch.long)
+    y = torch.zeros_like(x)
+    w = weight.index_select(0, idx) if weight is not None else None
+    b = bias.index_select(0, idx) if bias is not None else None
+    y[:, idx] = F.group_norm(x.index_select(1, idx), new_groups, w, b, eps)
+    return y
+
+
+def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The parameter/buffer/attribute at dotted path ``target`` (tied names resolve too)."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan, gid: int) -> None:
@@ -97,22 +122,19 @@ def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan
         rank = len(pg.value(xv).shape)
         name = _aten_name(n.target)
         if name in ("mean", "sum", "var", "std", "amax", "amin"):
-            keep = {a: torch.from_numpy(plan.kept(xv, a)) for a in range(rank)
+            keep = {a: plan.kept(xv, a).tolist() for a in range(rank)
                     if plan.kept(xv, a) is not None and a in pg.op(op).attrs["axes"]}  # fmt: skip
-            fn = getattr(torch.ops.aten, name)
-            overload = str(n.target).split(".")[-1]
-            fn = getattr(fn, overload)
-
-            def masked(x, *args, _keep=keep, _fn=fn, **kw):
-                for ax, idx in _keep.items():
-                    x = x.index_select(ax, idx)
-                return _fn(x, *args, **kw)
-
-            n.target = masked
+            n.kwargs = {**n.kwargs, "_keep": keep, "_fn": str(n.target)}
+            n.target = _masked_reduce
+        elif name == "group_norm":
+            keep = plan.kept(xv, 1)
+            gv = plan.coupling.op_vars[op]["groups"]
+            n.target = _masked_group_norm
+            n.kwargs = {**n.kwargs, "keep": keep.tolist(), "new_groups": plan.var_size(gv)}
         elif name == "layer_norm" and len(n.args[1]) == 1:
             k = plan.kept(xv, rank - 1)
             n.target = _masked_layer_norm
-            n.kwargs = {**n.kwargs, "keep": torch.from_numpy(k)}
+            n.kwargs = {**n.kwargs, "keep": k.tolist()}
         else:
             raise UnsupportedOpError(f"oracle cannot mask reduction {name} at {op!r}")
     gm.recompile()
@@ -137,7 +159,7 @@ def run_oracle(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
         for m in group.params:
             t = tensors.get(m.param)
             if t is None:
-                t = getattr(ref, m.param)
+                t = get_tensor(ref, m.param)
             dead = dead_positions(plan, m.value, m.axis, t.shape[m.axis])
             if m.param.endswith("running_var"):
                 continue  # zeroing a variance would divide by ~sqrt(eps); its channel is dead anyway

@@ -43,7 +43,7 @@ def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nd
 def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
                     seed: int = 0, feeds: dict[str, np.ndarray] | None = None):  # fmt: skip
     from graphprune.oracle import OracleResult, choose_indices, dead_positions
-    from graphprune.writeback_onnx import apply_plan_onnx
+    from graphprune.writeback_onnx import apply_plan_onnx, map_constants
 
     group = pg.groups()[gid]
     if group.reductions:
@@ -55,20 +55,19 @@ def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = No
     idx = list(indices) if indices is not None else choose_indices(group.size, rng)
     plan = plan_removal(pg, {gid: idx})
     ref_graph: gs.Graph = pg.source["graph"].copy()
-    tensors = ref_graph.tensors()
-    for m in group.params:
-        t = tensors[m.param]
-        arr = np.array(t.values if isinstance(t, gs.Constant) else t.inputs[0].attrs["value"].values)
-        if m.param.endswith(("running_var", "input_var")) or _is_bn_var(pg, m.value):
-            continue
+    members = {m.value: m for m in group.params if not _is_bn_var(pg, m.value)}
+
+    def kill(vid: str, arr: np.ndarray) -> np.ndarray | None:
+        m = members.get(vid)
+        if m is None:
+            return None
         dead = dead_positions(plan, m.value, m.axis, arr.shape[m.axis])
         sl = [slice(None)] * arr.ndim
         sl[m.axis] = dead
         arr[tuple(sl)] = 0
-        if isinstance(t, gs.Constant):
-            t.values = arr
-        else:
-            t.inputs[0].attrs["value"] = gs.Constant(t.name + "_v", arr)
+        return arr
+
+    map_constants(ref_graph, pg, kill)
     ref = gs.export_onnx(ref_graph)
     ref.ClearField("opset_import")
     ref.opset_import.extend(pg.source["model"].opset_import)

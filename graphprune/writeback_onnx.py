@@ -78,23 +78,44 @@ ARG_REWRITES: dict[str, Callable[[_Ctx, gs.Node], None]] = {
 }  # fmt: skip
 
 
+def map_constants(graph: gs.Graph, pg: PruneGraph,
+                  fn: Callable[[str, np.ndarray], np.ndarray | None]) -> None:  # fmt: skip
+    """Replace each constant *use* whose IR value ``fn`` maps to a new array.
+
+    A constant with a single use keeps its name; a shared one gets a fresh constant per changed
+    use, so the other users keep the original.
+    """
+    uses = pg.source["const_uses"]
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            counts[t.name] = counts.get(t.name, 0) + 1
+    for n in graph.nodes:
+        for i, t in enumerate(n.inputs):
+            vid = uses.get((n.name, i))
+            if vid is None:
+                continue
+            from graphprune.capture_onnx import _const
+
+            new = fn(vid, np.array(_const(n, i)))
+            if new is None:
+                continue
+            new = np.ascontiguousarray(new)
+            if counts.get(t.name, 0) == 1 and isinstance(t, gs.Constant):
+                t.values = new
+            else:
+                n.inputs[i] = gs.Constant(f"{t.name}.{n.name}.{i}", new)
+
+
 def apply_plan_onnx(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> onnx.ModelProto:
     """A new ONNX model computing ``pg``'s model with the plan's channels removed."""
     graph: gs.Graph = pg.source["graph"].copy()
     c = _Ctx(pg, plan)
-    tensors = graph.tensors()
-    for name, new_shape in plan.new_shapes.items():
-        t = tensors.get(name)
-        if t is None:
-            continue
-        if isinstance(t, gs.Constant):
-            tensors[name].values = np.ascontiguousarray(slice_array(np.asarray(t.values), name, plan))
-        elif t.inputs and t.inputs[0].op == "Constant":
-            arr = np.asarray(t.inputs[0].attrs["value"].values)
-            t.inputs[0].attrs["value"] = gs.Constant(name + "_value", slice_array(arr, name, plan))
-            t.shape = list(new_shape)
-        else:
-            t.shape = list(new_shape)
+    map_constants(graph, pg, lambda vid, arr: slice_array(arr, vid, plan)
+                  if vid in plan.new_shapes else None)  # fmt: skip
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and name in plan.new_shapes:
+            t.shape = list(plan.new_shapes[name])
     for n in graph.nodes:
         rw = ARG_REWRITES.get(n.op)
         if rw is not None and n.name in pg.nx:

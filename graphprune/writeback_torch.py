@@ -171,7 +171,9 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> 
         if n.op == "get_attr" and n.name in vid and vid[n.name] in plan.new_shapes:
             old = state.get(n.target)
             if old is None:
-                old = getattr(gm, n.target)
+                from graphprune.oracle import get_tensor
+
+                old = get_tensor(gm, n.target)
             arr = slice_array(old.detach().cpu().numpy(), vid[n.name], plan)
             _set_tensor(gm, n.target, torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype))
     for n in gm.graph.nodes:

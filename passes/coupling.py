@@ -369,9 +369,10 @@ def _broadcast(c: RuleContext) -> None:
 
 @coupling_rule("linear")
 def _linear(c: RuleContext) -> None:
-    x, w, *rest = c.ins() + [None]
+    ins = c.ins() + [None, None]
+    xs, ws, bs = c.pg.op(c.op).attrs.get("slots", (0, 1, 2))
+    x, w, b = ins[xs], ins[ws], ins[bs]
     out = c.outs()[0]
-    b = rest[0] if rest else None
     o_ax, i_ax = (0, 1) if c.pg.op(c.op).attrs.get("w_layout", "oi") == "oi" else (1, 0)
     c.tie(x, -1, w, i_ax)
     c.tie(out, -1, w, o_ax)
@@ -447,6 +448,9 @@ def _channel_norm(c: RuleContext) -> None:
     for p in params:
         if p is not None and len(c.shape(p)) == 1:
             c.tie(p, 0, x, 1)
+    if c.pg.op(c.op).kind == "instance_norm":  # statistics over every axis after the channel
+        for i in range(2, len(c.shape(x))):
+            c.t.reduce(c.var(x, i), f"{c.op}: instance statistics over this axis")
 
 
 @coupling_rule("layer_norm")
