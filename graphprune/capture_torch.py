@@ -119,6 +119,8 @@ ATEN_RULES: dict[str, Callable[[torch.fx.Node], tuple[str, dict]]] = {
     "linear": _const("linear", w_layout="oi"),
     "addmm": _const("linear", w_layout="io", slots=(1, 2, 0)),
     "matmul": _const("matmul"),
+    "outer": _const("outer"),
+    "ger": _const("outer"),
     "mm": _const("matmul"),
     "bmm": _const("matmul"),
     "embedding": _const("embedding"),

@@ -27,7 +27,7 @@ import numpy as np
 # the coupling pass treats as opaque: whatever flows through it is frozen, with a reason).
 OP_KINDS = frozenset(
     {
-        "conv", "conv_transpose", "linear", "matmul", "embedding",
+        "conv", "conv_transpose", "linear", "matmul", "outer", "embedding",
         "add", "sub", "mul", "div", "pow", "where", "maximum", "minimum", "elementwise",
         "activation", "identity", "cast",
         "batch_norm", "layer_norm", "group_norm", "instance_norm",

@@ -289,6 +289,21 @@ class Coupling:
             return [r]
         return [leaf for p in sub[1] for leaf in self.leaves(p)]
 
+    def block(self, var: int, leaf: int) -> int:
+        """Positions along ``var`` that one index of ``leaf`` covers."""
+        t = self.table
+        r = t.find(var)
+        if r == leaf:
+            return 1
+        mode, parts = t.parts[r]
+        out = 1
+        for p in parts:
+            if leaf in self.leaves(p):
+                out *= self.block(p, leaf)
+            elif mode == "prod":
+                out *= t.size[t.find(p)]
+        return out
+
     def group(self, gid: int) -> Group:
         return self.groups[gid]
 
@@ -397,6 +412,14 @@ def _matmul(c: RuleContext) -> None:
             j = i + (ro - 2) - (rv - 2)
             if j >= 0 and c.shape(v)[i] == c.shape(out)[j]:
                 c.tie(v, i, out, j)
+
+
+@coupling_rule("outer")
+def _outer(c: RuleContext) -> None:
+    a, b = c.ins()[:2]
+    out = c.outs()[0]
+    c.tie(a, 0, out, 0)
+    c.tie(b, 0, out, 1)
 
 
 @coupling_rule("conv", "conv_transpose")
@@ -813,7 +836,7 @@ def _collect_groups(cp: Coupling) -> None:
         axis_size = (pg.value(v).shape or ())[a]
         val = pg.value(v)
         for leaf in leaves:
-            block = axis_size // max(t.size[leaf], 1)
+            block = cp.block(var, leaf)
             by_leaf.setdefault(leaf, []).append(
                 Member(v, a, val.param if val.role == "param" else None, block))
     groups = []

@@ -1,0 +1,179 @@
+"""Load and run compiled artifacts (see :mod:`graphprune.codegen.artifact` for the layout).
+
+Needs only ``tvm`` and ``numpy``: torch tensors are accepted as inputs by duck typing, torch is
+never imported. :func:`load` verifies the manifest's own digest and the sha256 of every file
+before handing anything to TVM, so a tampered or truncated artifact is refused with an
+:class:`~graphprune.errors.ArtifactError` instead of crashing in the loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from graphprune.errors import ArtifactError
+
+__all__ = ["Artifact", "load"]
+
+_FORMAT = "graphprune-artifact"  # kept in step with codegen.artifact (no codegen import here)
+_SUPPORTED_VERSIONS = (1,)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class Artifact:
+    """A compiled model on disk, ready to run: ``art(*inputs) -> numpy`` output(s).
+
+    Use :func:`load` (or ``graphprune.codegen.compile``) to get one.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The artifact directory.
+    manifest : dict
+        The parsed ``manifest.json`` (versions, target, io specs, kernels, hashes).
+
+    Examples
+    --------
+    >>> art = load("build/resnet_pruned")            # doctest: +SKIP
+    >>> y = art(np.zeros(art.manifest["inputs"][0]["shape"], "float32"))  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        import tvm
+        from tvm import relax
+
+        self.path = Path(path)
+        self.manifest = manifest
+        kind = manifest.get("target", {}).get("kind", "llvm")
+        self._device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        try:
+            lib = tvm.runtime.load_module(str(self.path / manifest["library"]))
+            self._vm = relax.VirtualMachine(lib, self._device)
+            with np.load(self.path / manifest["weights"], allow_pickle=False) as w:
+                self._weights = [
+                    tvm.runtime.tensor(w[name], self._device) for name in manifest["weight_names"]
+                ]
+        except ArtifactError:
+            raise
+        except Exception as e:  # TVM / numpy raise their own types for corrupt files
+            raise ArtifactError(f"cannot load artifact {self.path}: {e}") from e
+        self._main = self._vm[manifest.get("entry", "main")]
+
+    @property
+    def inputs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.manifest["outputs"]
+
+    def _check(self, arrays: list[np.ndarray]) -> None:
+        specs = self.inputs
+        if len(arrays) != len(specs):
+            names = ", ".join(s["name"] for s in specs)
+            raise ArtifactError(f"expected {len(specs)} input(s) ({names}), got {len(arrays)}")
+        for a, s in zip(arrays, specs):
+            if tuple(a.shape) != tuple(s["shape"]) or str(a.dtype) != s["dtype"]:
+                raise ArtifactError(
+                    f"input {s['name']!r}: expected shape {tuple(s['shape'])} dtype {s['dtype']}, "
+                    f"got shape {tuple(a.shape)} dtype {a.dtype}; the artifact was compiled for "
+                    f"static shapes, recompile with matching example_inputs"
+                )
+
+    def __call__(self, *inputs):
+        """Run the model; returns one array, or a tuple when the model has several outputs."""
+        import tvm
+
+        arrays = [_to_numpy(x) for x in inputs]
+        self._check(arrays)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
+        result = self._main(*args, *self._weights)
+        outs = [o.numpy() for o in _flatten(result)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s['name']}{tuple(s['shape'])}:{s['dtype']}" for s in self.inputs)
+        return f"Artifact({str(self.path)!r}, target={self.manifest['target'].get('kind')}, {ins})"
+
+
+def _flatten(result):
+    if hasattr(result, "numpy"):
+        return [result]
+    out = []
+    for item in result:
+        out.extend(_flatten(item))
+    return out
+
+
+def load(path) -> Artifact:
+    """Open an artifact directory written by ``graphprune.codegen.compile``.
+
+    Raises
+    ------
+    ArtifactError
+        When the directory, manifest or a listed file is missing, the manifest was edited, a file
+        does not match its sha256 (tampered or truncated), or the format is unknown.
+
+    Examples
+    --------
+    >>> import graphprune.runtime as rt
+    >>> art = rt.load("build/resnet_pruned")   # doctest: +SKIP
+    """
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not an artifact: {manifest_path.name} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{manifest_path} is unreadable or truncated: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ArtifactError(f"{manifest_path} is not a graphprune artifact manifest")
+    if manifest.get("format_version") not in _SUPPORTED_VERSIONS:
+        raise ArtifactError(
+            f"{manifest_path}: format_version {manifest.get('format_version')} is not supported "
+            f"by this graphprune (supports {_SUPPORTED_VERSIONS}); recompile the model"
+        )
+    if manifest.get("self_sha256") != _digest(manifest):
+        raise ArtifactError(
+            f"{manifest_path} was modified after it was written (its digest does not match); "
+            f"recompile the model instead of editing the manifest"
+        )
+    files = manifest.get("files", {})
+    for key in ("library", "weights"):
+        if manifest.get(key) not in files:
+            raise ArtifactError(f"{manifest_path}: {key} file is not covered by a hash")
+    for name, expected in files.items():
+        f = path / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{manifest_path}: file name {name!r} leaves the artifact")
+        if not f.is_file():
+            raise ArtifactError(f"artifact {path} is incomplete: {name} is missing")
+        actual = _sha256(f)
+        if actual != expected:
+            raise ArtifactError(
+                f"artifact {path}: {name} is corrupt, truncated or tampered with "
+                f"(sha256 {actual[:16]}… != {expected[:16]}… in the manifest)"
+            )
+    return Artifact(path, manifest)
