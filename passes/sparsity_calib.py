@@ -1,0 +1,174 @@
+"""Calibration statistics for the sparsity methods: per-layer input norms, Hessians and samples.
+
+For a layer ``y = W x`` the methods need, over the calibration tokens X (rows of the reduction
+dimension, im2col for convs):
+
+- ``sq[j] = sum_t x_tj^2`` (Wanda's ``||X_j||^2``; OBD's Hessian diagonal is ``2 sq / n``),
+- ``H = X^T X`` when SparseGPT asks for it (the layer-wise Hessian is ``2 H / n``),
+- a few hundred rows of X, to report the layer's relative reconstruction error.
+
+Two ways to collect them:
+
+- ``collect_whole``: forward hooks on the targets while the whole model runs each batch.
+- ``SequentialBlocks``: for transformer stacks (an ``nn.ModuleList`` of blocks), the inputs of
+  block 0 are captured once; each block is then calibrated on inputs produced by the
+  already-sparsified blocks before it, pruned, and re-run to feed the next block. Memory stays
+  bounded by one block's activations, as in the SparseGPT and Wanda reference code.
+
+Non-finite activations raise :class:`ConfigError` naming the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from graphprune.errors import ConfigError
+
+from .sparsity_targets import Target, call_model
+
+__all__ = ["LayerStats", "collect_whole", "SequentialBlocks", "BlocksDoNotChain"]
+
+_SAMPLE_ROWS = 1024  # rows of X kept per layer for the reconstruction-error report
+
+
+@dataclass
+class LayerStats:
+    red: int
+    want_hessian: bool
+    n: int = 0
+    sq: torch.Tensor | None = None
+    H: torch.Tensor | None = None
+    samples: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, x2: torch.Tensor, name: str) -> None:
+        if not torch.isfinite(x2).all():
+            raise ConfigError(
+                f"calibration: input of layer {name!r} holds NaN/inf; check calib batches and "
+                "the layers before it (or exclude it with exclude=[...])"
+            )
+        x2 = x2.float()
+        if self.sq is None:
+            self.sq = torch.zeros(self.red, dtype=torch.float64)
+        self.sq += (x2.double() ** 2).sum(0)
+        if self.want_hessian:
+            if self.H is None:
+                self.H = torch.zeros(self.red, self.red)
+            self.H.addmm_(x2.t(), x2)
+        self.n += x2.shape[0]
+        kept = sum(s.shape[0] for s in self.samples)
+        if kept < _SAMPLE_ROWS:
+            step = max(1, x2.shape[0] // 256)
+            self.samples.append(x2[::step][: _SAMPLE_ROWS - kept].clone())
+
+    def sample(self) -> torch.Tensor | None:
+        return torch.cat(self.samples) if self.samples else None
+
+
+def _hook(t: Target, st: LayerStats):
+    def hook(mod, args, out):
+        st.add(t.inputs2d(args[0].detach()), t.name)
+
+    return hook
+
+
+def _attach(targets: list[Target], want_hessian: bool):
+    # Grouped convs never get here: their im2col rows span all groups (callers filter them).
+    stats = {t.name: LayerStats(t.shape2d()[1], want_hessian) for t in targets}
+    hooks = [t.module.register_forward_hook(_hook(t, stats[t.name])) for t in targets]
+    return stats, hooks
+
+
+def collect_whole(model: nn.Module, targets: list[Target], calib: list,
+                  want_hessian: bool) -> dict[str, LayerStats]:
+    """Run every calibration batch through ``model`` with hooks on ``targets``."""
+    stats, hooks = _attach(targets, want_hessian)
+    try:
+        with torch.no_grad():
+            for b in calib:
+                call_model(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+class _Stop(Exception):
+    pass
+
+
+class BlocksDoNotChain(Exception):
+    """A block's output cannot be fed as the next block's input (caller falls back)."""
+
+
+class SequentialBlocks:
+    """Walk a block list: calibrate block i on outputs of the sparsified blocks 0..i-1."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, calib: list):
+        self.blocks = blocks
+        self.cached: list[tuple[tuple, dict]] = []
+
+        def pre(mod, args, kwargs):
+            self.cached.append((args, dict(kwargs)))
+            raise _Stop
+
+        h = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for b in calib:
+                    try:
+                        call_model(model, b)
+                    except _Stop:
+                        pass
+        finally:
+            h.remove()
+        if len(self.cached) != len(calib):
+            raise BlocksDoNotChain("block 0 did not run once per calibration batch")
+        # Dry run on one batch: blocks of one type chain for all if block 0 does.
+        saved = self.cached
+        self.cached = saved[:1]
+        try:
+            self._run(0, keep=True)
+        finally:
+            self.cached = saved
+
+    def calibrate(self, i: int, targets: list[Target], want_hessian: bool):
+        stats, hooks = _attach(targets, want_hessian)
+        try:
+            self._run(i, keep=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
+
+    def advance(self, i: int) -> None:
+        """Re-run (now sparsified) block ``i`` to produce the next block's inputs."""
+        self._run(i, keep=True)
+
+    @staticmethod
+    def _hidden(args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            return kwargs["hidden_states"]
+        raise BlocksDoNotChain("block input has no leading tensor or hidden_states kwarg")
+
+    def _run(self, i: int, keep: bool) -> None:
+        nxt = []
+        with torch.no_grad():
+            for args, kwargs in self.cached:
+                out = self.blocks[i](*args, **kwargs)
+                if not keep:
+                    continue
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                old = self._hidden(args, kwargs)
+                if not isinstance(h, torch.Tensor) or h.shape != old.shape:
+                    raise BlocksDoNotChain(f"block {i} output does not match its input")
+                if args and isinstance(args[0], torch.Tensor):
+                    nxt.append(((h,) + tuple(args[1:]), kwargs))
+                else:
+                    nxt.append((args, {**kwargs, "hidden_states": h}))
+        if keep:
+            self.cached = nxt
