@@ -105,9 +105,9 @@ def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
-def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan, gid: int) -> None:
-    group = plan.coupling.groups[gid]
-    ops = {note.split(":")[0] for note in group.reductions}
+def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan,
+                     gids: list[int]) -> None:  # fmt: skip
+    ops = {note.split(":")[0] for g in gids for note in plan.coupling.groups[g].reductions}
     nodes = {n.name: n for n in gm.graph.nodes}
     vid = {n.name: (f"%{n.name}" if n.op == "call_function" else n.name) for n in gm.graph.nodes}
     for n in gm.graph.nodes:
@@ -140,32 +140,35 @@ def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan
     gm.recompile()
 
 
-def run_oracle(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
-               seed: int = 0) -> OracleResult:  # fmt: skip
-    """Kill group ``gid``'s chosen indices in a copy of the model, prune them, compare outputs."""
+def run_oracle(pg: PruneGraph, gid: int | dict[int, Iterable[int]],
+               indices: Iterable[int] | None = None, seed: int = 0) -> OracleResult:  # fmt: skip
+    """Kill the chosen indices in a copy of the model, prune them, compare outputs.
+
+    ``gid`` is one group id (``indices`` default to a random half of it) or a dict
+    ``{group id: indices}`` to remove several groups at once.
+    """
     if pg.frontend != "torch":
         from graphprune.oracle_onnx import run_oracle_onnx
 
         return run_oracle_onnx(pg, gid, indices, seed)
     from graphprune.writeback_torch import apply_plan_torch
 
-    group = pg.groups()[gid]
-    rng = np.random.default_rng(seed + gid)
-    idx = list(indices) if indices is not None else choose_indices(group.size, rng)
-    plan = plan_removal(pg, {gid: idx})
+    removal = _removal(pg, gid, indices, seed)
+    plan = plan_removal(pg, removal)
     ref = copy.deepcopy(pg.source["ep"].module())
     tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
     with torch.no_grad():
-        for m in group.params:
-            t = tensors.get(m.param)
-            if t is None:
-                t = get_tensor(ref, m.param)
-            dead = dead_positions(plan, m.value, m.axis, t.shape[m.axis])
-            if m.param.endswith("running_var"):
-                continue  # zeroing a variance would divide by ~sqrt(eps); its channel is dead anyway
-            t.index_fill_(m.axis, torch.from_numpy(dead), 0)
-    if group.reductions:
-        _mask_reductions(ref, pg, plan, gid)
+        for g in removal:
+            for m in pg.groups()[g].params:
+                t = tensors.get(m.param)
+                if t is None:
+                    t = get_tensor(ref, m.param)
+                dead = dead_positions(plan, m.value, m.axis, t.shape[m.axis])
+                if m.param.endswith("running_var"):
+                    continue  # zeroing a variance would divide by ~sqrt(eps); the channel is dead
+                t.index_fill_(m.axis, torch.from_numpy(dead), 0)
+    if any(pg.groups()[g].reductions for g in removal):
+        _mask_reductions(ref, pg, plan, list(removal))
     pruned = apply_plan_torch(pg, plan)
     args, kwargs = pg.source["args"], pg.source["kwargs"]
     with torch.no_grad():
@@ -173,4 +176,13 @@ def run_oracle(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
         p = _flat(pruned(*args, **kwargs))
     diff = max((float(np.abs(a - b).max()) if a.shape == b.shape and a.size else np.inf)
                for a, b in zip(r, p)) if r else 0.0  # fmt: skip
-    return OracleResult(gid, idx, r, p, diff)
+    first = next(iter(removal))
+    return OracleResult(first, list(removal[first]), r, p, diff)
+
+
+def _removal(pg: PruneGraph, gid: Any, indices: Any, seed: int) -> dict[int, list[int]]:
+    if isinstance(gid, dict):
+        return {g: list(i) for g, i in gid.items()}
+    rng = np.random.default_rng(seed + gid)
+    size = pg.groups()[gid].size
+    return {gid: list(indices) if indices is not None else choose_indices(size, rng)}

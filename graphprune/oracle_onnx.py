@@ -42,29 +42,35 @@ def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nd
 
 def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
                     seed: int = 0, feeds: dict[str, np.ndarray] | None = None):  # fmt: skip
-    from graphprune.oracle import OracleResult, choose_indices, dead_positions
+    from graphprune.oracle import OracleResult, dead_positions
     from graphprune.writeback_onnx import apply_plan_onnx, map_constants
 
-    group = pg.groups()[gid]
-    if group.reductions:
-        raise UnsupportedOpError(
-            f"group {gid} is reduced without weights ({group.reductions[0]}); the ONNX oracle "
-            "only checks exact groups"
-        )
-    rng = np.random.default_rng(seed + gid)
-    idx = list(indices) if indices is not None else choose_indices(group.size, rng)
-    plan = plan_removal(pg, {gid: idx})
+    from graphprune.oracle import _removal
+
+    removal = _removal(pg, gid, indices, seed)
+    for g in removal:
+        group = pg.groups()[g]
+        if group.reductions:
+            raise UnsupportedOpError(
+                f"group {g} is reduced without weights ({group.reductions[0]}); the ONNX oracle "
+                "only checks exact groups"
+            )
+    plan = plan_removal(pg, removal)
     ref_graph: gs.Graph = pg.source["graph"].copy()
-    members = {m.value: m for m in group.params if not _is_bn_var(pg, m.value)}
+    members: dict[str, list] = {}
+    for g in removal:
+        for m in pg.groups()[g].params:
+            if not _is_bn_var(pg, m.value):
+                members.setdefault(m.value, []).append(m)
 
     def kill(vid: str, arr: np.ndarray) -> np.ndarray | None:
-        m = members.get(vid)
-        if m is None:
+        if vid not in members:
             return None
-        dead = dead_positions(plan, m.value, m.axis, arr.shape[m.axis])
-        sl = [slice(None)] * arr.ndim
-        sl[m.axis] = dead
-        arr[tuple(sl)] = 0
+        for m in members[vid]:
+            dead = dead_positions(plan, m.value, m.axis, arr.shape[m.axis])
+            sl = [slice(None)] * arr.ndim
+            sl[m.axis] = dead
+            arr[tuple(sl)] = 0
         return arr
 
     map_constants(ref_graph, pg, kill)
@@ -76,7 +82,8 @@ def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = No
     feeds = feeds or random_inputs(pg, seed)
     r, p = run_onnx(ref, feeds), run_onnx(pruned, feeds)
     diff = max(float(np.abs(a - b).max()) if a.shape == b.shape else np.inf for a, b in zip(r, p))
-    return OracleResult(gid, idx, r, p, diff)
+    first = next(iter(removal))
+    return OracleResult(first, removal[first], r, p, diff)
 
 
 def _is_bn_var(pg: PruneGraph, value: str) -> bool:

@@ -11,12 +11,13 @@ shows up here.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from helpers import export_onnx
 
 import graphprune as gp
 from graphprune import models
-from graphprune.oracle import run_oracle
+from graphprune.oracle import choose_indices, run_oracle
 
 # name: (prunable groups via torch.export, prunable exact groups via ONNX)
 EXPECTED = {
@@ -61,3 +62,23 @@ def test_onnx_oracle_on_every_exact_group(name):
     assert len(groups) == EXPECTED[name][1], gp.explain(pg)
     for g in groups:
         run_oracle(pg, g.id).assert_close(atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenetv2_tiny", "shufflenet_tiny",
+                                  "densenet_tiny", "unet_tiny", "vit_tiny", "hf_llama_tiny"])
+def test_torch_oracle_with_every_group_pruned_at_once(name):
+    model, inputs = models.get(name)
+    pg = gp.capture(model, inputs)
+    rng = np.random.default_rng(0)
+    removal = {g.id: choose_indices(g.size, rng, 0.4) for g in pg.groups() if g.prunable}
+    run_oracle(pg, removal).assert_close(atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "densenet_tiny", "hf_bert_tiny"])
+def test_onnx_oracle_with_every_exact_group_pruned_at_once(name):
+    model, inputs = models.get(name)
+    pg = gp.capture(export_onnx(model, inputs))
+    rng = np.random.default_rng(0)
+    removal = {g.id: choose_indices(g.size, rng, 0.4) for g in pg.groups()
+               if g.prunable and g.exact}  # fmt: skip
+    run_oracle(pg, removal).assert_close(atol=5e-5, rtol=1e-4)
