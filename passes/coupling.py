@@ -289,6 +289,27 @@ class Coupling:
             return [r]
         return [leaf for p in sub[1] for leaf in self.leaves(p)]
 
+    def coords(self, var: int, leaf: int) -> np.ndarray:
+        """For each position along ``var``: the index of ``leaf`` it belongs to (-1: none)."""
+        t = self.table
+        r = t.find(var)
+        if r == leaf:
+            return np.arange(t.size[r])
+        sub = t.parts.get(r)
+        if not sub:
+            return np.full(t.size[r], -1)
+        mode, parts = sub
+        kids = [self.coords(p, leaf) if leaf in self.leaves(p) else None for p in parts]
+        if mode == "cat":
+            return np.concatenate([k if k is not None else np.full(t.size[t.find(p)], -1)
+                                   for p, k in zip(parts, kids)])  # fmt: skip
+        out = np.full(1, -1)
+        for p, k in zip(parts, kids):
+            n = t.size[t.find(p)]
+            k = np.full(n, -1) if k is None else k
+            out = np.maximum(out[:, None], k[None, :]).reshape(-1)
+        return out
+
     def block(self, var: int, leaf: int) -> int:
         """Positions along ``var`` that one index of ``leaf`` covers."""
         t = self.table
