@@ -226,14 +226,24 @@ def _dtype_str(t: Any) -> str:
     return str(t.dtype).replace("torch.", "") if isinstance(t, torch.Tensor) else "unknown"
 
 
+_SCHEMA_ARGS: dict[Any, list[tuple[str, Any]]] = {}
+
+
+def _schema_args(target: Any) -> list[tuple[str, Any]] | None:
+    if target not in _SCHEMA_ARGS:
+        schema = getattr(target, "_schema", None)
+        _SCHEMA_ARGS[target] = None if schema is None else [
+            (a.name, a.default_value if a.has_default_value() else None) for a in schema.arguments]
+    return _SCHEMA_ARGS[target]
+
+
 def _positional(node: torch.fx.Node) -> list[Any]:
     """The op's arguments by schema position (keyword arguments moved to their position)."""
     args = list(node.args)
-    schema = getattr(node.target, "_schema", None)
+    schema = _schema_args(node.target)
     if schema is not None:
-        for i, a in enumerate(schema.arguments):
-            if i >= len(args):
-                args.append(node.kwargs.get(a.name, a.default_value if a.has_default_value() else None))
+        for name, default in schema[len(args):]:
+            args.append(node.kwargs.get(name, default))
     else:
         args.extend(node.kwargs.values())
     return args
@@ -295,21 +305,30 @@ def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None 
     if isinstance(example_inputs, dict):
         example_inputs, kwargs = (), dict(example_inputs)
     args = tuple(example_inputs)
-    work = copy.deepcopy(model).eval()
-    # Shapes must be right before anything is traced: a wrong shape is a user error, said plainly.
+    # Export reads the module without changing it; only a module in training mode is copied, so
+    # that switching it to eval mode leaves the user's object alone.
+    work = copy.deepcopy(model).eval() if model.training else model
+    try:
+        ep, method = _export(work, args, kwargs)
+    except CaptureError as e:
+        _check_inputs(work, args, kwargs, e)
+        raise
+    pg = _from_exported(ep, method, name or type(model).__name__)
+    pg.source = {"ep": ep, "args": args, "kwargs": kwargs}
+    return pg
+
+
+def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict, cause: Exception) -> None:
+    """After a failed export: if the model fails eagerly on the inputs, say that instead."""
     try:
         with torch.no_grad():
-            work(*args, **kwargs)
+            model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         raise CaptureError(
             f"{type(model).__name__} fails on the example inputs (shapes {shapes}): "
             f"{type(e).__name__}: {_first_line(e)}. Pass example_inputs the model accepts."
-        ) from e
-    ep, method = _export(work, args, kwargs)
-    pg = _from_exported(ep, method, name or type(model).__name__)
-    pg.source = {"ep": ep, "args": args, "kwargs": kwargs}
-    return pg
+        ) from cause
 
 
 def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
@@ -333,8 +352,11 @@ def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
             t = state[pname]
             pid = pname if pname not in taken else f"param:{pname}"
             pg.add_value(pid, Value(tuple(t.shape), _dtype_str(t), "param", param=pname))
-            pg.weights[pname] = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else (
+            arr = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else (
                 t.detach().float().cpu().numpy())
+            arr = arr.view()
+            arr.flags.writeable = False  # a view of the user's weights: passes must not write
+            pg.weights[pname] = arr
             vid[node.name] = pid
         elif node.name in user_inputs and isinstance(val, torch.Tensor):
             pg.add_value(node.name, Value(tuple(int(s) for s in val.shape), _dtype_str(val), "input"))
