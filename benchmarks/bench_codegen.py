@@ -1,0 +1,271 @@
+"""Latency of compiled artifacts vs PyTorch eager on the same weights, dense and pruned.
+
+For each model: PyTorch eager, TVM's stock pipeline (no schedule), TVM with graphprune's CPU
+schedule rules. Threads are pinned (``--threads``, default 1) for torch and TVM alike. Prints a
+ratio table and writes it as the "Codegen (TVM, CPU)" section of BENCHMARKS.md with the machine
+and date. "Pruned" models are the same architecture at half width (what structural 50% channel
+pruning produces); the MAC ratio is measured with a forward-hook count of conv/linear MACs.
+
+    python benchmarks/bench_codegen.py            # ResNet-50 / MobileNetV2 / BERT-base sizes
+    python benchmarks/bench_codegen.py --quick    # small sizes, a couple of minutes on 2 cores
+
+A model whose build exceeds ``--build-budget`` seconds is retried at the next smaller size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="small sizes only")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--build-budget", type=float, default=240.0, help="seconds per build")
+    p.add_argument("--no-stock", action="store_true", help="skip the (slow) stock baseline")
+    p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    return p.parse_args()
+
+
+ARGS = _args()
+os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)  # must precede the tvm import
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from graphprune import codegen  # noqa: E402
+
+torch.set_num_threads(ARGS.threads)
+
+
+def conv_bn(cin, cout, k=3, s=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())  # fmt: skip
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, mid, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, mid, 1), conv_bn(mid, mid, 3, stride),
+                                  nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))  # fmt: skip
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())  # fmt: skip
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet(width=1.0, blocks=(3, 4, 6, 3), res=224):
+    w = lambda c: max(4, int(c * width))  # noqa: E731
+    layers, cin = [conv_bn(3, w(64), 7, 2), nn.MaxPool2d(3, 2, 1)], w(64)
+    for i, n in enumerate(blocks):
+        mid = w(64 * 2**i)
+        for j in range(n):
+            layers.append(Bottleneck(cin, mid, mid * 4, 2 if j == 0 and i > 0 else 1))
+            cin = mid * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)]
+    return nn.Sequential(*layers), (torch.randn(1, 3, res, res),)
+
+
+class InvRes(nn.Module):
+    def __init__(self, cin, cout, s, t):
+        super().__init__()
+        mid = cin * t
+        self.use_res = s == 1 and cin == cout
+        self.body = nn.Sequential(conv_bn(cin, mid, 1), conv_bn(mid, mid, 3, s, groups=mid),
+                                  nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))  # fmt: skip
+
+    def forward(self, x):
+        return x + self.body(x) if self.use_res else self.body(x)
+
+
+def mobilenet(width=1.0, res=224):
+    w = lambda c: max(4, int(c * width))  # noqa: E731
+    cfg = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+           (6, 160, 3, 2), (6, 320, 1, 1)]  # fmt: skip
+    layers, cin = [conv_bn(3, w(32), 3, 2)], w(32)
+    for t, c, n, s in cfg:
+        for i in range(n):
+            layers.append(InvRes(cin, w(c), s if i == 0 else 1, t))
+            cin = w(c)
+    layers += [conv_bn(cin, w(1280), 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(w(1280), 1000)]  # fmt: skip
+    return nn.Sequential(*layers), (torch.randn(1, 3, res, res),)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d, heads, ff):
+        super().__init__()
+        self.heads, self.qkv, self.o = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        x = self.ln1(x + self.o((att @ v).transpose(1, 2).reshape(b, t, d)))
+        return self.ln2(x + self.ff(x))
+
+
+def bert(width=1.0, layers=12, seq=128, d=768, heads=12):
+    dh = max(8, int(d // heads * width))
+    model = nn.Sequential(*[EncoderLayer(dh * heads, heads, int(4 * d * width))
+                            for _ in range(layers)])  # fmt: skip
+    return model, (torch.randn(1, seq, dh * heads),)
+
+
+FULL = {
+    "ResNet-50": [lambda w: resnet(w), lambda w: resnet(w, (1, 1, 1, 1), 112)],
+    "MobileNetV2": [lambda w: mobilenet(w), lambda w: mobilenet(w, 112)],
+    "BERT-base": [lambda w: bert(w), lambda w: bert(w, layers=4, seq=64)],
+}
+QUICK = {
+    "ResNet-50": [lambda w: resnet(w * 0.25, (1, 1, 1, 1), 64)],
+    "MobileNetV2": [lambda w: mobilenet(w * 0.5, 96)],
+    "BERT-base": [lambda w: bert(w * 0.5, layers=2, seq=32, d=256, heads=4)],
+}
+
+
+def macs(model, inputs) -> int:
+    total = 0
+
+    def hook(mod, inp, out):
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            total += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            total += out.numel() * mod.in_features
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(*inputs)
+    for h in hs:
+        h.remove()
+    return total
+
+
+def latency_ms(fn, repeat) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def seeded(factory, width):
+    torch.manual_seed(0)
+    model, inputs = factory(width)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    return model, inputs
+
+
+def run_one(name, factories, width, tmp):
+    for factory in factories:
+        model, inputs = seeded(factory, width)
+        row = {"model": name, "variant": "dense" if width == 1.0 else "50% pruned",
+               "shape": "x".join(map(str, inputs[0].shape)), "macs": macs(model, inputs)}  # fmt: skip
+        with torch.no_grad():
+            row["torch"] = latency_ms(lambda: model(*inputs), ARGS.repeat)
+            ref = model(*inputs).numpy()
+        t = time.perf_counter()
+        art = codegen.compile(model, inputs, out_dir=Path(tmp) / f"{name}-{width}")
+        row["build_s"] = time.perf_counter() - t
+        if row["build_s"] > ARGS.build_budget and factory is not factories[-1]:
+            print(f"  {name}: build took {row['build_s']:.0f}s > budget, trying a smaller size")
+            continue
+        x = [i.numpy() for i in inputs]
+        row["ours"] = latency_ms(lambda: art(*x), ARGS.repeat)
+        row["max_err"] = float(np.abs(art(*x) - ref).max())
+        if not ARGS.no_stock:
+            stock = codegen.compile(model, inputs, out_dir=Path(tmp) / f"{name}-{width}-stock",
+                                    schedule="stock")  # fmt: skip
+            row["stock"] = latency_ms(lambda: stock(*x), max(3, ARGS.repeat // 5))
+        return row
+    raise AssertionError("unreachable")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from graphprune.codegen.target import detect_mcpu
+
+    return f"{cpu}, {os.cpu_count()} cores, mcpu={detect_mcpu()}, {ARGS.threads} thread(s)"
+
+
+def table(rows) -> str:
+    head = ("| model | variant | input | MMACs | torch eager ms | TVM stock ms | TVM ours ms "
+            "| torch/ours | pruned/dense latency | pruned/dense MACs | build s | max abs err |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
+    dense = {r["model"]: r for r in rows if r["variant"] == "dense"}
+    for r in rows:
+        d = dense.get(r["model"])
+        lat = f"{r['ours'] / d['ours']:.2f}" if d and r is not d else ""
+        mac = f"{r['macs'] / d['macs']:.2f}" if d and r is not d else ""
+        stock = f"{r['stock']:.2f}" if "stock" in r else "—"
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['shape']} | {r['macs'] / 1e6:.0f} "
+            f"| {r['torch']:.2f} | {stock} | {r['ours']:.2f} | {r['torch'] / r['ours']:.2f} "
+            f"| {lat} | {mac} | {r['build_s']:.0f} | {r['max_err']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+    title = "## Codegen (TVM, CPU)"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"{re.escape(title)}\n.*?(?=\n## |\Z)", re.S)
+    new = pattern.sub(lambda _: text.rstrip("\n"), old) if pattern.search(old) else (
+        old.rstrip("\n") + "\n\n" + text)  # fmt: skip
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def main() -> int:
+    suite = QUICK if ARGS.quick else FULL
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, factories in suite.items():
+            for width in (1.0, 0.5):
+                row = run_one(name, factories, width, tmp)
+                rows.append(row)
+                print(f"  {name} {row['variant']}: torch {row['torch']:.2f} ms, "
+                      f"ours {row['ours']:.2f} ms, build {row['build_s']:.0f} s", flush=True)  # fmt: skip
+    result = table(rows)
+    print(result)
+    if not ARGS.no_write:
+        date = dt.date.today().isoformat()
+        section = (
+            f"## Codegen (TVM, CPU)\n\n"
+            f"`python benchmarks/bench_codegen.py{' --quick' if ARGS.quick else ''}` on {date}, "
+            f"{machine()}; batch 1, median of {ARGS.repeat} runs. torch/ours > 1 means the "
+            f"compiled module is faster than PyTorch eager on the same weights. \"50% pruned\" "
+            f"is the same architecture at half width.\n\n{result}\n"
+        )
+        write_section(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Write a compiled model as an artifact directory, atomically.
+
+Last step of codegen. Layout (names are fixed; the manifest says which is which)::
+
+    OUT/
+      model.so        # Executable.export_library: the Relax VM bytecode and every kernel
+      weights.npz     # weights after LiftTransformParams, keys w0000.. in call order (no pickle)
+      manifest.json   # versions, target, io specs, kernel choice per PrimFunc, sha256 per file
+
+The directory is assembled under a temporary sibling and renamed into place, so a reader never
+sees a half-written artifact; an existing ``OUT`` is replaced only once the new one is complete.
+The manifest carries ``self_sha256`` (over its own canonical JSON without that field) so an edit
+to the manifest itself is detected too. Readers: :mod:`graphprune.runtime` and the ten-line
+pure-TVM snippet in ``codegen/README_SNIPPET.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from graphprune.errors import ArtifactError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LIBRARY",
+    "MANIFEST",
+    "WEIGHTS",
+    "file_sha256",
+    "manifest_digest",
+    "write_artifact",
+]
+
+FORMAT = "graphprune-artifact"
+FORMAT_VERSION = 1
+LIBRARY = "model.so"
+WEIGHTS = "weights.npz"
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, ``self_sha256`` left out."""
+    body = {k: v for k, v in manifest.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _versions() -> dict:
+    import tvm
+
+    try:
+        from importlib.metadata import version
+
+        gp_version = version("graphprune")
+    except Exception:  # running from a source tree without metadata
+        gp_version = "unknown"
+    return {"graphprune": gp_version, "tvm": tvm.__version__, "numpy": np.__version__}
+
+
+def write_artifact(out_dir, executable, weights: list[np.ndarray], info: dict) -> Path:
+    """Export ``executable`` and ``weights`` to ``out_dir`` with a manifest built from ``info``.
+
+    ``info`` holds the JSON-able fields the compiler knows (target, frontend, inputs, outputs,
+    kernels); this function adds versions, file names, weight names and hashes.
+    """
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        executable.export_library(str(tmp / LIBRARY))
+        names = [f"w{i:04d}" for i in range(len(weights))]
+        np.savez(tmp / WEIGHTS, **{n: np.ascontiguousarray(w) for n, w in zip(names, weights)})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            **info,
+            "entry": "main",
+            "library": LIBRARY,
+            "weights": WEIGHTS,
+            "weight_names": names,
+            "weight_shapes": [list(w.shape) for w in weights],
+            "files": {name: file_sha256(tmp / name) for name in (LIBRARY, WEIGHTS)},
+        }
+        manifest["self_sha256"] = manifest_digest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for name in (LIBRARY, WEIGHTS, MANIFEST):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    # rename() cannot replace a non-empty directory: move the old one aside first, then drop it.
+    if out_dir.exists() or out_dir.is_symlink():
+        if not (out_dir / MANIFEST).exists() and any(out_dir.iterdir()):
+            raise ArtifactError(
+                f"{out_dir} exists and is not a graphprune artifact; refusing to replace it "
+                f"(choose another out_dir or remove it)"
+            )
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "artifact")
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)

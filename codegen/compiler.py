@@ -1,0 +1,90 @@
+"""``compile``: torch module or ONNX model in, loaded :class:`~graphprune.runtime.Artifact` out.
+
+Chains the codegen steps: :mod:`.frontend` (lower to Relax) → :mod:`.pipeline` (optimise,
+schedule, build) → :mod:`.artifact` (write atomically) → :func:`graphprune.runtime.load`
+(verify and open). Codegen reads only the model it is given: pruning must already be applied
+(``remove_channels`` / write-back), so a structurally pruned model compiles like any other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from graphprune.codegen.artifact import write_artifact
+from graphprune.codegen.frontend import lower
+from graphprune.codegen.pipeline import build
+from graphprune.codegen.target import make_target, target_to_dict
+from graphprune.errors import ConfigError
+
+__all__ = ["compile"]
+
+
+def compile(  # noqa: A001 - the public name the issue asks for
+    model_or_onnx,
+    example_inputs=None,
+    target="llvm",
+    out_dir=None,
+    tune: bool = False,
+    trials: int = 0,
+    schedule: str = "ours",
+    progress=None,
+):
+    """Compile a model to a TVM artifact directory and return it loaded.
+
+    Parameters
+    ----------
+    model_or_onnx : torch.nn.Module, onnx.ModelProto, str or os.PathLike
+        A torch module (exported with ``torch.export``) or an ONNX model / ``.onnx`` path.
+    example_inputs : tuple of tensors or arrays, optional
+        Required for torch; for ONNX only needed when an input has dynamic dims. Shapes are
+        baked in: the artifact accepts exactly these shapes and dtypes.
+    target : {"llvm", "cuda"} or dict
+        ``"llvm"`` detects the CPU (explicit ``mcpu``, ``num-cores``); ``"cuda"`` uses sm_80.
+    out_dir : str or os.PathLike
+        Where the artifact directory goes (replaced atomically if it already is an artifact).
+    tune, trials : bool, int
+        MetaSchedule tuning is not implemented yet; ``tune=True`` raises ``ConfigError``.
+    schedule : {"ours", "stock", "dlight"}
+        CPU scheduling: our rules (default), none (TVM's stock pipeline), or dlight's CPU rules.
+    progress : callable(str), optional
+        Called with a short message at each stage.
+
+    Returns
+    -------
+    graphprune.runtime.Artifact
+
+    Examples
+    --------
+    >>> import torch
+    >>> from graphprune import codegen
+    >>> m = torch.nn.Linear(8, 4)
+    >>> art = codegen.compile(m, (torch.randn(2, 8),), out_dir="/tmp/gp_lin")  # doctest: +SKIP
+    >>> art(torch.randn(2, 8)).shape                                          # doctest: +SKIP
+    (2, 4)
+    """
+    from graphprune.runtime import load
+
+    if out_dir is None:
+        raise ConfigError("compile needs out_dir: the directory the artifact is written to")
+    if tune or trials:
+        raise ConfigError(
+            "MetaSchedule tuning (tune=True / trials>0) is not implemented yet; "
+            "compile with tune=False to use graphprune's CPU schedule rules"
+        )
+    step = progress or (lambda msg: None)
+    tgt = make_target(target)
+    step("lowering to Relax")
+    lowered = lower(model_or_onnx, example_inputs)
+    built = build(lowered, tgt, schedule=schedule, progress=step)
+    step(f"writing artifact {os.fspath(out_dir)}")
+    info = {
+        "target": target_to_dict(tgt),
+        "frontend": lowered.frontend,
+        "schedule": schedule,
+        "inputs": [s.to_json() for s in lowered.inputs],
+        "outputs": [s.to_json() for s in lowered.outputs],
+        "kernels": built.kernels,
+    }
+    path = write_artifact(Path(out_dir), built.executable, built.weights, info)
+    return load(path)

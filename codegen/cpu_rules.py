@@ -1,0 +1,284 @@
+"""Our CPU schedule rules: contractions (matmul, dense, conv2d, depthwise, batch matmul) and
+injective loop nests, in the style of ``tvm.s_tir.dlight`` (a rule matches a PrimFunc and returns
+a schedule, or ``None`` to let the next rule try).
+
+Runs after ``FuseOps``/``FuseTIR`` on the legalized module, before the VM lowering passes (see
+:mod:`graphprune.codegen.pipeline`). Preconditions set up by the pipeline:
+
+* weights arrive already transposed (``LiftTransformParams`` moved ``permute_dims(W)`` out of the
+  model), so a Linear is a plain ``X[m, k] @ Wt[k, n]``;
+* convolutions are NHWC / HWIO (``ConvertLayout``), so the output channel is the innermost axis of
+  the output, the weight and, for depthwise, the input.
+
+Both facts make the same micro-kernel fit every contraction: the last spatial axis ``c`` is
+contiguous in the output and in one operand, which is loaded as a vector, while the other operand
+does not depend on ``c`` and is broadcast. A register tile of ``rows x (ct * vec)`` accumulators
+(``rows`` along the previous spatial axis: matmul rows, or output columns of a conv) lives in a
+``local`` cache that LLVM promotes to registers once the tile loops are unrolled. The stock
+pipeline schedules nothing and is ~100x slower than PyTorch on a Linear (shared/TVM_NOTES.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import ir, s_tir, tirx
+from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.sym.pattern import detect_linear_equation
+from tvm.target import Target
+
+__all__ = ["Contraction", "Injective", "vector_lanes"]
+
+# What a refused schedule primitive raises; a rule that hits one declines the function.
+_REFUSED = (
+    s_tir.schedule.ScheduleError, tvm.error.InternalError, RuntimeError, ValueError, IndexError
+)
+
+
+def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
+    """SIMD lanes for ``dtype_bits`` elements on an llvm ``target`` (from its ``mcpu``)."""
+    mcpu = str(target.attrs.get("mcpu", "")) if target.attrs else ""
+    if any(k in mcpu for k in ("avx512", "sapphirerapids", "icelake", "cascadelake", "znver4")):
+        bits = 512
+    elif any(k in mcpu for k in ("haswell", "skylake", "znver", "broadwell", "alderlake")):
+        bits = 256
+    else:
+        bits = 128
+    return max(1, bits // dtype_bits)
+
+
+def _largest_divisor(extent: int, limit: int, powers_of_two: bool = False) -> int:
+    for f in range(min(limit, extent), 0, -1):
+        if extent % f == 0 and (not powers_of_two or f & (f - 1) == 0):
+            return f
+    return 1
+
+
+def _const_extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _is_cpu(target: Target) -> bool:
+    return target.kind.name == "llvm"
+
+
+@dataclass(frozen=True)
+class ContractionInfo:
+    """What a matched contraction block looks like (used for the manifest's kernel report)."""
+
+    block: str
+    spatial: tuple[int, ...]
+    reduce: tuple[int, ...]
+    tile: tuple[int, int, int]  # rows, column vectors, lanes
+
+
+def _multiply_add_operands(block):
+    """Return the two loads of ``C = C + A * B`` (casts allowed), or ``None``."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
+        return None
+    add = store.value
+    lhs, rhs = add.a, add.b
+    if not (isinstance(lhs, ir.TensorLoad) and lhs.source.same_as(store.buffer)):
+        return None
+    mul = rhs
+    while isinstance(mul, tirx.Cast):
+        mul = mul.value
+    if not isinstance(mul, tirx.Mul):
+        return None
+
+    def strip(e):
+        while isinstance(e, tirx.Cast):
+            e = e.value
+        return e
+
+    a, b = strip(mul.a), strip(mul.b)
+    if not (isinstance(a, ir.TensorLoad) and isinstance(b, ir.TensorLoad)):
+        return None
+    return a, b
+
+
+def _uses(expr, var: tirx.Var) -> bool:
+    return any(v.same_as(var) for v in collect_vars_used_in_prim_expr(expr))
+
+
+def _unit_stride(expr, var: tirx.Var) -> bool:
+    """``expr`` is ``var + (something independent of var)``: consecutive var, consecutive address.
+    Depthwise NHWC reads ``pad[n, h + ry, w + rx, c + rc]`` with a unit-extent ``rc``."""
+    coeffs = detect_linear_equation(expr, [var])
+    if len(coeffs) != 2 or not isinstance(coeffs[0], tirx.IntImm) or int(coeffs[0]) != 1:
+        return False
+    return not _uses(coeffs[1], var)
+
+
+class Contraction(ScheduleRule):
+    """Register-tiled, vectorised, parallel schedule for ``C[s..., c] += A[...] * B[..., c]``.
+
+    Matches a PrimFunc with exactly one reduction block of that form whose last spatial iterator
+    indexes only the last axis of ``C`` and of one operand. Elementwise epilogues (bias, BN
+    scale/shift, ReLU, residual add) are folded into the write-back of the accumulator tile;
+    producers (padding, activation transposes) stay separate and get the injective schedule.
+    """
+
+    def __init__(self, rows: int = 4, col_vectors: int = 4):
+        self.rows = rows
+        self.col_vectors = col_vectors
+        self.last_match: ContractionInfo | None = None
+
+    def apply(self, func, target: Target, tunable: bool):  # noqa: ARG002 - dlight signature
+        self.last_match = None
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        try:
+            return self._schedule(func, target)
+        except _REFUSED:
+            # A primitive refused (non-affine epilogue, odd access): leave it to the next rule.
+            return None
+
+    def _schedule(self, func, target):
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root")
+        blocks = sch.get_child_blocks(root)
+        reductions = []
+        for b in blocks:
+            stmt = sch.get(b)
+            if any(iv.iter_type == tirx.IterVar.CommReduce for iv in stmt.iter_vars):
+                reductions.append(b)
+        if len(reductions) != 1:
+            return None
+        block = reductions[0]
+        stmt = sch.get(block)
+        operands = _multiply_add_operands(stmt)
+        if operands is None:
+            return None
+        kinds = [iv.iter_type for iv in stmt.iter_vars]
+        n_spatial = kinds.index(tirx.IterVar.CommReduce)
+        if n_spatial == 0 or any(k != tirx.IterVar.CommReduce for k in kinds[n_spatial:]):
+            return None
+        c_var = stmt.iter_vars[n_spatial - 1].var
+        out_idx = stmt.body.indices
+        if not (out_idx[-1].same_as(c_var) and not any(_uses(i, c_var) for i in out_idx[:-1])):
+            return None
+        # Every operand that depends on c must read it contiguously (last index exactly c);
+        # the others are broadcast. Depthwise conv has two vector operands and no broadcast.
+        for op in operands:
+            if any(_uses(i, c_var) for i in op.indices[:-1]):
+                return None
+            if _uses(op.indices[-1], c_var) and not _unit_stride(op.indices[-1], c_var):
+                return None
+        if not any(_uses(op.indices[-1], c_var) for op in operands):
+            return None
+        dtype_bits = tvm.runtime.DataType(str(stmt.body.buffer.dtype)).bits
+        lanes = vector_lanes(target, dtype_bits)
+
+        # Epilogue: collapse the elementwise chain after the contraction into its last block,
+        # then fold that block into the accumulator write-back (reverse_compute_inline).
+        producers = [sch.get(b).name_hint for b in blocks[: blocks.index(block)]]
+        consumers = list(blocks[blocks.index(block) + 1 :])
+        for b in consumers[:-1]:
+            sch.compute_inline(b)
+        epilogue = consumers[-1] if consumers else None
+
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds):
+            return None
+        extents = [_const_extent(sch, lp) for lp in loops]
+        if any(e is None for e in extents):
+            return None
+        spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+        c_ext = extents[n_spatial - 1]
+        vec = _largest_divisor(c_ext, lanes, powers_of_two=True)
+        ct = _largest_divisor(c_ext // vec, self.col_vectors)
+        c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
+        if n_spatial >= 2:
+            r_ext = extents[n_spatial - 2]
+            rt = _largest_divisor(r_ext, self.rows + 3 if ct == 1 else self.rows)
+            r_o, r_i = sch.split(spatial[-2], [None, rt])
+            outer = list(spatial[:-2]) + [r_o, c_o]
+            inner = [r_i, c_t, c_v]
+        else:
+            rt = 1
+            outer, inner = [c_o], [c_t, c_v]
+        sch.reorder(*outer, *reduce, *inner)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+
+        acc = sch.cache_write(block, 0, "local")
+        if epilogue is not None:
+            sch.reverse_compute_inline(epilogue)
+        sch.reverse_compute_at(acc, fused)
+        wb_loops = sch.get_loops(acc)[1:]
+        if wb_loops:  # none when the whole tile is one element
+            wb_inner = sch.fuse(*wb_loops) if len(wb_loops) > 1 else wb_loops[0]
+            wb_ext = _const_extent(sch, wb_inner)
+            if wb_ext and wb_ext % vec == 0 and vec > 1:
+                _, wv = sch.split(wb_inner, [None, vec])
+                sch.vectorize(wv)
+
+        for lp in inner[:-1]:
+            sch.unroll(lp)
+        sch.vectorize(inner[-1])
+        init = sch.decompose_reduction(block, reduce[0])
+        init_loops = sch.get_loops(init)
+        sch.vectorize(init_loops[-1])
+
+        for name in producers:
+            _schedule_injective_block(sch, sch.get_sblock(name), lanes)
+        self.last_match = ContractionInfo(
+            sch.get(block).name_hint, tuple(extents[:n_spatial]), tuple(extents[n_spatial:]),
+            (rt, ct, vec),
+        )
+        return sch
+
+
+def _schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Fuse a root-level spatial nest, run it in parallel and vectorise its tail when exact."""
+    stmt = sch.get(block)
+    if any(iv.iter_type != tirx.IterVar.DataPar for iv in stmt.iter_vars):
+        return
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    ext = _const_extent(sch, fused)
+    if ext is None:
+        return
+    vec = _largest_divisor(ext, lanes, powers_of_two=True)
+    if vec > 1 and ext // vec >= 2:
+        outer, inner = sch.split(fused, [None, vec])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+    elif ext >= 64:
+        sch.parallel(fused)
+
+
+class Injective(ScheduleRule):
+    """Parallel + vectorised loops for PrimFuncs made only of spatial (elementwise, transpose,
+    pad, reshape) blocks."""
+
+    def apply(self, func, target: Target, tunable: bool):  # noqa: ARG002
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+            if not blocks:
+                return None
+            for b in blocks:
+                if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(b).iter_vars):
+                    return None
+            # Inline intermediate blocks so one loop nest writes the output.
+            for b in blocks[:-1]:
+                try:
+                    sch.compute_inline(b)
+                except _REFUSED:
+                    pass
+            lanes = vector_lanes(target)
+            for b in sch.get_child_blocks(sch.get_sblock("root")):
+                _schedule_injective_block(sch, b, lanes)
+            return sch
+        except _REFUSED:
+            return None

@@ -1,0 +1,171 @@
+"""From a lowered Relax module to a TVM Executable plus the weights it expects.
+
+Ordering (each step's precondition is the previous one's result):
+
+1. ``DecomposeOpsForInference`` — batch norm becomes arithmetic on parameters, so step 3 can
+   precompute its scale and shift.
+2. CPU only: ``ConvertLayout`` to NHWC/HWIO, so the output channel is the innermost axis of
+   activations and weights (what :mod:`.cpu_rules` vectorises).
+3. ``LiftTransformParams`` — every computation that depends only on weights (transposes of Linear
+   weights, layout changes, BN folding) moves to ``main_transform_params``, which we run once
+   here; the artifact ships its *outputs*. A Linear is then a plain ``X @ Wt`` with a
+   contiguous weight row per reduction step, which our CPU kernel needs. On CPU we therefore do
+   not run ``FuseTransposeMatmul`` on weights: an NT matmul would make the vectorised axis
+   strided. On CUDA it runs (dlight's matmul rule handles NT).
+4. Legalize, fuse (stock passes), then **schedule**: our rules (CPU) or ``dlight`` (CUDA) or
+   nothing (``schedule="stock"``, the baseline of the benchmark).
+5. The stock VM lowering passes, then ``tvm.compile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphprune.codegen.cpu_rules import Contraction, Injective
+from graphprune.codegen.frontend import LoweredModel
+from graphprune.errors import CodegenUnsupported, ConfigError
+
+__all__ = ["Built", "build", "SCHEDULES"]
+
+SCHEDULES = ("ours", "stock", "dlight")
+
+
+@dataclass
+class Built:
+    """A compiled module and the weights to pass after the inputs of ``main``."""
+
+    executable: object  # tvm.relax.Executable
+    weights: list[np.ndarray]
+    kernels: dict[str, dict] = field(default_factory=dict)
+
+
+def _cpu_rules(target):
+    from tvm.s_tir import dlight
+
+    return [Contraction(), Injective(), dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+
+
+def _schedule_pass(rules, target, report: dict):
+    """Apply the first matching rule to each PrimFunc; record which one in ``report``."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphPruneSchedule")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
+                continue
+            choice = {"rule": "unscheduled", "sparsity": "dense"}
+            for rule in rules:
+                sch = rule.apply(func, target, False)
+                if sch is None:
+                    continue
+                sch = sch[0] if isinstance(sch, list) else sch
+                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                choice = {"rule": type(rule).__name__, "sparsity": "dense"}
+                match = getattr(rule, "last_match", None)
+                if match is not None:
+                    choice.update(
+                        spatial=list(match.spatial), reduce=list(match.reduce),
+                        tile_rows=match.tile[0], tile_col_vectors=match.tile[1],
+                        vector_lanes=match.tile[2],
+                    )  # fmt: skip
+                break
+            report[gv.name_hint] = choice
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
+
+
+def _relax_pipeline(target, schedule: str, report: dict):
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    if target.kind.name == "cuda":
+        if schedule == "stock":
+            raise ConfigError("schedule='stock' is CPU-only: CUDA kernels need thread bindings")
+        return relax.get_default_pipeline(target)
+    passes = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    if schedule == "ours":
+        passes.append(_schedule_pass(_cpu_rules(target), target, report))
+    elif schedule == "dlight":
+        from tvm.s_tir import dlight
+
+        passes.append(dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction()))
+    passes += cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphPruneCPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def _without(mod, name: str):
+    """``mod`` minus the function ``name`` (importers may already have added PrimFuncs, e.g. the
+    ONNX Clip lowering, so both halves keep every other function)."""
+    import tvm
+
+    return tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != name})
+
+
+def _run_transform_params(mod, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """Compile ``main_transform_params`` for the host CPU and run it on ``weights``."""
+    import tvm
+    from tvm import relax
+
+    host = tvm.target.Target({"kind": "llvm"})
+    exe = tvm.compile(_without(mod, "main"), target=host)
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    out = vm["main_transform_params"]([tvm.runtime.tensor(w) for w in weights])
+    return [np.ascontiguousarray(t.numpy()) for t in out]
+
+
+def build(lowered: LoweredModel, target, schedule: str = "ours", progress=None) -> Built:
+    """Optimise, schedule and compile ``lowered`` for ``target`` (a ``tvm.target.Target``)."""
+    import tvm
+    from tvm import relax
+
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+    step = progress or (lambda msg: None)
+    mod = lowered.mod
+    weights = list(lowered.params)
+    is_cpu = target.kind.name == "llvm"
+    if schedule != "stock":
+        step("optimising (decompose BN, layout, lift weight transforms)")
+        seq = [relax.transform.DecomposeOpsForInference()]
+        if is_cpu:
+            # conv2d_transpose has no NHWC legalization: pin it to NCHW so the layout
+            # propagation from its NHWC neighbours does not convert it.
+            layouts = {
+                "relax.nn.conv2d": ["NHWC", "HWIO"],
+                "relax.nn.conv2d_transpose": ["NCHW", "IOHW"],
+            }
+            seq.append(relax.transform.ConvertLayout(layouts))
+        seq.append(relax.transform.LiftTransformParams())
+        mod = tvm.transform.Sequential(seq)(mod)
+        if "main_transform_params" in [gv.name_hint for gv in mod.get_global_vars()]:
+            step("precomputing transformed weights")
+            weights = _run_transform_params(mod, weights)
+            mod = _without(mod, "main_transform_params")
+        if not is_cpu:
+            mod = relax.transform.FuseTransposeMatmul()(mod)
+    report: dict[str, dict] = {}
+    step(f"legalising, fusing, scheduling ({schedule}) and building for {target.kind.name}")
+    try:
+        exe = tvm.compile(mod, target=target, relax_pipeline=_relax_pipeline(target, schedule, report))
+    except (ConfigError, CodegenUnsupported):
+        raise
+    except Exception as e:
+        raise CodegenUnsupported(f"TVM failed to build the model for {target}: {e}") from e
+    return Built(exe, weights, report)

@@ -1,0 +1,108 @@
+"""Compilation targets: turn ``"llvm"`` / ``"cuda"`` (or a dict) into a ``tvm.target.Target``.
+
+This TVM wheel silently downgrades ``mcpu="native"`` to a generic CPU (no AVX), so for ``llvm``
+we read the feature flags from ``/proc/cpuinfo`` and name an explicit ``mcpu``; ``num-cores`` is
+set too because MetaSchedule and our thread count need it. CUDA targets get an ``arch``
+(default ``sm_80``) and an llvm host.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from graphprune.errors import ConfigError
+
+__all__ = ["detect_mcpu", "make_target", "target_to_dict"]
+
+# First match wins: the newest ISA extension the flags prove, mapped to an LLVM CPU name.
+_X86_MCPU = [
+    ({"avx512f", "amx_tile", "avx512_fp16"}, "sapphirerapids"),
+    ({"avx512f", "avx512_vnni", "avx512_bf16"}, "cooperlake"),
+    ({"avx512f", "avx512vbmi", "avx512_vnni"}, "icelake-server"),
+    ({"avx512f", "avx512_vnni"}, "cascadelake"),
+    ({"avx512f", "avx512bw", "avx512vl"}, "skylake-avx512"),
+    ({"avx2", "fma"}, "haswell"),
+    ({"avx"}, "sandybridge"),
+    ({"sse4_2"}, "nehalem"),
+]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def detect_mcpu(flags: set[str] | None = None) -> str:
+    """Name the LLVM ``mcpu`` for this machine's CPU from its feature flags.
+
+    Examples
+    --------
+    >>> detect_mcpu({"avx2", "fma", "sse4_2"})
+    'haswell'
+    """
+    flags = _cpu_flags() if flags is None else flags
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "neoverse-n1" if "asimddp" in flags else "generic"
+    for needed, name in _X86_MCPU:
+        if needed <= flags:
+            return name
+    return "x86-64" if machine in ("x86_64", "amd64") else "generic"
+
+
+def _num_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def make_target(target="llvm", *, arch: str | None = None):
+    """Build a ``tvm.target.Target`` from ``"llvm"``, ``"cuda"`` or a target dict.
+
+    ``"llvm"`` becomes ``{"kind": "llvm", "mcpu": <detected>, "num-cores": <affinity>}``;
+    ``"cuda"`` becomes ``{"kind": "cuda", "arch": arch or "sm_80"}`` with an llvm host.
+    """
+    import tvm
+
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        spec = dict(target)
+    elif isinstance(target, str):
+        kind = target.split()[0]
+        if kind == "llvm":
+            spec = {"kind": "llvm", "mcpu": detect_mcpu(), "num-cores": _num_cores()}
+        elif kind == "cuda":
+            spec = {"kind": "cuda", "arch": arch or "sm_80"}
+        else:
+            raise ConfigError(f"unknown target {target!r}: use 'llvm', 'cuda' or a target dict")
+    else:
+        raise ConfigError(f"target must be a string, dict or tvm Target, not {type(target)}")
+    if spec.get("mcpu") == "native":
+        spec["mcpu"] = detect_mcpu()
+    try:
+        if spec["kind"] == "cuda":
+            host = {"kind": "llvm", "mcpu": detect_mcpu(), "num-cores": _num_cores()}
+            return tvm.target.Target(spec, host=host)
+        return tvm.target.Target(spec)
+    except Exception as e:  # TVM raises its own error types for bad dicts
+        raise ConfigError(f"invalid target {spec!r}: {e}") from e
+
+
+def target_to_dict(target) -> dict:
+    """A JSON-able description of ``target`` for the manifest."""
+    out = {"kind": target.kind.name, "str": str(target)}
+    for key in ("mcpu", "arch", "num-cores"):
+        if key in target.attrs:
+            value = target.attrs[key]
+            out[key] = int(value) if key == "num-cores" else str(value)
+    return out

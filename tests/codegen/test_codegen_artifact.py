@@ -1,0 +1,153 @@
+"""Artifact round trip and refusal of tampered, truncated or misused artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from codegen_helpers import assert_matches, torch_outputs
+from codegen_models import ConvBlock, seeded
+
+from graphprune import codegen
+from graphprune.errors import ArtifactError
+from graphprune.runtime import load
+
+SNIPPET = Path(__file__).parents[2] / "codegen" / "README_SNIPPET.md"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    model, inputs = seeded(ConvBlock), (torch.randn(2, 3, 16, 16),)
+    art = codegen.compile(model, inputs, out_dir=tmp_path_factory.mktemp("a") / "art")
+    return model, inputs, art
+
+
+@pytest.fixture
+def copy_of(compiled, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(compiled[2].path, dst)
+    return dst
+
+
+def test_manifest_describes_the_artifact(compiled):
+    _, inputs, art = compiled
+    man = art.manifest
+    assert man["inputs"] == [{"name": "x", "shape": [2, 3, 16, 16], "dtype": "float32"}]
+    assert man["outputs"][0]["shape"] == [2, 10]
+    assert man["target"]["kind"] == "llvm" and man["target"]["mcpu"] not in ("", "native")
+    assert set(man["files"]) == {"model.so", "weights.npz"}
+    assert {"graphprune", "tvm", "numpy"} <= set(man["versions"])
+    assert sorted(p.name for p in art.path.iterdir()) == ["manifest.json", "model.so", "weights.npz"]
+
+
+def test_round_trip_in_a_fresh_process(compiled, tmp_path):
+    model, inputs, art = compiled
+    np.save(tmp_path / "x.npy", inputs[0].numpy())
+    code = (
+        "import sys, numpy as np; from graphprune.runtime import load; "
+        "art = load(sys.argv[1]); np.save(sys.argv[3], art(np.load(sys.argv[2])))"
+    )
+    out = tmp_path / "y.npy"
+    subprocess.run([sys.executable, "-c", code, str(art.path), str(tmp_path / "x.npy"), str(out)],
+                   check=True, timeout=120)  # fmt: skip
+    assert_matches(np.load(out), torch_outputs(model, inputs))
+
+
+_BLOCK_IMPORTS = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "graphprune"):
+            raise ImportError(f"{name} must not be needed by the pure-TVM loader")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_readme_snippet_runs_with_only_tvm_and_numpy(compiled, tmp_path):
+    model, inputs, art = compiled
+    text = SNIPPET.read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "run_artifact.py").write_text(snippet)
+    np.save(tmp_path / "x.npy", inputs[0].numpy())
+    check = (
+        _BLOCK_IMPORTS
+        + "import runpy\nsys.argv = ['run_artifact.py', sys.argv[1], 'x.npy']\n"
+        + "runpy.run_path('run_artifact.py', run_name='__main__')\n"
+        + "assert not {'torch', 'graphprune'} & set(sys.modules), sorted(sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    subprocess.run([sys.executable, "-I", "-c", check, str(art.path)], cwd=tmp_path, env=env,
+                   check=True, timeout=120)  # fmt: skip
+    with np.load(tmp_path / "outputs.npz") as out:
+        assert_matches(tuple(out[k] for k in sorted(out.files)), torch_outputs(model, inputs))
+
+
+def test_edited_manifest_is_refused(copy_of):
+    man = json.loads((copy_of / "manifest.json").read_text())
+    man["inputs"][0]["shape"] = [1, 3, 16, 16]
+    (copy_of / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="modified"):
+        load(copy_of)
+
+
+def test_truncated_library_is_refused(copy_of):
+    lib = copy_of / "model.so"
+    lib.write_bytes(lib.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="model.so is corrupt, truncated or tampered"):
+        load(copy_of)
+
+
+def test_tampered_weights_are_refused(copy_of):
+    w = dict(np.load(copy_of / "weights.npz"))
+    w["w0000"] = w["w0000"] + 1
+    np.savez(copy_of / "weights.npz", **w)
+    with pytest.raises(ArtifactError, match="weights.npz"):
+        load(copy_of)
+
+
+@pytest.mark.parametrize("name", ["weights.npz", "model.so", "manifest.json"])
+def test_missing_file_is_refused(copy_of, name):
+    (copy_of / name).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load(copy_of)
+
+
+def test_wrong_input_shape_dtype_and_count(compiled):
+    _, inputs, art = compiled
+    x = inputs[0].numpy()
+    with pytest.raises(ArtifactError, match=r"expected shape \(2, 3, 16, 16\).*got shape \(1,"):
+        art(x[:1])
+    with pytest.raises(ArtifactError, match="dtype float32.*dtype float64"):
+        art(x.astype(np.float64))
+    with pytest.raises(ArtifactError, match="expected 1 input"):
+        art(x, x)
+
+
+def test_rewrite_replaces_atomically_and_leaves_no_temp(compiled, tmp_path):
+    model, inputs, _ = compiled
+    out = tmp_path / "art"
+    first = codegen.compile(model, inputs, out_dir=out)
+    stamp = first.manifest["self_sha256"]
+    second = codegen.compile(model, inputs, out_dir=out)
+    assert second.path == out and load(out).manifest["self_sha256"] == second.manifest["self_sha256"]
+    assert stamp  # both complete; no temp or backup directories are left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_refuses_to_replace_a_foreign_directory(compiled, tmp_path):
+    model, inputs, _ = compiled
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not a graphprune artifact"):
+        codegen.compile(model, inputs, out_dir=tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
