@@ -16,12 +16,13 @@ from graphprune.errors import (
     VerificationError,
 )
 from graphprune.ir import OpNode, PruneGraph, Value
+from graphprune.prune import PruneReport, PruneResult, prune
 from graphprune.remove import remove_channels
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "explain", "remove_channels", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

@@ -351,7 +351,8 @@ def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
             pname = param_of[node.name]
             t = state[pname]
             pid = pname if pname not in taken else f"param:{pname}"
-            pg.add_value(pid, Value(tuple(t.shape), _dtype_str(t), "param", param=pname))
+            pg.add_value(pid, Value(tuple(t.shape), _dtype_str(t), "param", param=pname,
+                                    trainable=node.name in sig.inputs_to_parameters))
             arr = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else (
                 t.detach().float().cpu().numpy())
             arr = arr.view()

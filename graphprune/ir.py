@@ -63,6 +63,7 @@ class Value:
     role: str = "activation"
     param: str | None = None
     dim_roles: tuple[str, ...] | None = None
+    trainable: bool = True  # False for buffers (BN running statistics, rotary tables, ...)
 
 
 class PruneGraph:
