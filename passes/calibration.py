@@ -33,13 +33,28 @@ class AxisStats:
         return np.sqrt(self.sq)
 
 
-def _batches(calib: Any) -> list[tuple]:
+def _batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]:
+    """Calibration batches, split into chunks of the captured batch size (the captured program
+    has static shapes, so each run must see exactly the example inputs' batch size)."""
     if calib is None:
         raise ConfigError("this criterion needs calibration data: pass calib=[batch, ...] where "
                           "each batch is a tuple of input tensors like example_inputs")  # fmt: skip
     out = []
+    n0 = None
+    if pg is not None and pg.inputs and pg.value(pg.inputs[0]).shape:
+        n0 = pg.value(pg.inputs[0]).shape[0]
     for b in calib:
-        out.append(tuple(b) if isinstance(b, (tuple, list)) else (b,))
+        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        n = b[0].shape[0] if isinstance(b[0], torch.Tensor) and b[0].dim() else None
+        if n0 is None or n == n0:
+            out.append(b)
+            continue
+        if n is None or n % n0:
+            raise ConfigError(f"calibration batch of size {n}: the model was captured with batch "
+                              f"{n0}, so calibration batches must have a multiple of {n0} rows")
+        for i in range(0, n, n0):
+            out.append(tuple(t[i : i + n0] if isinstance(t, torch.Tensor) and t.dim() else t
+                             for t in b))  # fmt: skip
     if not out:
         raise ConfigError("calib is empty: pass at least one batch")
     return out
@@ -89,7 +104,7 @@ def activation_stats(pg: PruneGraph, calib: Iterable,
             return out
 
     with torch.no_grad():
-        for b in _batches(calib):
+        for b in _batches(calib, pg):
             Probe(gm).run(*b)
     return stats
 
@@ -126,7 +141,7 @@ def gradient_stats(pg: PruneGraph, calib: Iterable,
     gw_sq: dict[str, np.ndarray] = {}
     fisher: dict[str, np.ndarray] = {}
     n = 0
-    for b in _batches(calib):
+    for b in _batches(calib, pg):
         gm.zero_grad(set_to_none=True)
         out = gm(*b)
         loss = loss_fn(out, b) if loss_fn is not None else default_loss(out)

@@ -862,8 +862,9 @@ def _collect_groups(cp: Coupling) -> None:
                 Member(v, a, val.param if val.role == "param" else None, block))
     groups = []
     for leaf, members in by_leaf.items():
-        if not any(m.param for m in members):
-            continue
+        if not any(m.param and pg.value(m.value).trainable
+                   and pg.value(m.value).dtype.startswith(("float", "bfloat")) for m in members):
+            continue  # only buffers or integer tables (position ids): nothing to prune
         reasons = frozen.get(leaf)
         if reasons and all(r.startswith("not a channel axis") for r in reasons):
             continue  # kernel and other non-channel axes: not a group at all

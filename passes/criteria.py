@@ -188,8 +188,11 @@ def _value_members(ctx: CriterionContext, group: Group, fn: Callable[[AxisStats]
 
 @criterion("activation")
 def activation(ctx: CriterionContext, group: Group) -> np.ndarray:
-    """Mean |activation| of the group's channels over calibration data."""
-    return ctx.per_position(group, _value_members(ctx, group, lambda s: s.abs / max(s.n, 1)))
+    """Mean |activation| of the group's channels over calibration data, read after the
+    nonlinearity where the group has one (a pre-ReLU value says little about use)."""
+    fn = lambda s: s.abs / max(s.n, 1)  # noqa: E731
+    vals = _value_members(ctx, group, fn, True) or _value_members(ctx, group, fn)
+    return ctx.per_position(group, vals)
 
 
 @criterion("apoz")
