@@ -33,7 +33,7 @@ EXPECTED = {
     "vit_tiny_sdpa": (9, 8),
     "llama_tiny": (8, 8),
     "llama_tiny_tied": (8, 8),
-    "hf_bert_tiny": (9, 8),
+    "hf_bert_tiny": (8, 8),
     "hf_gpt2_tiny": (7, 6),
     "hf_llama_tiny": (8, 8),
     "hf_vit_tiny": (8, 8),
