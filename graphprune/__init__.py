@@ -21,8 +21,22 @@ from graphprune.remove import remove_channels
 
 __version__ = "0.1.0"
 
+
+def compile(*args, **kwargs):  # noqa: A001 - the compile step is the product's verb
+    """Lower a model to a TVM artifact; see :func:`graphprune.codegen.compiler.compile`."""
+    from graphprune.codegen.compiler import compile as _compile
+
+    return _compile(*args, **kwargs)
+
+
+def load(path):
+    """Load a compiled artifact (hashes verified); see :func:`graphprune.runtime.load`."""
+    from graphprune.runtime import load as _load
+
+    return _load(path)
+
 __all__ = [
-    "capture", "explain", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "compile", "load", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

@@ -114,12 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dot", help="write the graph as Graphviz dot")
     i.add_argument("--limit", type=int, default=None, help="show at most N groups")
     i.set_defaults(fn=cmd_inspect)
-    try:
-        from graphprune.codegen.cli import add_compile_parser  # type: ignore[attr-defined]
-
-        add_compile_parser(sub)
-    except ImportError:
-        pass
+    sub.add_parser("compile", help="compile a model to a TVM artifact (graphprune compile -h)",
+                   add_help=False)  # fmt: skip
     return p
 
 
@@ -128,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compile"]:
+        from graphprune.codegen.cli import compile_main
+
+        return compile_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
