@@ -16,8 +16,9 @@ from graphprune.errors import (
     VerificationError,
 )
 from graphprune.ir import OpNode, PruneGraph, Value
-from graphprune.prune import PruneReport, PruneResult, prune
+from graphprune.pruning import PruneReport, PruneResult, prune
 from graphprune.remove import remove_channels
+from graphprune.schedule import prune_iteratively, rewind, sensitivity
 
 __version__ = "0.1.0"
 
@@ -36,7 +37,7 @@ def load(path):
     return _load(path)
 
 __all__ = [
-    "capture", "explain", "compile", "load", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

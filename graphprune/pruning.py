@@ -84,6 +84,9 @@ class PruneResult:
     graph: PruneGraph
     plan: RemovalPlan
     selection: Selection
+    blocks: list = field(default_factory=list)
+    block_scores: Any = None
+    dropped: list = field(default_factory=list)
 
 
 def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
@@ -92,7 +95,7 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
           ratios: dict[str, float] | None = None, ignore: list[str] | None = None,
           round_to: int | None = None, min_keep: float = 0.1, heads: bool = True,
           calib: Any = None, loss_fn: Callable | None = None, inplace: bool = False,
-          seed: int = 0, graph: PruneGraph | None = None) -> PruneResult:  # fmt: skip
+          seed: int = 0, graph: PruneGraph | None = None, drop_blocks: int = 0) -> PruneResult:  # fmt: skip
     """Remove coupled channels, neurons and heads; return a smaller model and a report.
 
     Parameters
@@ -112,6 +115,9 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     calib : iterable of batches for data-driven criteria; ``loss_fn(output, batch)`` for
         gradient criteria (default: half the mean squared output)
     inplace : modify the user's module (torch, module form only)
+    drop_blocks : depth pruning instead: remove this many residual branches (y = x + f(x)),
+        ranked by ``criterion="block_influence"`` (needs ``calib``), a dict
+        ``{block name: score}`` or a callable ``(graph, blocks) -> scores`` (lowest go first)
 
     Examples
     --------
@@ -121,6 +127,11 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     >>> res.model[0].out_features, res.report.form
     (8, 'module')
     """
+    if drop_blocks:
+        if inplace:
+            raise ConfigError("depth pruning returns a new model; inplace=True is not supported")
+        pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+        return _prune_depth(pg, drop_blocks, criterion, calib)
     cfg = PruneConfig(ratio, criterion, scope, target_macs, target_params, ratios, ignore, round_to,
                       min_keep, heads, calib, loss_fn, seed)  # fmt: skip
     cfg.validate()
@@ -183,3 +194,29 @@ def _report(pg: PruneGraph, plan: RemovalPlan, sel: Selection, cfg: PruneConfig,
         {g.id: g.frozen_reason for g in groups if g.frozen_reason},
         sel.excluded, notes,
     )  # fmt: skip
+
+
+def _prune_depth(pg: PruneGraph, k: int, criterion: Any, calib: Any) -> PruneResult:
+    from graphprune.passes import drop_blocks as depth
+
+    blocks = depth.find_blocks(pg)
+    if not blocks:
+        raise ConfigError(f"{pg.name} has no identity residual blocks (y = x + f(x)) to drop")
+    scores = depth.scores_for(pg, blocks, criterion, calib)
+    dropped = depth.choose(blocks, scores, k)
+    model = depth.drop_torch(pg, dropped) if pg.frontend == "torch" else depth.drop_onnx(pg, dropped)
+    base = cost_model.count(pg)
+    macs, params = depth.block_cost(pg, dropped)
+    crit = criterion if isinstance(criterion, str) else "custom"
+    notes = [f"blocks (lower score goes first): " + ", ".join(
+        f"{b.name}={s:.4f}" for b, s in zip(blocks, scores))]  # fmt: skip
+    report = PruneReport(
+        "graph_module" if pg.frontend == "torch" else "onnx", crit, "depth", k / len(blocks),
+        base.params, base.params - params, base.macs, base.macs - macs,
+        removed={b.id: (1, 1, f"block {b.name} ({len(b.ops)} ops)") for b in dropped},
+        notes=notes,
+    )
+    sel = Selection({}, {}, ratio_used=k / len(blocks), notes=notes)
+    result = PruneResult(model, report, pg, plan_removal(pg, {}), sel)
+    result.blocks, result.block_scores, result.dropped = blocks, scores, dropped
+    return result
