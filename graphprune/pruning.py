@@ -112,8 +112,9 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     round_to : keep channel counts multiples of this
     min_keep : never shrink a group below this fraction
     heads : prune whole attention heads (with GQA a kv head goes with its query heads)
-    calib : iterable of batches for data-driven criteria; ``loss_fn(output, batch)`` for
-        gradient criteria (default: half the mean squared output)
+    calib : iterable of batches (tuples of input tensors, optionally followed by targets) for
+        data-driven criteria; ``loss_fn(output, batch)`` for gradient criteria sees the whole
+        batch (default loss: half the mean squared output)
     inplace : modify the user's module (torch, module form only)
     drop_blocks : depth pruning instead: remove this many residual branches (y = x + f(x)),
         ranked by ``criterion="block_influence"`` (needs ``calib``), a dict

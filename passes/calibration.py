@@ -103,9 +103,10 @@ def activation_stats(pg: PruneGraph, calib: Iterable,
                         o.sq + s.sq, o.abs + s.abs, o.zeros + s.zeros, o.n + s.n)
             return out
 
+    n_in = len(pg.inputs)
     with torch.no_grad():
         for b in _batches(calib, pg):
-            Probe(gm).run(*b)
+            Probe(gm).run(*b[:n_in])
     return stats
 
 
@@ -141,9 +142,10 @@ def gradient_stats(pg: PruneGraph, calib: Iterable,
     gw_sq: dict[str, np.ndarray] = {}
     fisher: dict[str, np.ndarray] = {}
     n = 0
+    n_in = len(pg.inputs)
     for b in _batches(calib, pg):
         gm.zero_grad(set_to_none=True)
-        out = gm(*b)
+        out = gm(*b[:n_in])  # extra items in a batch (labels) are for loss_fn
         loss = loss_fn(out, b) if loss_fn is not None else default_loss(out)
         loss.backward()
         n += 1

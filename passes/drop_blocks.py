@@ -127,7 +127,7 @@ def block_influence(pg: PruneGraph, blocks: list[Block], calib: Any) -> np.ndarr
     with torch.no_grad():
         for batch in _batches(calib, pg):
             seen.clear()
-            Probe(gm).run(*batch)
+            Probe(gm).run(*batch[: len(pg.inputs)])
             for b in blocks:
                 x, y = seen.get(("x", b.id)), seen.get(("y", b.id))
                 if x is None or y is None:
