@@ -30,6 +30,24 @@ def compile(*args, **kwargs):  # noqa: A001 - the compile step is the product's 
     return _compile(*args, **kwargs)
 
 
+def sparsify(model_or_onnx, example_inputs=None, *args, graph=None, **kwargs):
+    """Unstructured / N:M / block sparsity masks; see :func:`graphprune.passes.sparsify.sparsify`.
+
+    With ``graph=`` (a :class:`PruneGraph` of the same model) the masks are also recorded in
+    ``graph.masks`` for codegen.
+    """
+    from graphprune.passes.sparsify import sparsify as _sparsify
+
+    res = _sparsify(model_or_onnx, example_inputs, *args, **kwargs)
+    if graph is not None:
+        names = {graph.value(p).param for p in graph.params()}
+        unknown = sorted(set(res.masks) - names)
+        if unknown:
+            raise ConfigError(f"graph= is not a capture of this model: it has no {unknown[:3]}")
+        graph.masks.update({k: v.detach().cpu().numpy().astype(bool) for k, v in res.masks.items()})
+    return res
+
+
 def load(path):
     """Load a compiled artifact (hashes verified); see :func:`graphprune.runtime.load`."""
     from graphprune.runtime import load as _load
@@ -37,7 +55,7 @@ def load(path):
     return _load(path)
 
 __all__ = [
-    "capture", "explain", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "sparsify", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

@@ -93,6 +93,8 @@ class PruneGraph:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.weights: dict[str, np.ndarray] = {}
+        # Sparsity masks by parameter name (True = kept), recorded by ``graphprune.sparsify``.
+        self.masks: dict[str, np.ndarray] = {}
         # Frontend-private data the writers need (the ExportedProgram, the ONNX model, ...).
         self.source: Any = None
         self._cache: dict[str, Any] = {}

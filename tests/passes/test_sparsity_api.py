@@ -236,3 +236,17 @@ def test_onnx_magnitude_nm_along_reduction_axis():
 def test_onnx_calibration_methods_not_available_yet():
     with pytest.raises(ConfigError, match="not available for ONNX"):
         sparsify(_onnx_model(), method="wanda", calib=[np.zeros((2, 16), np.float32)])
+
+
+def test_gp_sparsify_records_masks_on_the_graph():
+    import graphprune as gp
+    from graphprune import models
+
+    model, x = models.get("vit_tiny")
+    pg = gp.capture(model, x)
+    res = gp.sparsify(model, x, sparsity=0.5, pattern="2:4", method="magnitude", graph=pg)
+    assert set(pg.masks) == set(res.masks) and pg.masks
+    for name, m in pg.masks.items():
+        assert m.shape == tuple(pg.weights[name].shape)
+        groups = m.reshape(m.shape[0], -1, 4).sum(-1)
+        assert (groups <= 2).all()
