@@ -249,6 +249,11 @@ def capture_onnx(model_or_path: Any, name: str | None = None) -> PruneGraph:
             inputs = inputs[:2]
         outputs = [ensure(t) for t in node.outputs]
         pg.add_op(op_id, OpNode(kind, node.op, attrs), inputs, outputs)
+    for o in pg.ops():  # running statistics are state, not weights (as torch buffers)
+        if pg.op(o).kind == "batch_norm":
+            for v in pg.op_inputs(o)[3:5]:
+                if v is not None and pg.value(v).role == "param":
+                    pg.value(v).trainable = False
     for t in graph.outputs:
         vid = ensure(t)
         pg.outputs.append(vid)

@@ -155,6 +155,23 @@ def run_oracle(pg: PruneGraph, gid: int | dict[int, Iterable[int]],
 
     removal = _removal(pg, gid, indices, seed)
     plan = plan_removal(pg, removal)
+    ref = dead_reference(pg, removal, plan)
+    pruned = apply_plan_torch(pg, plan)
+    args, kwargs = pg.source["args"], pg.source["kwargs"]
+    with torch.no_grad():
+        r = _flat(ref(*args, **kwargs))
+        p = _flat(pruned(*args, **kwargs))
+    diff = max((float(np.abs(a - b).max()) if a.shape == b.shape and a.size else np.inf)
+               for a, b in zip(r, p)) if r else 0.0  # fmt: skip
+    first = next(iter(removal))
+    return OracleResult(first, list(removal[first]), r, p, diff)
+
+
+def dead_reference(pg: PruneGraph, removal: dict[int, list[int]],
+                   plan: RemovalPlan | None = None) -> torch.fx.GraphModule:  # fmt: skip
+    """The captured model with ``removal``'s channels made dead (every member slice zeroed) and
+    reductions over them masked to the kept channels: what pruning them must compute."""
+    plan = plan or plan_removal(pg, removal)
     ref = copy.deepcopy(pg.source["ep"].module())
     tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
     with torch.no_grad():
@@ -169,15 +186,7 @@ def run_oracle(pg: PruneGraph, gid: int | dict[int, Iterable[int]],
                 t.index_fill_(m.axis, torch.from_numpy(dead), 0)
     if any(pg.groups()[g].reductions for g in removal):
         _mask_reductions(ref, pg, plan, list(removal))
-    pruned = apply_plan_torch(pg, plan)
-    args, kwargs = pg.source["args"], pg.source["kwargs"]
-    with torch.no_grad():
-        r = _flat(ref(*args, **kwargs))
-        p = _flat(pruned(*args, **kwargs))
-    diff = max((float(np.abs(a - b).max()) if a.shape == b.shape and a.size else np.inf)
-               for a, b in zip(r, p)) if r else 0.0  # fmt: skip
-    first = next(iter(removal))
-    return OracleResult(first, list(removal[first]), r, p, diff)
+    return ref
 
 
 def _removal(pg: PruneGraph, gid: Any, indices: Any, seed: int) -> dict[int, list[int]]:

@@ -42,8 +42,8 @@ def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nd
 
 def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
                     seed: int = 0, feeds: dict[str, np.ndarray] | None = None):  # fmt: skip
-    from graphprune.oracle import OracleResult, dead_positions
-    from graphprune.writeback_onnx import apply_plan_onnx, map_constants
+    from graphprune.oracle import OracleResult
+    from graphprune.writeback_onnx import apply_plan_onnx
 
     from graphprune.oracle import _removal
 
@@ -56,6 +56,21 @@ def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = No
                 "only checks exact groups"
             )
     plan = plan_removal(pg, removal)
+    ref = dead_reference_onnx(pg, removal, plan)
+    pruned = apply_plan_onnx(pg, plan)
+    feeds = feeds or random_inputs(pg, seed)
+    r, p = run_onnx(ref, feeds), run_onnx(pruned, feeds)
+    diff = max(float(np.abs(a - b).max()) if a.shape == b.shape else np.inf for a, b in zip(r, p))
+    first = next(iter(removal))
+    return OracleResult(first, removal[first], r, p, diff)
+
+
+def dead_reference_onnx(pg: PruneGraph, removal: dict[int, list[int]], plan=None) -> onnx.ModelProto:
+    """``pg``'s model with ``removal``'s channels made dead (member initializer slices zeroed)."""
+    from graphprune.oracle import dead_positions
+    from graphprune.writeback_onnx import map_constants
+
+    plan = plan or plan_removal(pg, removal)
     ref_graph: gs.Graph = pg.source["graph"].copy()
     members: dict[str, list] = {}
     for g in removal:
@@ -78,12 +93,7 @@ def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = No
     ref.ClearField("opset_import")
     ref.opset_import.extend(pg.source["model"].opset_import)
     ref.ir_version = pg.source["model"].ir_version
-    pruned = apply_plan_onnx(pg, plan)
-    feeds = feeds or random_inputs(pg, seed)
-    r, p = run_onnx(ref, feeds), run_onnx(pruned, feeds)
-    diff = max(float(np.abs(a - b).max()) if a.shape == b.shape else np.inf for a, b in zip(r, p))
-    first = next(iter(removal))
-    return OracleResult(first, removal[first], r, p, diff)
+    return ref
 
 
 def _is_bn_var(pg: PruneGraph, value: str) -> bool:

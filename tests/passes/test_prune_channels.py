@@ -14,7 +14,7 @@ from helpers import export_onnx
 
 import graphprune as gp
 from graphprune import models
-from graphprune.oracle import choose_indices, dead_positions
+from graphprune.oracle import choose_indices, dead_positions, dead_reference, get_tensor
 from graphprune.oracle_onnx import random_inputs, run_onnx
 from graphprune.passes.removal import plan_removal
 
@@ -220,39 +220,34 @@ def kill(model: nn.Module, pg: gp.PruneGraph, removal: dict[int, list[int]]) -> 
     """A copy of ``model`` with the chosen indices of each group made dead."""
     dead_model = copy.deepcopy(model)
     plan = plan_removal(pg, removal)
-    state = dict(dead_model.named_parameters())
     with torch.no_grad():
         for gid in removal:
             for m in pg.groups()[gid].params:
-                if m.param in state:
-                    t = state[m.param]
+                t = get_tensor(dead_model, m.param)
+                if isinstance(t, nn.Parameter):  # buffers (BN statistics) stay as they are
                     t.index_fill_(m.axis, torch.from_numpy(dead_positions(plan, m.value, m.axis,
                                                                           t.shape[m.axis])), 0)
     return dead_model
 
 
-ORACLE_MODELS = ["resnet_tiny", "resnet_bottleneck_tiny", "vgg_tiny", "mobilenetv2_tiny",
-                 "shufflenet_tiny", "densenet_tiny", "digits_cnn", "hf_bert_tiny", "hf_vit_tiny",
-                 "vit_tiny_sdpa", "hf_gpt2_tiny", "llama_tiny", "hf_llama_tiny"]  # fmt: skip
+ORACLE_MODELS = sorted(models.ZOO)
 
 
 @pytest.mark.parametrize("name", ORACLE_MODELS)
 def test_prune_finds_and_removes_dead_channels(name):
-    """Kill half of every exact group; l1 must pick exactly those; outputs must not change."""
+    """Kill half of every group; l1 must pick exactly those; outputs must match the dead model
+    (with statistics over approximate groups masked to the surviving channels)."""
     model, x = models.get(name)
     pg = gp.capture(model, x)
     rng = np.random.default_rng(0)
-    exact = [g for g in pg.groups() if g.prunable and g.exact]
-    approx = [g for g in pg.groups() if g.prunable and not g.exact]
-    ignore = sorted({m.param for g in approx for m in g.params
-                     if not any(m.param in {n.param for n in e.params} for e in exact)})
-    removal = {g.id: choose_indices(g.size, rng, 0.5) for g in exact}
-    removal = {gid: idx[: pg.groups()[gid].size // 2] for gid, idx in removal.items()}
+    removal = {g.id: choose_indices(g.size, rng, 0.5)[: g.size // 2]
+               for g in pg.groups() if g.prunable}  # fmt: skip
     dead = kill(model, pg, removal)
-    res = gp.prune(dead, x, ratio=0.5, criterion="l1", min_keep=0.0, ignore=ignore or None)
+    res = gp.prune(dead, x, ratio=0.5, criterion="l1", min_keep=0.0)
     assert res.selection.removal == {gid: idx for gid, idx in removal.items() if idx}
+    ref = dead_reference(res.graph, res.selection.removal)
     with torch.no_grad():
-        want, got = dead(*x), res.model(*x)
+        want, got = ref(*x), res.model(*x)
     want = want if isinstance(want, tuple) else (want,)
     got = got if isinstance(got, tuple) else (got,)
     for a, b in zip(want, got):
@@ -260,26 +255,33 @@ def test_prune_finds_and_removes_dead_channels(name):
     assert res.report.params_after < res.report.params_before
 
 
-@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenetv2_tiny", "densenet_tiny",
-                                  "hf_bert_tiny"])
-def test_prune_onnx_finds_and_removes_dead_channels(name):
-    model, x = models.get(name)
-    pg = gp.capture(export_onnx(model, x))
-    rng = np.random.default_rng(1)
-    exact = [g for g in pg.groups() if g.prunable and g.exact]
-    removal = {g.id: choose_indices(g.size, rng, 0.5)[: g.size // 2] for g in exact}
-    # Kill in ONNX: zero the dead slices of every member initializer, then prune with l1.
-    from graphprune.oracle_onnx import run_oracle_onnx
+ONNX_MODELS = ["resnet_tiny", "resnet_bottleneck_tiny", "vgg_tiny", "mobilenetv2_tiny",
+               "shufflenet_tiny", "densenet_tiny", "digits_cnn", "hf_bert_tiny", "hf_vit_tiny"]
 
-    check = run_oracle_onnx(pg, removal)
-    check.assert_close(atol=2e-5, rtol=1e-4)
-    res = gp.prune(export_onnx(model, x), ratio=0.5, criterion="l2", min_keep=0.0,
-                   ignore=sorted({m.param for g in pg.groups() if g.prunable and not g.exact
-                                  for m in g.params}) or None)  # fmt: skip
+
+@pytest.mark.parametrize("name", ONNX_MODELS)
+def test_prune_onnx_finds_and_removes_dead_channels(name):
+    """ONNX in, ONNX out: kill half of every group in the ONNX file; l1 must pick exactly those;
+    the pruned file passes onnx.checker and computes what the dead one does (onnxruntime)."""
     import onnx
 
+    from graphprune.oracle_onnx import dead_reference_onnx
+
+    model, x = models.get(name)
+    pg = gp.capture(export_onnx(model, x))
+    assert all(g.exact for g in pg.groups() if g.prunable)  # these models have no statistics
+    rng = np.random.default_rng(1)
+    removal = {g.id: choose_indices(g.size, rng, 0.5)[: g.size // 2]
+               for g in pg.groups() if g.prunable}  # fmt: skip
+    dead = dead_reference_onnx(pg, removal)
+    res = gp.prune(dead, ratio=0.5, criterion="l1", min_keep=0.0)
+    assert res.selection.removal == {gid: idx for gid, idx in removal.items() if idx}
     onnx.checker.check_model(res.model)
     feeds = random_inputs(res.graph)
-    ref, out = run_onnx(res.graph.source["model"], feeds), run_onnx(res.model, feeds)
-    assert [o.shape for o in out] == [o.shape for o in ref]
+    want, got = run_onnx(dead, feeds), run_onnx(res.model, feeds)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4)
     assert res.report.form == "onnx" and res.report.macs_after < res.report.macs_before
+    # Names are preserved: every named weight of the input is still there under its name.
+    names = {i.name for i in res.model.graph.initializer}
+    assert {i.name for i in dead.graph.initializer if i.name.endswith(".weight")} <= names
