@@ -44,6 +44,16 @@ def test_golden_listing_of_an_mlp():
     assert pg.producer("%relu") == "relu"
     assert pg.consumers("%relu") == [("linear_1", 0)]
     assert pg.param("linear", 1) == "0.weight"
+    assert pg.value("0.weight").dim_roles == ("out_features", "in_features")
+    assert pg.value("0.bias").dim_roles == ("out_features",)
+
+
+def test_conv_parameters_name_their_dimensions():
+    torch.manual_seed(0)
+    pg = gp.capture(ConvNet().eval(), (torch.randn(2, 3, 8, 8),))
+    assert pg.value("conv.weight").dim_roles == ("out_channels", "in_channels_per_group", "kernel",
+                                                 "kernel")  # fmt: skip
+    assert pg.value("fc.weight").dim_roles == ("out_features", "in_features")
 
 
 def test_torch_and_onnx_frontends_give_the_same_kinds():
