@@ -48,6 +48,21 @@ def sparsify(model_or_onnx, example_inputs=None, *args, graph=None, **kwargs):
     return res
 
 
+def run(recipe, **kwargs):
+    """Run a recipe end to end (prune → sparsify → compile → verify → report); see
+    :func:`graphprune.pipeline.run`."""
+    from graphprune.pipeline import run as _run
+
+    return _run(recipe, **kwargs)
+
+
+def prune_exported(ep, example_inputs=None, **prune_kwargs):
+    """Prune a ``torch.export.ExportedProgram``; see :func:`graphprune.integration.prune_exported`."""
+    from graphprune.integration import prune_exported as _prune_exported
+
+    return _prune_exported(ep, example_inputs, **prune_kwargs)
+
+
 def load(path):
     """Load a compiled artifact (hashes verified); see :func:`graphprune.runtime.load`."""
     from graphprune.runtime import load as _load
@@ -55,7 +70,7 @@ def load(path):
     return _load(path)
 
 __all__ = [
-    "capture", "explain", "sparsify", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "sparsify", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "run", "prune_exported", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

@@ -1,12 +1,20 @@
 """The ``graphprune`` command line (also ``python -m graphprune``).
 
+Sub-commands: ``demo``, ``inspect``, ``prune``, ``sparsify``, ``compile``, ``run RECIPE``,
+``bench ARTIFACT``, ``report ARTIFACT``. Progress goes to stderr as ``[  1.2s] step`` lines
+(``--quiet`` silences it), results to stdout (``--json`` makes them one JSON object).
+
 Exit codes: 0 success, 2 user error (a :class:`GraphPruneError`: bad model, file, option),
-1 internal failure (a bug: please report it with the traceback).
+1 internal failure (a bug: please report it with the traceback), 130 interrupted (Ctrl-C or
+SIGTERM; a ``run`` interrupted midway leaves no partial artifact).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
 import time
 from typing import Any
@@ -17,7 +25,13 @@ from graphprune.errors import GraphPruneError
 def _load_model(spec: str) -> tuple[Any, Any]:
     """A zoo name (``resnet_tiny``) or the path of a ``.onnx`` file."""
     if spec.endswith(".onnx"):
+        if not os.path.isfile(spec):
+            raise GraphPruneError(f"model file {spec} not found")
         return spec, None
+    if ":" in spec:
+        from graphprune.pipeline import load_model
+
+        return load_model(spec)
     from graphprune import models
 
     if spec not in models.ZOO and spec not in ("resnet50", "hf_bert_base"):
@@ -101,8 +115,160 @@ def _write(path: str, text: str) -> None:
     print(f"wrote {path}")
 
 
+class _Out:
+    """Where a command's output goes: progress lines on stderr, results on stdout or as JSON."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.quiet = getattr(args, "quiet", False)
+        self.json = getattr(args, "json_out", False)
+        self.t0 = time.perf_counter()
+
+    def progress(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def result(self, text: str, data: dict) -> None:
+        if self.json:
+            print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        elif not self.quiet:
+            print(text)
+
+
+def _save_model(model: Any, path: str, inputs: Any, out: _Out) -> None:
+    """Write a pruned / sparsified model: ``.onnx`` (ONNX in stays ONNX, torch is exported),
+    ``.pt2`` (``torch.export.save``) or ``.pt`` (the pickled module)."""
+    from graphprune.errors import ConfigError
+
+    if os.path.exists(path) and not getattr(out, "force", False):
+        raise ConfigError(f"{path} exists: choose another -o or pass --force")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+    try:
+        if type(model).__name__ == "ModelProto":
+            import onnx
+
+            if not path.endswith(".onnx"):
+                raise ConfigError(f"-o {path}: an ONNX model is written as .onnx")
+            onnx.save(model, tmp)
+        else:
+            import torch
+
+            if path.endswith(".onnx"):
+                torch.onnx.export(model, tuple(inputs), tmp, dynamo=False)
+            elif path.endswith(".pt2"):
+                torch.export.save(torch.export.export(model, tuple(inputs)), tmp)
+            elif path.endswith(".pt"):
+                torch.save(model, tmp)
+            else:
+                raise ConfigError(f"-o {path}: use .onnx, .pt2 (torch.export) or .pt (pickle)")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    out.progress(f"wrote {path}")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Structured pruning of one model; ONNX in gives ONNX out."""
+    import graphprune as gp
+
+    out = _Out(args)
+    out.force = args.force
+    model, inputs = _load_model(args.model)
+    out.progress(f"pruning {args.model} (criterion={args.criterion}, scope={args.scope})")
+    res = gp.prune(model, inputs, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
+                   target_macs=args.target_macs, round_to=args.round_to, heads=args.heads)  # fmt: skip
+    _save_model(res.model, args.out, inputs, out)
+    r = res.report
+    out.result(r.to_text() + f"\nwrote {args.out}", {
+        "out": args.out, "form": r.form, "params_before": r.params_before,
+        "params_after": r.params_after, "macs_before": r.macs_before, "macs_after": r.macs_after,
+        "groups_pruned": len(r.removed), "notes": r.notes})  # fmt: skip
+    return 0
+
+
+def cmd_sparsify(args: argparse.Namespace) -> int:
+    """Weight sparsity masks of one model; ONNX in gives ONNX out (magnitude / random)."""
+    import graphprune as gp
+
+    out = _Out(args)
+    out.force = args.force
+    model, inputs = _load_model(args.model)
+    if isinstance(model, str):  # an .onnx path: sparsify works on the ModelProto
+        import onnx
+
+        model = onnx.load(model)
+    out.progress(f"sparsifying {args.model} (pattern={args.pattern}, method={args.method})")
+    res = gp.sparsify(model, inputs, sparsity=args.sparsity, pattern=args.pattern,
+                      method=args.method)  # fmt: skip
+    _save_model(res.model, args.out, inputs, out)
+    rep = res.report
+    rows = [(ls.name, 1 - ls.kept / max(ls.total, 1)) for ls in rep.layers]
+    text = "\n".join([f"sparsity {rep.pattern} ({rep.method}): {len(rows)} layers"]
+                     + [f"  {n}: {s:.1%}" for n, s in rows]
+                     + [f"  left dense: {k}: {v}" for k, v in rep.excluded.items()]
+                     + [f"wrote {args.out}"])  # fmt: skip
+    out.result(text, {"out": args.out, "pattern": str(rep.pattern), "method": rep.method,
+                      "layers": dict(rows), "excluded": dict(rep.excluded)})  # fmt: skip
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a recipe: prune → sparsify → compile → verify → report, into one artifact."""
+    from graphprune.pipeline import run
+
+    out = _Out(args)
+    res = run(args.recipe, out=args.out, force=args.force, progress=out.progress)
+    t = res.summary["totals"]
+    v = res.summary["verify"]
+    worst = max((r.get("max_abs_diff", 0) for r in v["vs_compiled_model"]), default=0.0)
+    lines = [f"artifact: {res.out_dir}"]
+    if res.report_html:
+        lines += [f"report:   {res.report_html}", f"          {res.report_md}"]
+    if t.get("params_before") is not None:
+        lines.append(f"params {t['params_before']:,} -> {t['params_after']:,}; "
+                     f"MACs {t['macs_before']:,} -> {t['macs_after']:,}")  # fmt: skip
+    if t.get("sparsified_fraction") is not None:
+        lines.append(f"sparsified: {t['sparsified_fraction']:.1%} of the targeted weights")
+    lines.append(f"verify: max |artifact - model| = {worst:.2e} (atol {v['atol']:g}) "
+                 f"{'ok' if v['passed'] else 'FAILED'}")  # fmt: skip
+    lines.append(f"replay: graphprune run {res.out_dir / 'recipe.json'} -o OTHER_DIR")
+    out.result("\n".join(lines), res.to_json())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Latency of the artifact vs the source model (and the pruned ONNX), in one process."""
+    from graphprune.pipeline import bench_artifact
+
+    out = _Out(args)
+    res = bench_artifact(args.artifact, runs=args.runs, warmup=args.warmup,
+                         progress=out.progress, save=not args.no_save)  # fmt: skip
+    width = max(len(r["name"]) for r in res["rows"])
+    base = res["rows"][0]["median_ms"]
+    text = "\n".join([f"{'model':<{width}}  median ms    p90 ms  speedup"] + [
+        f"{r['name']:<{width}}  {r['median_ms']:9.3f} {r['p90_ms']:9.3f}  "
+        f"{base / r['median_ms']:6.2f}x" for r in res["rows"]])  # fmt: skip
+    out.result(text, res)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from graphprune.report import write_report
+
+    out = _Out(args)
+    out.progress(f"rendering the report of {args.artifact}")
+    html, md = write_report(args.artifact, args.out)
+    out.result(f"report: {html}\n        {md}", {"html": str(html), "markdown": str(md)})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    common.add_argument("--json", dest="json_out", action="store_true",
+                        help="print the result as one JSON object on stdout")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="capture an embedded model, show groups and a pruning plan")
     d.add_argument("--model", default="resnet_tiny", help="zoo name or .onnx path")
@@ -114,9 +280,48 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dot", help="write the graph as Graphviz dot")
     i.add_argument("--limit", type=int, default=None, help="show at most N groups")
     i.set_defaults(fn=cmd_inspect)
+    model_help = "zoo name, .onnx path or pkg.module:factory"
+    pr = sub.add_parser("prune", parents=[common], help="structured pruning of one model")
+    pr.add_argument("model", help=model_help)
+    pr.add_argument("-o", "--out", required=True, help="output model: .onnx, .pt2 or .pt")
+    pr.add_argument("--ratio", type=float, default=0.5)
+    pr.add_argument("--criterion", default="l2")
+    pr.add_argument("--scope", default="local", choices=["local", "global"])
+    pr.add_argument("--target-macs", type=float, default=None)
+    pr.add_argument("--round-to", type=int, default=None)
+    pr.add_argument("--no-heads", dest="heads", action="store_false")
+    pr.add_argument("--force", action="store_true", help="overwrite the output file")
+    pr.set_defaults(fn=cmd_prune)
+    sp = sub.add_parser("sparsify", parents=[common], help="weight sparsity of one model")
+    sp.add_argument("model", help=model_help)
+    sp.add_argument("-o", "--out", required=True, help="output model: .onnx, .pt2 or .pt")
+    sp.add_argument("--sparsity", type=float, default=None)
+    sp.add_argument("--pattern", default="unstructured", help="unstructured, N:M or block:RxC")
+    sp.add_argument("--method", default="magnitude")
+    sp.add_argument("--force", action="store_true", help="overwrite the output file")
+    sp.set_defaults(fn=cmd_sparsify)
     sub.add_parser("compile", help="compile a model to a TVM artifact (graphprune compile -h)",
                    add_help=False)  # fmt: skip
+    r = sub.add_parser("run", parents=[common], help="run a recipe (YAML/JSON) end to end")
+    r.add_argument("recipe", help="recipe file, e.g. examples/demo.yaml or ARTIFACT/recipe.json")
+    r.add_argument("-o", "--out", default=None, help="artifact directory (overrides out:)")
+    r.add_argument("--force", action="store_true", help="replace an existing artifact")
+    r.set_defaults(fn=cmd_run)
+    b = sub.add_parser("bench", parents=[common], help="latency: artifact vs source model")
+    b.add_argument("artifact", help="artifact directory written by graphprune run")
+    b.add_argument("--runs", type=int, default=30)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--no-save", action="store_true", help="do not write ARTIFACT/bench.json")
+    b.set_defaults(fn=cmd_bench)
+    rp = sub.add_parser("report", parents=[common], help="HTML + markdown report of an artifact")
+    rp.add_argument("artifact", help="artifact directory written by graphprune run")
+    rp.add_argument("-o", "--out", default=None, help="folder for the report (default: artifact)")
+    rp.set_defaults(fn=cmd_report)
     return p
+
+
+def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so temporary files are removed
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,17 +329,24 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compile"]:
         from graphprune.codegen.cli import compile_main
 
         return compile_main(argv[1:])
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.fn(args) or 0)
     except GraphPruneError as e:
         print(f"graphprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("graphprune: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
