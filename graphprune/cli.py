@@ -23,22 +23,15 @@ from graphprune.errors import GraphPruneError
 
 
 def _load_model(spec: str) -> tuple[Any, Any]:
-    """A zoo name (``resnet_tiny``) or the path of a ``.onnx`` file."""
+    """A zoo name (``resnet_tiny``), the path of a ``.onnx`` file (returned as the path) or a
+    python factory ``pkg.module:function`` / ``file.py:function``."""
     if spec.endswith(".onnx"):
         if not os.path.isfile(spec):
             raise GraphPruneError(f"model file {spec} not found")
         return spec, None
-    if ":" in spec:
-        from graphprune.pipeline import load_model
+    from graphprune.pipeline import load_model  # zoo name or pkg.module:factory
 
-        return load_model(spec)
-    from graphprune import models
-
-    if spec not in models.ZOO and spec not in ("resnet50", "hf_bert_base"):
-        raise GraphPruneError(
-            f"unknown model {spec!r}: give a .onnx path or one of {', '.join(sorted(models.ZOO))}"
-        )
-    return models.get(spec)
+    return load_model(spec)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
