@@ -1,0 +1,75 @@
+"""What the CPU sparse kernels share: the calling convention, batch segmentation, SIMD width.
+
+Convention (every kernel in this package): the activation arrives transposed, ``XT[K, B]``, and
+the result leaves transposed, ``YT[N, B]``, so that the batch is the contiguous axis of both and
+the kernels vectorise over it (one weight value broadcast against a vector of batch columns).
+For ``B == 1`` the transposes are free reshapes and the kernels vectorise over the weight's own
+nonzeros instead (gathered activations). The Relax rewrite adds the transposes around the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BatchPlan", "plan_batch", "simd_lanes", "KERNEL_ATTRS"]
+
+# Our kernels are scheduled by construction: the schedule pass must leave them alone.
+KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True}
+
+
+def simd_lanes(target=None) -> int:
+    """fp32 lanes of the target's widest vector register (16 with AVX-512, 8 with AVX2)."""
+    if target is None:
+        return 16
+    from graphprune.codegen.cpu_rules import vector_lanes
+
+    return vector_lanes(target, 32)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch axis cut into register-resident chunks: ``full`` chunks of ``acc * lanes``
+    columns, then ``vec`` chunks of ``lanes`` columns, then one ``tail`` of fewer columns."""
+
+    lanes: int
+    acc: int
+    full: int
+    vec: int
+    tail: int
+
+    @property
+    def full_width(self) -> int:
+        return self.acc * self.lanes
+
+    @property
+    def vec_base(self) -> int:
+        return self.full * self.full_width
+
+    @property
+    def tail_base(self) -> int:
+        return self.vec_base + self.vec * self.lanes
+
+
+def plan_batch(batch: int, lanes: int, max_acc: int) -> BatchPlan:
+    """Chunk ``batch`` columns for ``max_acc`` vector accumulators of ``lanes`` each.
+
+    Examples
+    --------
+    >>> plan_batch(128, 16, 4)
+    BatchPlan(lanes=16, acc=4, full=2, vec=0, tail=0)
+    >>> plan_batch(50, 16, 4)
+    BatchPlan(lanes=16, acc=3, full=1, vec=0, tail=2)
+    >>> plan_batch(3, 16, 4)
+    BatchPlan(lanes=16, acc=1, full=0, vec=0, tail=3)
+    """
+    acc = max(1, min(max_acc, batch // lanes))
+    full = batch // (acc * lanes)
+    rest = batch - full * acc * lanes
+    return BatchPlan(lanes, acc, full, rest // lanes, rest % lanes)
+
+
+def _nnz_var():
+    """A symbolic extent for nonzero-count buffers: one kernel serves every density."""
+    from tvm import tirx
+
+    return tirx.Var("nnz", "int32")

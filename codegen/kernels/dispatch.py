@@ -1,0 +1,138 @@
+"""From a dense masked weight to a ready-to-call sparse kernel: compress, pick the kernel, build.
+
+The one entry point the Relax rewrite (:mod:`graphprune.codegen.sparse_rewrite`), the ``auto``
+chooser, the tests and ``benchmarks/bench_kernels.py`` share. Kernels depend only on sizes
+(the nonzero count is a symbolic extent), so builds are cached per ``(kernel key, target)``:
+one build serves every density of a shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphprune.codegen.kernels import formats
+from graphprune.codegen.kernels.cpu_bsr import bsr_kernel
+from graphprune.codegen.kernels.cpu_csr import csr_kernel
+from graphprune.codegen.kernels.cpu_nm import nm_kernel
+from graphprune.errors import CodegenUnsupported, ConfigError
+
+__all__ = ["FORMATS", "SparseKernel", "make_kernel", "build_kernel", "run_kernel", "time_kernel"]
+
+FORMATS = ("csr", "bsr", "nm")
+
+
+@dataclass
+class SparseKernel:
+    """A PrimFunc for ``YT[N,B] = W @ XT[K,B]`` and the compressed arrays it takes after ``XT``."""
+
+    fmt: str
+    shape: tuple[int, int]
+    batch: int
+    func: object  # tvm.tirx.PrimFunc
+    weights: list[np.ndarray]
+    key: tuple
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.weights)
+
+
+def _pad_empty(arrays: list[np.ndarray], count: int) -> list[np.ndarray]:
+    """Zero-nonzero matrices still need one element per nnz buffer (TIR has no empty buffers);
+    ``indptr`` stays all zeros, so the padding is never read."""
+    if count > 0:
+        return arrays
+    *nz, indptr = arrays
+    return [np.zeros((1, *a.shape[1:]), a.dtype) for a in nz] + [indptr]
+
+
+def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
+                lanes: int = 16) -> SparseKernel:  # fmt: skip
+    """Compress ``w`` (``[N, K]``, masked: pruned entries exactly zero) for ``fmt`` and make the
+    kernel for ``batch`` rows of activations.
+
+    Raises ``CodegenUnsupported`` when ``w`` does not fit ``fmt`` (e.g. a group with more than
+    ``N`` nonzeros for ``nm``).
+
+    Examples
+    --------
+    >>> kern = make_kernel(np.eye(4, dtype="float32"), "csr", batch=2)
+    >>> kern.fmt, kern.shape, [a.dtype.name for a in kern.weights]
+    ('csr', (4, 4), ['float32', 'int16', 'int32'])
+    """
+    w = np.asarray(w, np.float32)
+    if batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {batch}")
+    n, k = w.shape
+    if fmt == "csr":
+        c = formats.compress_csr(w, "int32" if batch == 1 else None)
+        idx = str(c.indices.dtype)
+        func = csr_kernel(n, k, batch, idx, lanes)
+        arrays = _pad_empty(c.arrays(), c.nnz)
+        return SparseKernel(fmt, (n, k), batch, func, arrays, ("csr", n, k, batch, idx, lanes),
+                            {"nnz": c.nnz, "index_dtype": idx})  # fmt: skip
+    if fmt == "bsr":
+        b = formats.compress_bsr(w, tuple(block))
+        idx = str(b.indices.dtype)
+        func = bsr_kernel(n, k, batch, b.block, idx, lanes)
+        arrays = _pad_empty(b.arrays(), b.nnzb)
+        key = ("bsr", n, k, batch, b.block, idx, lanes)
+        return SparseKernel(fmt, (n, k), batch, func, arrays, key,
+                            {"nnz_blocks": b.nnzb, "block": list(b.block), "index_dtype": idx})  # fmt: skip
+    if fmt == "nm":
+        c = formats.compress_nm(w, *nm)
+        kept = c.values.shape[1]
+        func = nm_kernel(n, k, batch, (c.n, c.m), kept, lanes)
+        key = ("nm", n, k, batch, (c.n, c.m), kept, lanes)
+        return SparseKernel(fmt, (n, k), batch, func, c.arrays(), key, {"nm": [c.n, c.m]})
+    raise ConfigError(f"sparse format must be one of {FORMATS}, not {fmt!r}")
+
+
+_BUILDS: dict[tuple, object] = {}
+
+
+def build_kernel(kernel: SparseKernel, target):
+    """Compile ``kernel.func`` for ``target`` (cached per kernel key and target)."""
+    import tvm
+
+    cache_key = (kernel.key, str(target))
+    mod = _BUILDS.get(cache_key)
+    if mod is None:
+        func = kernel.func.with_attr("global_symbol", "sparse_kernel")
+        try:
+            mod = tvm.compile(tvm.IRModule({"sparse_kernel": func}), target=target)
+        except Exception as e:
+            raise CodegenUnsupported(f"TVM failed to build {kernel.key}: {e}") from e
+        _BUILDS[cache_key] = mod
+    return mod
+
+
+def _args(kernel: SparseKernel, x: np.ndarray):
+    import tvm
+
+    n, k = kernel.shape
+    xt = np.ascontiguousarray(np.asarray(x, np.float32).reshape(kernel.batch, k).T)
+    out = tvm.runtime.tensor(np.zeros((n, kernel.batch), np.float32))
+    return [tvm.runtime.tensor(xt)] + [tvm.runtime.tensor(a) for a in kernel.weights] + [out]
+
+
+def run_kernel(kernel: SparseKernel, x: np.ndarray, target) -> np.ndarray:
+    """``x[B, K] @ W.T`` through the compiled kernel (numpy in and out)."""
+    args = _args(kernel, x)
+    build_kernel(kernel, target)["sparse_kernel"](*args)
+    return args[-1].numpy().T
+
+
+def time_kernel(kernel: SparseKernel, target, number: int = 10, repeat: int = 3) -> float:
+    """Best-of-``repeat`` mean seconds of one call on the host CPU."""
+    import tvm
+
+    rng = np.random.default_rng(0)
+    args = _args(kernel, rng.standard_normal((kernel.batch, kernel.shape[1])))
+    ev = build_kernel(kernel, target).mod.time_evaluator(
+        "sparse_kernel", tvm.cpu(), number=number, repeat=repeat
+    )
+    return float(min(ev(*args).results))
