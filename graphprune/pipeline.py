@@ -33,16 +33,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from graphprune.errors import ArtifactError, ConfigError, GraphPruneError, VerificationError
+from graphprune.errors import ArtifactError, ConfigError, VerificationError
 from graphprune.recipe import Recipe, load_recipe
 
-__all__ = ["PipelineResult", "run", "load_model", "DETERMINISTIC_FILES"]
+__all__ = ["DETERMINISTIC_FILES", "PipelineResult", "load_model", "run"]
 
 #: files a replay of the same recipe reproduces byte for byte
 DETERMINISTIC_FILES = ("model.so", "weights.npz", "recipe.json", "summary.json", "model.onnx")
@@ -516,7 +517,7 @@ def _flatten_art(y) -> list:
 
 
 def _same_specs(a: dict, b: dict) -> bool:
-    strip = lambda d: [(s["shape"], s["dtype"]) for s in d.values()]  # noqa: E731
+    strip = lambda d: [(s["shape"], s["dtype"]) for s in d.values()]
     return strip(a) == strip(b)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from graphprune.errors import ConfigError
 
-__all__ = ["Recipe", "SCHEMA", "load_recipe", "RECIPE_VERSION"]
+__all__ = ["RECIPE_VERSION", "SCHEMA", "Recipe", "load_recipe"]
 
 RECIPE_VERSION = 1
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from graphprune.errors import ArtifactError
 
-__all__ = ["write_report", "render"]
+__all__ = ["render", "write_report"]
 
 
 def _load(art: Path, name: str, required: bool = False) -> Any:

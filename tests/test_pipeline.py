@@ -160,7 +160,7 @@ def test_model_specs(tmp_path):
         "    return torch.nn.Sequential(torch.nn.Linear(8, 8)), (torch.randn(2, 8),)\n"
         "def broken():\n"
         "    raise RuntimeError('boom')\n")  # fmt: skip
-    model, inputs = pipeline.load_model(f"{tmp_path / 'factory.py'}:make")
+    _, inputs = pipeline.load_model(f"{tmp_path / 'factory.py'}:make")
     assert inputs[0].shape == (2, 8)
     with pytest.raises(ConfigError, match="raised RuntimeError: boom"):
         pipeline.load_model(f"{tmp_path / 'factory.py'}:broken")
