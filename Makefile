@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m graphprune demo
+	$(PY) -m graphprune run examples/demo.yaml -o build/demo --force
 
 test: $(STAMP)
+	./.ci/install_browser.sh
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:

@@ -184,6 +184,65 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> 
     gm.recompile()
     if verify:
         verify_shapes(pg, plan, gm, c)
+    restore_layers(gm)
+    return gm
+
+
+def restore_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Turn ``aten.linear`` / ``aten.conv2d`` calls on a module's own weight back into
+    ``nn.Linear`` / ``nn.Conv2d`` submodules, so module-level tools (hooks, sparsify, optimizers
+    per layer, printing) see standard layers. Numerics are unchanged: the same parameters run
+    the same op."""
+    users: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            users[n.target] = users.get(n.target, 0) + len(n.users)
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in (torch.ops.aten.linear.default,
+                                                        torch.ops.aten.conv2d.default):
+            continue
+        w, b = n.args[1], (n.args[2] if len(n.args) > 2 else None)
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target.endswith(".weight")):
+            continue
+        path = w.target[: -len(".weight")]
+        if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"
+                                  and b.target == path + ".bias"):  # fmt: skip
+            continue
+        owner = gm.get_submodule(path)
+        names = set(owner._parameters) | set(owner._buffers)
+        if list(owner.children()) or names - {"weight", "bias"} or type(owner) is not torch.nn.Module:
+            continue
+        if users.get(w.target, 0) != 1 or (b is not None and users.get(b.target, 0) != 1):
+            continue  # shared (tied) weights stay functional
+        weight = owner._parameters.get("weight")
+        bias = owner._parameters.get("bias") if b is not None else None
+        if not isinstance(weight, torch.nn.Parameter):
+            continue
+        if n.target is torch.ops.aten.linear.default:
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                    device="meta")  # fmt: skip
+        else:
+            stride, padding, dilation, groups = (list(n.args[3:4]) or [[1, 1]])[0], (
+                list(n.args[4:5]) or [[0, 0]])[0], (list(n.args[5:6]) or [[1, 1]])[0], (
+                list(n.args[6:7]) or [1])[0]
+            if isinstance(padding, str):
+                continue
+            layer = torch.nn.Conv2d(weight.shape[1] * groups, weight.shape[0],
+                                    tuple(weight.shape[2:]), stride=stride, padding=padding,
+                                    dilation=dilation, groups=groups, bias=bias is not None,
+                                    device="meta")  # fmt: skip
+        layer.weight = weight
+        if bias is not None:
+            layer.bias = bias
+        *parent, leaf = path.split(".")
+        setattr(gm.get_submodule(".".join(parent)) if parent else gm, leaf, layer)
+        with gm.graph.inserting_before(n):
+            call = gm.graph.call_module(path, (n.args[0],))
+        call.meta = dict(n.meta)
+        n.replace_all_uses_with(call)
+        gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return gm
 
 
