@@ -29,6 +29,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     trials: int = 0,
     schedule: str = "ours",
     progress=None,
+    kernels: str = "dense",
 ):
     """Compile a model to a TVM artifact directory and return it loaded.
 
@@ -49,6 +50,10 @@ def compile(  # noqa: A001 - the public name the issue asks for
         CPU scheduling: our rules (default), none (TVM's stock pipeline), or dlight's CPU rules.
     progress : callable(str), optional
         Called with a short message at each stage.
+    kernels : {"dense", "auto", "csr", "bsr", "nm"}
+        Sparse Linear kernels (CPU): ``"auto"`` measures dense and each format the weight fits
+        per layer and keeps the fastest (decisions cached on disk, recorded in the manifest);
+        a format name forces it where the weight fits. See :mod:`.sparse_rewrite`.
 
     Returns
     -------
@@ -76,6 +81,11 @@ def compile(  # noqa: A001 - the public name the issue asks for
     tgt = make_target(target)
     step("lowering to Relax")
     lowered = lower(model_or_onnx, example_inputs)
+    # -- sparse kernels (issue 6): rewrite sparse Linears before build; records go to manifest --
+    from graphprune.codegen.sparse_rewrite import rewrite_sparse
+
+    lowered, sparse_records = rewrite_sparse(lowered, tgt, kernels=kernels, progress=step)
+    # -- end sparse kernels --
     built = build(lowered, tgt, schedule=schedule, progress=step)
     step(f"writing artifact {os.fspath(out_dir)}")
     info = {
@@ -84,7 +94,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         "schedule": schedule,
         "inputs": [s.to_json() for s in lowered.inputs],
         "outputs": [s.to_json() for s in lowered.outputs],
-        "kernels": built.kernels,
+        "kernels": {**built.kernels, **sparse_records},
     }
     path = write_artifact(Path(out_dir), built.executable, built.weights, info)
     return load(path)

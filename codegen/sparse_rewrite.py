@@ -1,0 +1,350 @@
+"""Replace Linear/matmul layers whose weight is sparse by ``call_tir`` to our sparse kernels.
+
+Runs on the lowered Relax module (:mod:`.frontend`), *before* :func:`.pipeline.build` (whose
+``LiftTransformParams`` would otherwise turn ``permute_dims(W)`` into a new weight and hide the
+pattern, and whose ``FuseTransposeMatmul`` changes it). Matches both importers' forms:
+
+* torch ``matmul(x, permute_dims(W))`` (then ``add(bias, ·)``), ONNX Gemm ``matmul(x,
+  permute_dims(W))`` (then ``add(·, bias)``): dense weight ``W[N, K]``;
+* ONNX MatMul ``matmul(x, W)`` with a 2-D weight ``W[K, N]``: dense weight ``W.T``;
+
+where ``W`` is a weight parameter of ``main`` (index >= ``num_input``) whose value is known. The
+bias add is left in place. The replacement is ``reshape/permute_dims(x) → call_tir(kernel, XT,
+*compressed) → permute_dims/reshape``; compressed arrays become new weight parameters (shipped in
+``weights.npz`` like every other weight), and the dense weight is dropped when nothing else
+reads it.
+
+``kernels="auto"`` measures, per layer shape and batch on the target, our scheduled dense matmul
+and each sparse format the weight fits, keeps the fastest and caches the decision in a JSON file
+(key: target, shape, batch, pattern, density). Forced formats fall back to dense, with the reason
+recorded, for weights they cannot hold. Every decision, with its timings, goes into the
+manifest's ``kernels`` table under ``sparse:<weight name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from graphprune.codegen.frontend import IOSpec, LoweredModel
+from graphprune.codegen.kernels import formats
+from graphprune.codegen.kernels.cpu_common import simd_lanes
+from graphprune.codegen.kernels.dispatch import make_kernel
+from graphprune.errors import CodegenUnsupported, ConfigError
+
+__all__ = ["KERNEL_CHOICES", "rewrite_sparse", "detect_block", "detect_nm", "default_cache_path"]
+
+KERNEL_CHOICES = ("auto", "dense", "csr", "bsr", "nm")
+# Above this density no sparse format can win on bytes (CSR int16: 6 bytes per nonzero vs 4).
+AUTO_MAX_DENSITY = 0.7
+_BLOCKS = [(16, 1), (8, 8), (4, 4), (1, 16), (8, 1), (2, 2)]
+_NM = [(1, 4), (2, 8), (2, 4), (4, 8)]
+
+
+def default_cache_path() -> Path:
+    """``$GRAPHPRUNE_KERNEL_CACHE`` or ``~/.cache/graphprune/sparse_kernels.json``."""
+    env = os.environ.get("GRAPHPRUNE_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "graphprune" / "sparse_kernels.json"
+
+
+def detect_block(w: np.ndarray, min_fill: float = 0.95):
+    """The largest ``(R, C)`` block whose nonzero blocks are at least ``min_fill`` full, or None.
+
+    Examples
+    --------
+    >>> detect_block(np.kron(np.eye(4), np.ones((4, 4))))
+    (4, 4)
+    """
+    nnz = int(np.count_nonzero(w))
+    if nnz == 0:
+        return None
+    for block in sorted(_BLOCKS, key=lambda b: -b[0] * b[1]):
+        b = formats.compress_bsr(w, block)
+        if nnz >= min_fill * b.nnzb * block[0] * block[1]:
+            return block
+    return None
+
+
+def detect_nm(w: np.ndarray):
+    """The sparsest listed ``(N, M)`` pattern that ``w`` fits, or None.
+
+    Examples
+    --------
+    >>> detect_nm(np.array([[1.0, 0, 2.0, 0, 0, 0, 0, 3.0]]))
+    (2, 4)
+    """
+    fits = [p for p in _NM if w.shape[1] >= p[1] and formats.nm_fits(w, *p)]
+    return min(fits, key=lambda p: p[0] / p[1]) if fits else None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    fmt: str
+    options: dict
+
+    def kernel(self, w, batch, lanes):
+        return make_kernel(w, self.fmt, batch, lanes=lanes, **self.options)
+
+
+def _candidates(w: np.ndarray, kernels: str) -> tuple[list[_Candidate], str]:
+    """Sparse candidates for ``w`` under ``kernels``, or ``([], reason)``."""
+    density = np.count_nonzero(w) / max(w.size, 1)
+    block, nm = detect_block(w), detect_nm(w)
+    if kernels == "csr":
+        return [_Candidate("csr", {})], ""
+    if kernels == "bsr":
+        return [_Candidate("bsr", {"block": block or (4, 4)})], ""
+    if kernels == "nm":
+        if nm is None:
+            return [], "weight is not N:M sparse (a group has too many nonzeros)"
+        return [_Candidate("nm", {"nm": nm})], ""
+    if density > AUTO_MAX_DENSITY:
+        return [], f"density {density:.2f} > {AUTO_MAX_DENSITY}: no sparse format can win"
+    cands = [_Candidate("csr", {})]
+    if block is not None and block != (1, 1):
+        cands.append(_Candidate("bsr", {"block": block}))
+    if nm is not None:
+        cands.append(_Candidate("nm", {"nm": nm}))
+    return cands, ""
+
+
+class _DecisionCache:
+    """JSON file of ``key -> {"choice", "options", "times_ms"}``, rewritten atomically."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data = {}
+        if path is not None and path.exists():
+            try:
+                self.data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self.data = {}  # a corrupt cache is only a lost measurement
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.data[key] = value
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def _single_linear(w: np.ndarray, batch: int) -> LoweredModel:
+    """``main(x[B,K], W[N,K]) = x @ W.T`` as the torch importer writes it."""
+    from tvm import relax
+
+    n, k = w.shape
+    x = relax.Var("x", relax.TensorType((batch, k), "float32"))
+    wv = relax.Var("w", relax.TensorType((n, k), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, wv], attrs={"num_input": 1}):
+        with bb.dataflow():
+            wt = bb.emit(relax.op.permute_dims(wv, [1, 0]))
+            out = bb.emit_output(relax.op.matmul(x, wt))
+        bb.emit_func_output(out)
+    return LoweredModel(bb.get(), [w], [IOSpec("x", (batch, k), "float32")],
+                        [IOSpec("y", (batch, n), "float32")], "probe")  # fmt: skip
+
+
+def _time_linear(w, batch, cand: _Candidate | None, target, lanes: int) -> float:
+    """Milliseconds of one Linear through the full pipeline (dense, or rewritten to ``cand``):
+    transposes, VM call overhead and all, so the comparison is what the artifact will run."""
+    import tvm
+    from tvm import relax
+
+    from graphprune.codegen.pipeline import build
+
+    lowered = _single_linear(w, batch)
+    if cand is not None:
+        lowered, _ = _rewrite(lowered, lambda _n, _w, _b: (cand, {}), lanes)
+    built = build(lowered, target)
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, w.shape[1])).astype(np.float32)
+    args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in built.weights]
+    ev = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=3, min_repeat_ms=20)
+    return 1e3 * float(min(ev(*args).results))
+
+
+def _decide(w, batch, kernels, target, cache: _DecisionCache, lanes):
+    """``(candidate or None, manifest record)`` for one weight."""
+    density = float(np.count_nonzero(w) / max(w.size, 1))
+    record = {"shape": list(w.shape), "batch": batch, "density": round(density, 4)}
+    cands, reason = _candidates(w, kernels)
+    if not cands:
+        return None, {**record, "sparsity": "dense", "reason": reason}
+    if kernels != "auto":
+        return cands[0], {**record, "sparsity": kernels, "options": _jsonable(cands[0].options)}
+    pattern = ",".join(f"{c.fmt}:{_jsonable(c.options)}" for c in cands)
+    key = f"{target}|{w.shape[0]}x{w.shape[1]}|b{batch}|{pattern}|d{density:.2f}"
+    hit = cache.get(key)
+    if hit is None:
+        times = {"dense": _time_linear(w, batch, None, target, lanes)}
+        for c in cands:
+            times[c.fmt] = _time_linear(w, batch, c, target, lanes)
+        best = min(times, key=times.get)
+        hit = {"choice": best, "times_ms": {f: round(t, 4) for f, t in times.items()}}
+        cache.put(key, hit)
+    chosen = next((c for c in cands if c.fmt == hit["choice"]), None)
+    rec = {**record, "sparsity": hit["choice"], "times_ms": hit["times_ms"], "cache_key": key}
+    if chosen is not None:
+        rec["options"] = _jsonable(chosen.options)
+    return chosen, rec
+
+
+def _jsonable(options: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def _rewrite(lowered: LoweredModel, decide, lanes: int):
+    """Apply ``decide(name, W[N,K], batch) -> (candidate or None, record)`` to every matched
+    Linear of ``lowered``; return the new LoweredModel and ``{weight name: record}``."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    mod = lowered.mod
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+    weight_of = {p: v for p, v in zip(main.params[num_input:], lowered.params)}
+    new_params: list = []
+    new_values: list[np.ndarray] = []
+    records: dict[str, dict] = {}
+
+    def weight_param(expr):
+        return expr if isinstance(expr, relax.Var) and expr in weight_of else None
+
+    @mutator
+    class _Mutator(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm_op_type) and call.op.name == "relax.matmul"):
+                return call
+            x, rhs = call.args
+            dense = None
+            bound = self.lookup_binding(rhs) if isinstance(rhs, relax.Var) else None
+            if (bound is not None and isinstance(bound, relax.Call)
+                    and getattr(bound.op, "name", "") == "relax.permute_dims"
+                    and weight_param(bound.args[0]) is not None):  # fmt: skip
+                wvar = bound.args[0]
+                wval = weight_of[wvar]
+                if wval.ndim == 2:
+                    dense = wval
+            elif weight_param(rhs) is not None and weight_of[rhs].ndim == 2:
+                wvar = rhs
+                dense = weight_of[rhs].T
+            if dense is None or dense.dtype != np.float32:
+                return call
+            xty = x.ty
+            if xty.shape is None or str(xty.dtype) != "float32":
+                return call
+            xshape = [int(d) for d in xty.shape.values]
+            n, k = dense.shape
+            if xshape[-1] != k:
+                return call
+            batch = int(np.prod(xshape[:-1])) if len(xshape) > 1 else 1
+            cand, record = decide(wvar.name, dense, batch)
+            records[wvar.name] = record
+            if cand is None:
+                return call
+            try:
+                kern = cand.kernel(dense, batch, lanes)
+            except CodegenUnsupported as e:
+                record.update(sparsity="dense", reason=str(e))
+                return call
+            fname = f"sparse_{kern.fmt}_{n}x{k}_b{batch}"
+            gv = self.builder_.add_func(kern.func.with_attr("global_symbol", fname), fname)
+            vars_ = []
+            for i, arr in enumerate(kern.weights):
+                v = relax.Var(f"{wvar.name}_{kern.fmt}{i}",
+                              relax.TensorType(arr.shape, str(arr.dtype)))  # fmt: skip
+                new_params.append(v)
+                new_values.append(arr)
+                vars_.append(v)
+            x2 = self.builder_.emit(relax.op.reshape(x, (batch, k)))
+            xt = self.builder_.emit(
+                relax.op.reshape(x2, (k, 1)) if batch == 1 else relax.op.permute_dims(x2, [1, 0])
+            )
+            yt = self.builder_.emit(
+                relax.call_tir(gv, [xt, *vars_], out_ty=relax.TensorType((n, batch), "float32"))
+            )
+            y = relax.op.reshape(yt, (1, n)) if batch == 1 else relax.op.permute_dims(yt, [1, 0])
+            if len(xshape) == 2:
+                return y
+            return relax.op.reshape(self.builder_.emit(y), (*xshape[:-1], n))
+
+    import tvm
+
+    tvm_op_type = tvm.ir.Op
+    m = _Mutator(mod)
+    new_main = m.visit_expr(main)
+    if not new_params:
+        return lowered, records
+    func = relax.Function(list(new_main.params) + new_params, new_main.body, new_main.ret_ty,
+                          new_main.is_pure, new_main.attrs)  # fmt: skip
+    func = relax.analysis.remove_all_unused(func)
+    used = set(relax.analysis.free_vars(func.body))
+    keep = [(p, v) for p, v in zip(func.params[num_input:], lowered.params + new_values)
+            if p in used]  # fmt: skip
+    func = relax.Function(list(func.params[:num_input]) + [p for p, _ in keep], func.body,
+                          func.ret_ty, func.is_pure, func.attrs)  # fmt: skip
+    out_mod = m.builder_.get()
+    out_mod[out_mod.get_global_var("main")] = func
+    return replace(lowered, mod=out_mod, params=[v for _, v in keep]), records
+
+
+def rewrite_sparse(lowered: LoweredModel, target, kernels: str = "auto",
+                   cache_path=None, progress=None):  # fmt: skip
+    """Rewrite the sparse Linears of ``lowered`` to sparse kernels for ``target``.
+
+    Parameters
+    ----------
+    lowered : LoweredModel
+        From :func:`graphprune.codegen.frontend.lower` (weights as parameters, values known).
+    target : tvm.target.Target
+        Only ``llvm`` targets are rewritten (the CUDA 2:4 kernel is standalone, see
+        :mod:`graphprune.codegen.kernels.cuda_sparse24`).
+    kernels : {"auto", "dense", "csr", "bsr", "nm"}
+    cache_path : path, optional
+        The ``auto`` decision cache (default :func:`default_cache_path`); ``False`` for none.
+
+    Returns
+    -------
+    (LoweredModel, dict)
+        The rewritten model and ``{"sparse:<weight>": record}`` for the manifest.
+
+    Examples
+    --------
+    >>> new, records = rewrite_sparse(lowered, make_target("llvm"), "csr")  # doctest: +SKIP
+    >>> records["sparse:p_0_weight"]["sparsity"]                            # doctest: +SKIP
+    'csr'
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"kernels must be one of {KERNEL_CHOICES}, not {kernels!r}")
+    if kernels == "dense" or target.kind.name != "llvm":
+        return lowered, {}
+    step = progress or (lambda msg: None)
+    if cache_path is False:
+        cache = _DecisionCache(None)
+    else:
+        cache = _DecisionCache(Path(cache_path) if cache_path else default_cache_path())
+    lanes = simd_lanes(target)
+
+    def decide(name, w, batch):
+        if kernels == "auto" and np.count_nonzero(w) / max(w.size, 1) <= AUTO_MAX_DENSITY:
+            step(f"measuring kernels for {name} {w.shape} batch {batch}")
+        return _decide(w, batch, kernels, target, cache, lanes)
+
+    new, records = _rewrite(lowered, decide, lanes)
+    return new, {f"sparse:{k}": v for k, v in records.items()}

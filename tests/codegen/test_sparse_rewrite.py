@@ -1,0 +1,156 @@
+"""Relax sparse rewrite and ``compile(..., kernels=...)`` against the masked PyTorch model.
+
+Oracle: the sparsified (masked, exact zeros) torch model in fp32; tolerance atol=rtol=1e-4
+(sparse kernels sum in a different order than dense ones).
+"""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from graphprune.codegen import compiler
+from graphprune.codegen.frontend import lower
+from graphprune.codegen.sparse_rewrite import detect_block, detect_nm, rewrite_sparse
+from graphprune.codegen.target import make_target
+from graphprune.errors import ConfigError
+
+TARGET = make_target("llvm")
+
+
+def masked_mlp(pattern: str, seed: int = 0):
+    """Linear 64→48, ReLU, Linear 48→32 (no bias), weights masked with ``pattern``."""
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(
+        torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32, bias=False)
+    ).eval()
+    with torch.no_grad():
+        for lin in (m[0], m[2]):
+            w = lin.weight
+            if pattern == "unstructured":
+                keep = torch.rand_like(w) < 0.2
+            elif pattern == "2:4":
+                g = torch.rand(w.shape[0], w.shape[1] // 4, 4).argsort(dim=2).argsort(dim=2)
+                keep = (g < 2).reshape(w.shape)
+            else:  # block 4x4
+                keep = (torch.rand(w.shape[0] // 4, w.shape[1] // 4) < 0.3).repeat_interleave(
+                    4, 0
+                ).repeat_interleave(4, 1)
+            w.mul_(keep.float())
+    return m
+
+
+def onnx_proto(model, x):
+    import onnx
+
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def run_lowered(lowered):
+    import tvm
+    from tvm import relax
+
+    from graphprune.codegen.pipeline import build
+
+    built = build(lowered, TARGET)
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    return built, vm
+
+
+@pytest.mark.parametrize("frontend", ["torch", "onnx"])
+@pytest.mark.parametrize(("kernels", "pattern"), [("csr", "unstructured"), ("bsr", "block"),
+                                                  ("nm", "2:4")])  # fmt: skip
+def test_forced_format_matches_masked_model(frontend, kernels, pattern):
+    import tvm
+
+    model = masked_mlp(pattern)
+    x = torch.randn(2, 3, 64)
+    want = model(x).detach().numpy()
+    src = model if frontend == "torch" else onnx_proto(model, x)
+    lowered = lower(src, (x,) if frontend == "torch" else (x.numpy(),))
+    new, records = rewrite_sparse(lowered, TARGET, kernels, cache_path=False)
+    assert [r["sparsity"] for r in records.values()] == [kernels, kernels]
+    # the dense weights are gone, compressed arrays (with integer indices) took their place
+    assert len(new.params) > len(lowered.params) - 2
+    assert any(p.dtype.kind in "iu" for p in new.params)
+    dense = [id(w) for w in lowered.params if w.ndim == 2]
+    assert not any(id(p) in dense for p in new.params)
+    built, vm = run_lowered(new)
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(w) for w in built.weights])
+    out = out if hasattr(out, "numpy") else out[0]
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_nm_refuses_unstructured_weight_and_records_why():
+    model = masked_mlp("unstructured")
+    lowered = lower(model, (torch.randn(2, 64),))
+    new, records = rewrite_sparse(lowered, TARGET, "nm", cache_path=False)
+    assert all(r["sparsity"] == "dense" and "N:M" in r["reason"] for r in records.values())
+    assert new is lowered
+
+
+def test_dense_weights_are_left_alone_by_auto(tmp_path):
+    model = torch.nn.Linear(16, 8).eval()
+    lowered = lower(model, (torch.randn(2, 16),))
+    new, records = rewrite_sparse(lowered, TARGET, "auto", cache_path=tmp_path / "c.json")
+    assert new is lowered
+    assert "density 1.00" in next(iter(records.values()))["reason"]
+
+
+def test_pattern_detection():
+    w = np.kron(np.eye(3), np.ones((4, 4)))
+    assert detect_block(w) == (4, 4)
+    assert detect_nm(np.array([[1.0, 0, 0, 2.0] * 4])) == (2, 4)
+    assert detect_nm(np.ones((2, 8))) is None
+
+
+def test_bad_kernels_option():
+    lowered = lower(torch.nn.Linear(4, 4).eval(), (torch.randn(2, 4),))
+    with pytest.raises(ConfigError, match="kernels must be one of"):
+        rewrite_sparse(lowered, TARGET, "fastest")
+
+
+def test_compile_auto_vit_tiny_matches_masked_model(tmp_path, monkeypatch):
+    """End to end: sparsified ViT (90% unstructured) compiled with kernels="auto"; the
+    decisions and their timings are in the manifest and in the on-disk cache, and a second
+    compile reuses the cache."""
+    import graphprune.models as zoo
+    from graphprune.passes.sparsify import sparsify
+
+    cache = tmp_path / "kernel_cache.json"
+    monkeypatch.setenv("GRAPHPRUNE_KERNEL_CACHE", str(cache))
+    model, inputs = zoo.get("vit_tiny")
+    sparse = sparsify(model, inputs, sparsity=0.9, pattern="unstructured").model.eval()
+    want = sparse(*inputs).detach().numpy()
+    art = compiler.compile(sparse, inputs, out_dir=tmp_path / "vit", kernels="auto")
+    np.testing.assert_allclose(art(*inputs), want, rtol=1e-4, atol=1e-4)
+    records = {k: v for k, v in art.manifest["kernels"].items() if k.startswith("sparse:")}
+    assert records, "no Linear was considered"
+    measured = [r for r in records.values() if "times_ms" in r]
+    assert measured and all("dense" in r["times_ms"] and "csr" in r["times_ms"] for r in measured)
+    assert all(r["sparsity"] == min(r["times_ms"], key=r["times_ms"].get) for r in measured)
+    stored = json.loads(cache.read_text())
+    assert {r["cache_key"] for r in measured} <= set(stored)
+    art2 = compiler.compile(sparse, inputs, out_dir=tmp_path / "vit2", kernels="auto")
+    again = {k: v for k, v in art2.manifest["kernels"].items() if k.startswith("sparse:")}
+    assert [r["sparsity"] for r in again.values()] == [r["sparsity"] for r in records.values()]
+
+
+def test_compile_forced_csr_artifact_round_trip(tmp_path):
+    """compile(kernels="csr") ships the compressed arrays (int16 indices) in weights.npz and
+    the reloaded artifact still matches the masked model."""
+    from graphprune.runtime import load
+
+    model = masked_mlp("unstructured")
+    x = torch.randn(4, 64)
+    art = compiler.compile(model, (x,), out_dir=tmp_path / "mlp", kernels="csr")
+    kinds = [v["sparsity"] for k, v in art.manifest["kernels"].items() if k.startswith("sparse:")]
+    assert kinds == ["csr", "csr"]
+    again = load(tmp_path / "mlp")
+    np.testing.assert_allclose(again(x), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+    with np.load(tmp_path / "mlp" / art.manifest["weights"]) as w:
+        assert any(w[name].dtype == np.int16 for name in w.files)
