@@ -2,7 +2,8 @@
 
 A ``PruneGraph`` wraps one ``networkx.MultiDiGraph`` that is bipartite, like onnx-graphsurgeon's:
 *op* nodes and *value* nodes (activations, parameters, constants). A value→op edge carries the
-argument ``slot`` the op reads it through; an op→value edge carries the output ``index``. Every
+argument ``slot`` the op reads it through; an op→value edge carries the output ``index``; both
+carry the tensor's ``shape`` and ``dtype``. Every
 node's payload is one small dataclass under the ``"data"`` key, read through the typed helpers
 (:meth:`PruneGraph.op`, :meth:`PruneGraph.producer`, :meth:`PruneGraph.consumers`, ...).
 
@@ -108,11 +109,15 @@ class PruneGraph:
         if oid in self.nx:
             raise ValueError(f"duplicate node id {oid!r}")
         self.nx.add_node(oid, data=op, is_op=True)
+        # Every edge is one tensor use and carries its shape and dtype, so a plain networkx
+        # consumer (a drawing, a JSON dump) sees them without reading node payloads.
         for slot, vid in enumerate(inputs):
             if vid is not None:
-                self.nx.add_edge(vid, oid, slot=slot)
+                v = self.value(vid)
+                self.nx.add_edge(vid, oid, slot=slot, shape=v.shape, dtype=v.dtype)
         for index, vid in enumerate(outputs):
-            self.nx.add_edge(oid, vid, index=index)
+            v = self.value(vid)
+            self.nx.add_edge(oid, vid, index=index, shape=v.shape, dtype=v.dtype)
         return oid
 
     # -- typed access --------------------------------------------------------------------------

@@ -46,6 +46,8 @@ def test_golden_listing_of_an_mlp():
     assert pg.param("linear", 1) == "0.weight"
     assert pg.value("0.weight").dim_roles == ("out_features", "in_features")
     assert pg.value("0.bias").dim_roles == ("out_features",)
+    (edge,) = pg.nx.get_edge_data("%relu", "linear_1").values()
+    assert edge == {"slot": 0, "shape": (2, 8), "dtype": "float32"}
 
 
 def test_conv_parameters_name_their_dimensions():
