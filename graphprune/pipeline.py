@@ -438,12 +438,6 @@ def _run_into(rec: Recipe, art_dir: Path, steps: _Steps, fine_tune) -> PipelineR
     sp_report, masks = None, {}
     if data["sparsify"] is not None:
         s = data["sparsify"]
-        if prune_report is not None and prune_report.form == "graph_module":
-            raise ConfigError(
-                "prune returned a torch.fx.GraphModule (the model's forward hard-codes sizes) and "
-                "sparsify only finds nn.Linear/Conv modules, so it would find nothing to sparsify: "
-                "drop one of the two steps, or give the model as ONNX"
-            )
         with steps.step("sparsify", f"sparsifying ({s['pattern']}, {s['method']})"):
             kw = dict(sparsity=s["sparsity"], pattern=s["pattern"], method=s["method"],
                       scope=s["scope"], min_keep=s["min_keep"], exclude=s["exclude"], seed=seed)  # fmt: skip
