@@ -73,6 +73,7 @@ class ContractionInfo:
     spatial: tuple[int, ...]
     reduce: tuple[int, ...]
     tile: tuple[int, int, int]  # rows, column vectors, lanes
+    packed: str | None = None  # weight layout after packing, if packed
 
 
 def _multiply_add_operands(block):
@@ -112,6 +113,43 @@ def _unit_stride(expr, var: tirx.Var) -> bool:
     if len(coeffs) != 2 or not isinstance(coeffs[0], tirx.IntImm) or int(coeffs[0]) != 1:
         return False
     return not _uses(coeffs[1], var)
+
+
+def _is_copy(stmt) -> bool:
+    """The block only copies one element (what a zero-width pad legalizes to)."""
+    body = stmt.body
+    return isinstance(body, tirx.BufferStore) and isinstance(body.value, ir.TensorLoad)
+
+
+def _row_tile_fits(rt: int, extents: list[int]) -> bool:
+    """``rt`` consecutive rows of the fused spatial axes form a box (no partial inner rows), so
+    the epilogue computed at the tile covers exactly the tile."""
+    for e in reversed(extents):
+        if rt <= e:
+            return e % rt == 0
+        if rt % e:
+            return False
+        rt //= e
+    return rt == 1
+
+
+def _register_tile(row_extents: list[int], col_vectors: int, max_acc: int) -> tuple[int, int]:
+    """Rows x column-vectors of the accumulator tile: the most FMAs per load (rows * cols /
+    (rows + cols)) within ``max_acc`` registers, rows a box of the fused spatial axes."""
+    total = 1
+    for e in row_extents:
+        total *= e
+    best, best_score = (1, 1), -1.0
+    for ct in range(1, min(col_vectors, max_acc) + 1):
+        if col_vectors % ct:
+            continue
+        for rt in range(1, max_acc // ct + 1):
+            if total % rt or not _row_tile_fits(rt, row_extents):
+                continue
+            score = rt * ct / (rt + ct)
+            if score > best_score + 1e-9:
+                best, best_score = (rt, ct), score
+    return best
 
 
 class Contraction(ScheduleRule):
@@ -174,6 +212,19 @@ class Contraction(ScheduleRule):
         dtype_bits = tvm.runtime.DataType(str(stmt.body.buffer.dtype)).bits
         lanes = vector_lanes(target, dtype_bits)
 
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds):
+            return None
+        extents = [_const_extent(sch, lp) for lp in loops]
+        if any(e is None for e in extents):
+            return None
+        row_extents = extents[: n_spatial - 1]
+        c_ext = extents[n_spatial - 1]
+        vec = _largest_divisor(c_ext, lanes, powers_of_two=True)
+        rt, ct = _register_tile(row_extents, c_ext // vec, self.max_accumulators(lanes))
+        bn = ct * vec
+        packed = self._pack_weight(sch, block, stmt, func, operands, c_var, n_spatial, bn)
+
         # Epilogue: collapse the elementwise chain after the contraction into its last block,
         # then fold that block into the accumulator write-back (reverse_compute_inline).
         producers = [sch.get(b).name_hint for b in blocks[: blocks.index(block)]]
@@ -181,26 +232,27 @@ class Contraction(ScheduleRule):
         for b in consumers[:-1]:
             sch.compute_inline(b)
         epilogue = consumers[-1] if consumers else None
+        # A producer that only copies (the zero-width "pad" of a 1x1 conv) is folded into the
+        # operand read; a real pad stays separate (an if_then_else in the inner loop is slower).
+        for name in list(producers):
+            pb = sch.get_sblock(name)
+            if _is_copy(sch.get(pb)):
+                try:
+                    sch.compute_inline(pb)
+                    producers.remove(name)
+                except _REFUSED:
+                    pass
 
         loops = sch.get_loops(block)
-        if len(loops) != len(kinds):
-            return None
-        extents = [_const_extent(sch, lp) for lp in loops]
-        if any(e is None for e in extents):
-            return None
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
-        c_ext = extents[n_spatial - 1]
-        vec = _largest_divisor(c_ext, lanes, powers_of_two=True)
-        ct = _largest_divisor(c_ext // vec, self.col_vectors)
         c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
         if n_spatial >= 2:
-            r_ext = extents[n_spatial - 2]
-            rt = _largest_divisor(r_ext, self.rows + 3 if ct == 1 else self.rows)
-            r_o, r_i = sch.split(spatial[-2], [None, rt])
-            outer = list(spatial[:-2]) + [r_o, c_o]
-            inner = [r_i, c_t, c_v]
+            rows = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
+            r_o, r_i = sch.split(rows, [None, rt])
+            # Output-channel tiles outermost: one packed weight panel stays in cache while
+            # every row tile of the output streams past it.
+            outer, inner = [c_o, r_o], [r_i, c_t, c_v]
         else:
-            rt = 1
             outer, inner = [c_o], [c_t, c_v]
         sch.reorder(*outer, *reduce, *inner)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -229,9 +281,46 @@ class Contraction(ScheduleRule):
             _schedule_injective_block(sch, sch.get_sblock(name), lanes)
         self.last_match = ContractionInfo(
             sch.get(block).name_hint, tuple(extents[:n_spatial]), tuple(extents[n_spatial:]),
-            (rt, ct, vec),
+            (rt, ct, vec), packed,
         )
         return sch
+
+
+    def max_accumulators(self, lanes: int) -> int:
+        # x86: 32 vector registers with AVX-512, 16 below; keep a few for operands.
+        return 24 if lanes >= 16 else 12
+
+    def _pack_weight(self, sch, block, stmt, func, operands, c_var, n_spatial, bn):
+        """Repack the weight operand ``W[r..., c]`` to ``W[c // bn, r..., c % bn]``.
+
+        Only for buffers Relax marked ``layout_free_buffers`` (model weights): the rewrite block
+        is annotated like MetaSchedule's ``RewriteLayout`` output, so ``SplitLayoutRewritePreproc``
+        moves it to its own PrimFunc and ``LiftTransformParams`` runs it once at build time.
+        The kernel then reads one contiguous ``K x bn`` panel per output-channel tile.
+        """
+        free = func.attrs.get("layout_free_buffers") if func.attrs else None
+        if free is None or bn <= 1:
+            return None
+        free_names = {func.params[int(i)].name for i in free}
+        reduce_vars = [iv.var for iv in stmt.iter_vars[n_spatial:]]
+        spatial_vars = [iv.var for iv in stmt.iter_vars[: n_spatial - 1]]
+        for op in operands:
+            idx = list(op.indices)
+            if op.source.name not in free_names or not idx[-1].same_as(c_var):
+                continue
+            if any(_uses(i, v) for i in idx[:-1] for v in spatial_vars + [c_var]):
+                continue
+            if not all(any(_uses(i, v) for v in reduce_vars) or isinstance(i, tirx.IntImm)
+                       for i in idx[:-1]):  # fmt: skip
+                continue
+            read_idx = [r.source.name for r in stmt.reads].index(op.source.name)
+            pre = sch.cache_read(block, read_idx, "global")
+            sch.transform_layout(
+                block, ("read", read_idx), lambda *ax: (ax[-1] // bn, *ax[:-1], ax[-1] % bn)
+            )
+            sch.annotate(pre, "meta_schedule.layout_rewrite_preproc", True)
+            return f"[{sch.get(block).reads[read_idx].source.name}: c/{bn}, ..., {bn}]"
+        return None
 
 
 def _schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:

@@ -75,6 +75,8 @@ def _schedule_pass(rules, target, report: dict):
                         tile_rows=match.tile[0], tile_col_vectors=match.tile[1],
                         vector_lanes=match.tile[2],
                     )  # fmt: skip
+                    if match.packed:
+                        choice["packed_weight"] = match.packed
                 break
             report[gv.name_hint] = choice
         for gv, func in updates.items():
@@ -93,7 +95,10 @@ def _relax_pipeline(target, schedule: str, report: dict):
         if schedule == "stock":
             raise ConfigError("schedule='stock' is CPU-only: CUDA kernels need thread bindings")
         return relax.get_default_pipeline(target)
-    passes = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    if schedule == "scheduled":  # legalized and scheduled already (see _schedule_cpu)
+        passes = []
+    else:
+        passes = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
     if schedule == "ours":
         passes.append(_schedule_pass(_cpu_rules(target), target, report))
     elif schedule == "dlight":
@@ -110,6 +115,98 @@ def _relax_pipeline(target, schedule: str, report: dict):
     return _pipeline
 
 
+def _schedule_cpu(mod, weights: list[np.ndarray], target, report: dict, step):
+    """Legalize, fuse and schedule with our CPU rules, then prepack weights.
+
+    The rules repack weight operands into contiguous panels (``layout_rewrite_preproc`` blocks,
+    only for the buffers ``AttachAttrLayoutFreeBuffers`` marks as weights);
+    ``SplitLayoutRewritePreproc`` moves those blocks into their own PrimFuncs and a second
+    ``LiftTransformParams`` lifts them out of ``main``, so the artifact ships packed weights and
+    the model pays nothing for the layout at run time.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    passes = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    passes += [
+        _mark_weight_buffers(),
+        _schedule_pass(_cpu_rules(target), target, report),
+        _split_layout_rewrite(report),
+        relax.transform.LiftTransformParams(),
+    ]
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    for name in [n for n in report if n not in names and f"{n}_prepacked" in names]:
+        report[f"{name}_prepacked"] = report.pop(name)  # the split keeps the compute half
+    if "main_transform_params" in [gv.name_hint for gv in mod.get_global_vars()]:
+        step("packing weights")
+        weights = _run_transform_params(mod, weights)
+        mod = _without(mod, "main_transform_params")
+    return mod, weights
+
+
+def _mark_weight_buffers():
+    """Set ``layout_free_buffers`` on each unscheduled PrimFunc: the argument positions that
+    receive a weight of ``main`` at every call site (what the rules may repack). Like Relax's
+    ``AttachAttrLayoutFreeBuffers``, which however copies every PrimFunc, hand-written sparse
+    kernels included, and breaks those with symbolic shapes."""
+    import tvm
+    from tvm import relax, tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphPruneMarkWeightBuffers")
+    def _pass(mod, _ctx):
+        main = mod["main"]
+        num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+        weights = {p for p in main.params[num_input:]}
+        call_tir = tvm.ir.Op.get("relax.call_tir")
+        free: dict[str, set[int]] = {}
+
+        def visit(e):
+            if isinstance(e, relax.Call) and e.op.same_as(call_tir):
+                args = e.args[1].fields if isinstance(e.args[1], relax.Tuple) else [e.args[1]]
+                idx = {i for i, a in enumerate(args) if any(a.same_as(w) for w in weights)}
+                name = e.args[0].name_hint
+                free[name] = free[name] & idx if name in free else idx
+
+        relax.analysis.post_order_visit(main.body, visit)
+        updates = {}
+        for gv, f in mod.functions_items():
+            if not isinstance(f, tirx.PrimFunc) or not free.get(gv.name_hint):
+                continue
+            if "tirx.is_scheduled" in f.attrs:
+                continue
+            updates[gv] = f.with_attr("layout_free_buffers", sorted(free[gv.name_hint]))
+        for gv, f in updates.items():
+            mod[gv] = f
+        return mod
+
+    return _pass
+
+
+def _split_layout_rewrite(report: dict):
+    """``SplitLayoutRewritePreproc`` on the PrimFuncs our rules packed only: it requires a root
+    block, which hand-written kernels (the sparse ones) do not have."""
+    import tvm
+    from tvm import relax, tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphPruneSplitLayoutRewrite")
+    def _pass(mod, _ctx):
+        packed = {n for n, r in report.items() if r.get("packed_weight")}
+        aside = {
+            gv: f for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and gv.name_hint not in packed
+        }  # fmt: skip
+        if not packed:
+            return mod
+        rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in aside})
+        rest = relax.transform.SplitLayoutRewritePreproc()(rest)
+        return tvm.IRModule({**dict(rest.functions_items()), **aside})
+
+    return _pass
+
+
 def _without(mod, name: str):
     """``mod`` minus the function ``name`` (importers may already have added PrimFuncs, e.g. the
     ONNX Clip lowering, so both halves keep every other function)."""
@@ -124,7 +221,14 @@ def _run_transform_params(mod, weights: list[np.ndarray]) -> list[np.ndarray]:
     from tvm import relax
 
     host = tvm.target.Target({"kind": "llvm"})
-    exe = tvm.compile(_without(mod, "main"), target=host)
+    entry = mod["main_transform_params"]
+    used = {gv.name_hint for gv in relax.analysis.all_global_vars(entry)}
+    # Only what the weight transform calls: the model's kernels are compiled once, for target.
+    only = tvm.IRModule({
+        gv: f for gv, f in mod.functions_items()
+        if gv.name_hint == "main_transform_params" or gv.name_hint in used
+    })  # fmt: skip
+    exe = tvm.compile(only, target=host)
     vm = relax.VirtualMachine(exe, tvm.cpu())
     out = vm["main_transform_params"]([tvm.runtime.tensor(w) for w in weights])
     return [np.ascontiguousarray(t.numpy()) for t in out]
@@ -163,7 +267,11 @@ def build(lowered: LoweredModel, target, schedule: str = "ours", progress=None) 
     report: dict[str, dict] = {}
     step(f"legalising, fusing, scheduling ({schedule}) and building for {target.kind.name}")
     try:
-        exe = tvm.compile(mod, target=target, relax_pipeline=_relax_pipeline(target, schedule, report))
+        stage = schedule
+        if is_cpu and schedule == "ours":
+            mod, weights = _schedule_cpu(mod, weights, target, report, step)
+            stage = "scheduled"
+        exe = tvm.compile(mod, target=target, relax_pipeline=_relax_pipeline(target, stage, report))
     except (ConfigError, CodegenUnsupported):
         raise
     except Exception as e:
