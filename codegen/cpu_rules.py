@@ -74,6 +74,7 @@ class ContractionInfo:
     reduce: tuple[int, ...]
     tile: tuple[int, int, int]  # rows, column vectors, lanes
     packed: str | None = None  # weight layout after packing, if packed
+    k_block: int | None = None  # reduction slice kept in L1, if blocked
 
 
 def _multiply_add_operands(block):
@@ -131,6 +132,29 @@ def _row_tile_fits(rt: int, extents: list[int]) -> bool:
             return False
         rt //= e
     return rt == 1
+
+
+L1_PANEL_BYTES = 32 * 1024  # of the 48 KiB L1d on recent x86 cores; the rest for rows/output
+
+
+def _k_block(extents, n_spatial, rt, bn, dtype_bits) -> int | None:
+    """Reduction slice for GEMM blocking, or ``None`` when the whole panel fits L1 or the
+    contraction is not GEMM-like (one reduction axis that is not unit: matmul, 1x1 conv)."""
+    reduce = extents[n_spatial:]
+    rows = 1
+    for e in extents[: n_spatial - 1]:
+        rows *= e
+    if any(e != 1 for e in reduce[:-1]) or rows <= rt or n_spatial < 2:
+        return None
+    k = reduce[-1]
+    per_k = bn * dtype_bits // 8
+    if k * per_k <= L1_PANEL_BYTES:
+        return None
+    limit = L1_PANEL_BYTES // per_k
+    for kc in range(min(limit, k), 31, -1):
+        if k % kc == 0:
+            return kc
+    return None
 
 
 def _register_tile(row_extents: list[int], col_vectors: int, max_acc: int) -> tuple[int, int]:
@@ -245,6 +269,16 @@ class Contraction(ScheduleRule):
 
         loops = sch.get_loops(block)
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+        kc = _k_block(extents, n_spatial, rt, bn, dtype_bits)
+        if kc:
+            self._schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc)
+            for name in producers:
+                _schedule_injective_block(sch, sch.get_sblock(name), lanes)
+            self.last_match = ContractionInfo(
+                sch.get(block).name_hint, tuple(extents[:n_spatial]),
+                tuple(extents[n_spatial:]), (rt, ct, vec), packed, kc,
+            )  # fmt: skip
+            return sch
         c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
         if n_spatial >= 2:
             rows = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
@@ -285,6 +319,31 @@ class Contraction(ScheduleRule):
         )
         return sch
 
+
+    @staticmethod
+    def _schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc):
+        """GEMM blocking for long reductions: the panel loop ``c_o`` outermost (parallel), then
+        ``kc``-deep slices of the reduction, then row tiles, so a ``kc x bn`` slice of the
+        packed weight stays in L1 while every row tile passes it. The register tile is loaded
+        from and stored to the output panel once per slice (LLVM promotes it across ``k_i``)."""
+        c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
+        rows = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        r_o, r_i = sch.split(rows, [None, rt])
+        k_o, k_i = sch.split(reduce[-1], [None, kc])
+        sch.reorder(c_o, k_o, r_o, *reduce[:-1], k_i, r_i, c_t, c_v)
+        sch.parallel(c_o)
+        if epilogue is not None:
+            sch.reverse_compute_at(epilogue, c_o)
+            e_loops = sch.get_loops(epilogue)
+            inner_ext = _const_extent(sch, e_loops[-1])
+            if inner_ext and inner_ext % vec == 0 and vec > 1:
+                _, ev = sch.split(e_loops[-1], [None, vec])
+                sch.vectorize(ev)
+        sch.unroll(r_i)
+        sch.unroll(c_t)
+        sch.vectorize(c_v)
+        init = sch.decompose_reduction(block, k_o)
+        sch.vectorize(sch.get_loops(init)[-1])
 
     def max_accumulators(self, lanes: int) -> int:
         # x86: 32 vector registers with AVX-512, 16 below; keep a few for operands.
