@@ -184,9 +184,52 @@ def _schedule_cpu(mod, weights: list[np.ndarray], target, report: dict, step):
         report[f"{name}_prepacked"] = report.pop(name)  # the split keeps the compute half
     if "main_transform_params" in [gv.name_hint for gv in mod.get_global_vars()]:
         step("packing weights")
-        weights = _run_transform_params(mod, weights)
+        packed = _pack_in_numpy(mod["main_transform_params"], weights)
+        weights = packed if packed is not None else _run_transform_params(mod, weights)
         mod = _without(mod, "main_transform_params")
     return mod, weights
+
+
+def _pack_in_numpy(func, weights: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Evaluate a lifted transform that only selects weights and applies our packing
+    ``W[r..., c] -> Wp[c // bn, r..., c % bn]`` (the ``*_weight_prepack`` PrimFuncs the split
+    produces), with numpy; ``None`` for anything else, which is then compiled and run. Compiling
+    those little PrimFuncs costs seconds per model; the reshape costs nothing."""
+    from tvm import relax
+
+    env: dict = {}
+    result = None
+    call_tir = tvm_op("relax.call_tir")
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.TupleGetItem) and value.tuple_value.same_as(func.params[0]):
+                env[binding.var] = weights[value.index]
+            elif (
+                isinstance(value, relax.Call) and value.op.same_as(call_tir)
+                and value.args[0].name_hint.endswith("_weight_prepack")
+                and len(value.args[1].fields) == 1 and value.args[1].fields[0] in env
+            ):  # fmt: skip
+                w = env[value.args[1].fields[0]]
+                out = tuple(int(d) for d in value.ty.shape.values)
+                nb, bn = out[0], out[-1]
+                if out[1:-1] != w.shape[:-1] or nb * bn != w.shape[-1]:
+                    return None
+                env[binding.var] = np.ascontiguousarray(
+                    np.moveaxis(w.reshape(*w.shape[:-1], nb, bn), -2, 0)
+                )
+            elif isinstance(value, relax.Tuple) and all(f in env for f in value.fields):
+                env[binding.var] = [env[f] for f in value.fields]
+            else:
+                return None
+    result = env.get(func.body.body)
+    return result if isinstance(result, list) else None
+
+
+def tvm_op(name: str):
+    import tvm
+
+    return tvm.ir.Op.get(name)
 
 
 def _mark_weight_buffers():

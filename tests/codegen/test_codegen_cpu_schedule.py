@@ -1,0 +1,79 @@
+"""The CPU schedule's choices (weight packing, GEMM k-blocking, register tiles, fast math) and
+the numbers they produce against PyTorch (atol=rtol=1e-4, fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from codegen_helpers import assert_matches, torch_outputs
+from codegen_models import ConvBlock, seeded
+from torch import nn
+
+from graphprune import codegen
+from graphprune.codegen.cpu_rules import _k_block, _register_tile, _row_tile_fits
+
+
+class MLP(nn.Module):
+    """Linear (K=256: the weight panel exceeds L1, so k-blocked) + GELU + Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(256, 96)
+        self.down = nn.Linear(96, 40)
+
+    def forward(self, x):
+        return self.down(nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize(
+    "rt, extents, fits",
+    [(4, [56, 56], True), (7, [7, 7], True), (14, [4, 7], True), (8, [7, 7], False),
+     (8, [3136], True), (3, [2, 128], False), (256, [2, 128], True)],
+)  # fmt: skip
+def test_row_tile_is_a_box(rt, extents, fits):
+    assert _row_tile_fits(rt, extents) is fits
+
+
+def test_register_tile_shapes():
+    # 7x7 output, 32 channel vectors: 4 rows would cut the 7-wide rows; 7 x 2 fits the box.
+    assert _register_tile([1, 7, 7], 32, 24) == (7, 2)
+    rt, ct = _register_tile([128], 48, 24)
+    assert rt * ct <= 24 and 128 % rt == 0 and 48 % ct == 0 and rt >= 4
+    assert _register_tile([1], 64, 24)[0] == 1  # GEMV: one row, many column vectors
+    assert _register_tile([128], 48, 12)[0] * _register_tile([128], 48, 12)[1] <= 12
+
+
+def test_k_block_only_for_long_gemm_reductions():
+    # matmul [128, 768] x [768, 96]: 768 * 96 * 4 bytes > 32 KiB -> blocked, kc divides K
+    kc = _k_block([128, 96, 768], 2, 4, 96, 32)
+    assert kc and 768 % kc == 0 and kc * 96 * 4 <= 32 * 1024
+    assert _k_block([128, 64, 64], 2, 4, 64, 32) is None  # panel fits L1
+    assert _k_block([1, 7, 7, 64, 3, 3, 512], 4, 7, 64, 32) is None  # 3x3 conv: not GEMM-like
+    assert _k_block([4, 1024, 4096], 2, 4, 256, 32) is None  # one row tile: no panel reuse
+
+
+def test_linear_weights_are_packed_and_k_blocked(artifact_dir):
+    model, inputs = seeded(MLP), (torch.randn(8, 256),)
+    art = codegen.compile(model, inputs, out_dir=artifact_dir)
+    assert_matches(art(*inputs), torch_outputs(model, inputs))
+    kernels = art.manifest["kernels"]
+    up = [v for k, v in kernels.items() if v.get("reduce") == [256]]
+    assert up and up[0]["packed_weight"] and up[0]["k_block"], kernels
+    # the packed panel is what ships: [N / bn, K, bn]
+    bn = up[0]["tile_col_vectors"] * up[0]["vector_lanes"]
+    assert [96 // bn, 256, bn] in art.manifest["weight_shapes"]
+    # gelu went through the fast-math polynomials (no libm erf call left in a kernel name)
+    assert any("fast_erf" in k for k in kernels), kernels
+
+
+def test_structurally_pruned_model_compiles_and_matches(artifact_dir):
+    import graphprune as gp
+
+    model = seeded(ConvBlock, 16)
+    res = gp.prune(model, (torch.randn(2, 3, 16, 16),), ratio=0.5, criterion="l2")
+    x = (torch.randn(1, 3, 16, 16),)
+    art = codegen.compile(res.model, x, out_dir=artifact_dir)
+    assert_matches(art(*x), torch_outputs(res.model, x))
+    dense = codegen.compile(model, x, out_dir=artifact_dir.with_name("dense"))
+    assert not np.allclose(art(*x), dense(*x))  # it really is the pruned network
