@@ -157,6 +157,68 @@ def _decompose_gelu():
     return _pass
 
 
+def _divide_by_weights():
+    """``x / w`` with ``w`` computed from weights alone (BatchNorm's ``sqrt(var + eps)`` after
+    ``DecomposeOpsForInference``) becomes ``x * (1 / w)``; ``LiftTransformParams`` then
+    precomputes the reciprocal. A vector divide costs ~10x a multiply: in a conv epilogue with a
+    short reduction (1x1 convs of pruned CNNs) it costs as much as the convolution."""
+    import tvm
+    from tvm import relax
+
+    from tvm.ir.expr import Constant  # relax constants are GenericConst, a subclass
+
+    divide = tvm.ir.Op.get("relax.divide")
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphPruneDivideByWeights")
+    def _pass(mod, _ctx):
+        main = mod["main"]
+        num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+        const = set(main.params[num_input:])  # vars whose value depends on weights only
+        rewrites = {}
+        for block in main.body.blocks:
+            for b in block.bindings:
+                v = b.value
+                leaves = []
+                if isinstance(v, relax.Call):
+                    leaves = list(v.args)
+                elif isinstance(v, (relax.Tuple,)):
+                    leaves = list(v.fields)
+                elif isinstance(v, relax.TupleGetItem):
+                    leaves = [v.tuple_value]
+                else:
+                    leaves = [v]
+                if all(isinstance(a, Constant) or a in const for a in leaves):
+                    const.add(b.var)
+                elif (
+                    isinstance(v, relax.Call) and v.op.same_as(divide)
+                    and (isinstance(v.args[1], Constant) or v.args[1] in const)
+                    and isinstance(v.args[1].ty, relax.TensorType)
+                    and str(v.args[1].ty.dtype).startswith("float")
+                ):  # fmt: skip
+                    rewrites[b.var] = v
+        if not rewrites:
+            return mod
+
+        @relax.expr_functor.mutator
+        class _Rewrite(relax.PyExprMutator):
+            def visit_var_binding_(self, binding):
+                v = rewrites.get(binding.var)
+                if v is None:
+                    return super().visit_var_binding_(binding)
+                x, w = self.visit_expr(v.args[0]), self.visit_expr(v.args[1])
+                one = relax.const(1.0, str(w.ty.dtype))
+                recip = self.builder_.emit(relax.op.divide(one, w))
+                # rebind the same var: later uses need no remapping
+                scaled = self.builder_.normalize(relax.op.multiply(x, recip))
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, scaled))
+
+        rewriter = _Rewrite(mod)
+        rewriter.builder_.update_func(mod.get_global_var("main"), rewriter.visit_expr(main))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
 def _schedule_cpu(mod, weights: list[np.ndarray], target, report: dict, step):
     """Legalize, fuse and schedule with our CPU rules, then prepack weights.
 
@@ -342,7 +404,7 @@ def build(lowered: LoweredModel, target, schedule: str = "ours", progress=None) 
             }
             seq.append(relax.transform.ConvertLayout(layouts))
         if is_cpu and schedule == "ours":
-            seq += [_decompose_gelu(), relax.transform.FastMathTransform()]
+            seq += [_decompose_gelu(), relax.transform.FastMathTransform(), _divide_by_weights()]
         seq.append(relax.transform.LiftTransformParams())
         mod = tvm.transform.Sequential(seq)(mod)
         if "main_transform_params" in [gv.name_hint for gv in mod.get_global_vars()]:
