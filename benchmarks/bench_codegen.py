@@ -263,7 +263,7 @@ def write_section(text: str) -> None:
     title = "## Codegen (TVM, CPU)"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"{re.escape(title)}\n.*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda _: text.rstrip("\n"), old) if pattern.search(old) else (
+    new = pattern.sub(lambda _: text.rstrip("\n") + "\n", old) if pattern.search(old) else (
         old.rstrip("\n") + "\n\n" + text)  # fmt: skip
     path.write_text(new.rstrip("\n") + "\n")
 

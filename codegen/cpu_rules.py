@@ -16,6 +16,21 @@ does not depend on ``c`` and is broadcast. A register tile of ``rows x (ct * vec
 (``rows`` along the previous spatial axis: matmul rows, or output columns of a conv) lives in a
 ``local`` cache that LLVM promotes to registers once the tile loops are unrolled. The stock
 pipeline schedules nothing and is ~100x slower than PyTorch on a Linear (shared/TVM_NOTES.md).
+
+Memory layout and loop order (what made the rules match PyTorch on full-size models):
+
+* **Packed weights.** The weight operand ``W[r..., c]`` of a function argument Relax marked as a
+  weight (``layout_free_buffers``) is read through a ``layout_rewrite_preproc`` block as
+  ``Wp[c // bn, r..., c % bn]`` (``bn`` = the tile's columns), so one output-channel tile reads
+  one contiguous panel. The pipeline splits that block off and lifts it: it runs once at build
+  time and ``weights.npz`` ships the packed arrays.
+* **Panel-major order.** Output-channel tiles are the outermost (parallel) loop; all spatial rows
+  (fused, so a 1x1 conv is a GEMM over ``H*W``) stream past one panel while it is in cache.
+* **K-blocking** for GEMM-like contractions whose panel exceeds L1: ``kc``-deep slices of the
+  reduction, accumulating into the output panel.
+* **Register tile** ``rows x col_vectors`` chosen per shape (:func:`_register_tile`): most FMAs
+  per load within the register file, rows forming a box of the output so the fused epilogue
+  covers the tile exactly.
 """
 
 from __future__ import annotations

@@ -12,8 +12,13 @@ Ordering (each step's precondition is the previous one's result):
    contiguous weight row per reduction step, which our CPU kernel needs. On CPU we therefore do
    not run ``FuseTransposeMatmul`` on weights: an NT matmul would make the vectorised axis
    strided. On CUDA it runs (dlight's matmul rule handles NT).
+   CPU with our schedule also rewrites, before lifting: ``gelu`` into ``erf`` arithmetic and
+   ``FastMathTransform`` (vectorisable ``erf``/``exp``/``tanh``), and ``x / w`` with a
+   weight-only ``w`` (BN) into ``x * (1 / w)``.
 4. Legalize, fuse (stock passes), then **schedule**: our rules (CPU) or ``dlight`` (CUDA) or
-   nothing (``schedule="stock"``, the baseline of the benchmark).
+   nothing (``schedule="stock"``, the baseline of the benchmark). On CPU our rules repack weight
+   operands; ``SplitLayoutRewritePreproc`` and a second ``LiftTransformParams`` move the packing
+   out of ``main`` and it is evaluated once here (:func:`_schedule_cpu`).
 5. The stock VM lowering passes, then ``tvm.compile``.
 """
 
