@@ -12,7 +12,6 @@ are not exact under removal: there the reference masks those reductions to the k
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -108,11 +107,10 @@ def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
 def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan,
                      gids: list[int]) -> None:  # fmt: skip
     ops = {note.split(":")[0] for g in gids for note in plan.coupling.groups[g].reductions}
+    from graphprune.passes.calibration import _node_values
+
     nodes = {n.name: n for n in gm.graph.nodes}
-    vid = {n.name: (f"%{n.name}" if n.op == "call_function" else n.name) for n in gm.graph.nodes}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is operator.getitem:
-            vid[n.name] = f"%{n.args[0].name}.{n.args[1]}"
+    vid = _node_values(pg, gm)
     for op in ops:
         n = nodes.get(op)
         if n is None:
