@@ -53,14 +53,19 @@ _REFUSED = (
 
 
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    """SIMD lanes for ``dtype_bits`` elements on an llvm ``target`` (from its ``mcpu``)."""
-    mcpu = str(target.attrs.get("mcpu", "")) if target.attrs else ""
-    if any(k in mcpu for k in ("avx512", "sapphirerapids", "icelake", "cascadelake", "znver4")):
-        bits = 512
-    elif any(k in mcpu for k in ("haswell", "skylake", "znver", "broadwell", "alderlake")):
-        bits = 256
-    else:
-        bits = 128
+    """SIMD lanes for ``dtype_bits`` elements on an llvm ``target``, from the features LLVM
+    gives its ``mcpu`` (a name table went stale: ``cooperlake`` got 128-bit vectors)."""
+    from tvm.target import codegen
+
+    with target:
+        if codegen.target_has_features("avx512f", target):
+            bits = 512
+        elif codegen.target_has_features("avx2", target) or codegen.target_has_features(
+            "avx", target
+        ):
+            bits = 256
+        else:
+            bits = 128  # SSE, NEON
     return max(1, bits // dtype_bits)
 
 

@@ -29,29 +29,56 @@ _X86_MCPU = [
 ]
 
 
-def _cpu_flags() -> set[str]:
+# AMD by ``cpu family`` (Zen 3/4 share 0x19; Zen 4 is the one with AVX-512). Naming an Intel
+# core on an AMD one gets the right ISA but Intel's scheduling model (and, for cooperlake,
+# a CPU our vector-width table did not know): the dense GEMMs ran 128-bit on a Zen 5.
+_AMD_MCPU = [(0x1A, {"avx512f"}, "znver5"), (0x19, {"avx512f"}, "znver4"), (0x19, set(), "znver3"),
+             (0x17, set(), "znver2")]  # fmt: skip
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``/proc/cpuinfo`` fields (empty off Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
 
 
-def detect_mcpu(flags: set[str] | None = None) -> str:
-    """Name the LLVM ``mcpu`` for this machine's CPU from its feature flags.
+def _cpu_flags() -> set[str]:
+    info = _cpuinfo()
+    return set((info.get("flags") or info.get("Features") or "").split())
+
+
+def detect_mcpu(flags: set[str] | None = None, vendor: str = "", family: int | None = None) -> str:
+    """Name the LLVM ``mcpu`` for this machine's CPU from its vendor, family and feature flags.
 
     Examples
     --------
     >>> detect_mcpu({"avx2", "fma", "sse4_2"})
     'haswell'
+    >>> detect_mcpu({"avx512f", "avx2", "fma"}, vendor="AuthenticAMD", family=0x1A)
+    'znver5'
     """
-    flags = _cpu_flags() if flags is None else flags
+    if flags is None:
+        info = _cpuinfo()
+        flags = _cpu_flags()
+        vendor = vendor or info.get("vendor_id", "")
+        if family is None and info.get("cpu family", "").isdigit():
+            family = int(info["cpu family"])
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return "neoverse-n1" if "asimddp" in flags else "generic"
+    if vendor == "AuthenticAMD" and family is not None:
+        for fam, needed, name in _AMD_MCPU:
+            if family == fam and needed <= flags:
+                return name
     for needed, name in _X86_MCPU:
         if needed <= flags:
             return name

@@ -40,6 +40,24 @@ def test_detect_mcpu_from_flags(flags, mcpu, monkeypatch):
     assert detect_mcpu(flags) == mcpu
 
 
+def test_detect_mcpu_amd_by_family(monkeypatch):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx2", "fma"}
+    assert detect_mcpu(avx512, vendor="AuthenticAMD", family=0x1A) == "znver5"
+    assert detect_mcpu(avx512, vendor="AuthenticAMD", family=0x19) == "znver4"
+    assert detect_mcpu({"avx2", "fma"}, vendor="AuthenticAMD", family=0x19) == "znver3"
+
+
+@pytest.mark.parametrize("mcpu, lanes", [("cooperlake", 16), ("znver5", 16), ("haswell", 8),
+                                         ("x86-64", 4)])  # fmt: skip
+def test_vector_lanes_from_llvm_features(mcpu, lanes):
+    import tvm
+
+    from graphprune.codegen.cpu_rules import vector_lanes
+
+    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})) == lanes
+
+
 def test_make_target_names_cpu_and_cores():
     t = make_target("llvm")
     assert str(t.attrs["mcpu"]) not in ("", "native") and int(t.attrs["num-cores"]) >= 1
