@@ -10,7 +10,9 @@ Last step of codegen. Layout (names are fixed; the manifest says which is which)
 The directory is assembled under a temporary sibling and renamed into place, so a reader never
 sees a half-written artifact; an existing ``OUT`` is replaced only once the new one is complete.
 The manifest carries ``self_sha256`` (over its own canonical JSON without that field) so an edit
-to the manifest itself is detected too. Readers: :mod:`graphprune.runtime` and the ten-line
+to the manifest itself is detected too. Builds are reproducible: with ``SOURCE_DATE_EPOCH`` set
+(the reproducible-builds.org convention) ``created`` is that instant, and ``weights.npz`` is
+always written with fixed zip timestamps, so replaying a recipe gives byte-identical files. Readers: :mod:`graphprune.runtime` and the ten-line
 pure-TVM snippet in ``codegen/README_SNIPPET.md``.
 """
 
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +75,32 @@ def _versions() -> dict:
     return {"graphprune": gp_version, "tvm": tvm.__version__, "numpy": np.__version__}
 
 
+def _created() -> str:
+    """Build time for the manifest: ``SOURCE_DATE_EPOCH`` when set (reproducible builds)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        when = _dt.datetime.now(_dt.timezone.utc)
+    else:
+        try:
+            when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        except (ValueError, OverflowError, OSError) as e:
+            raise ArtifactError(
+                f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in seconds (an integer)"
+            ) from e
+    return when.isoformat(timespec="seconds")
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` with fixed member timestamps (savez stamps each member with the current
+    time, so two identical builds differ); readable by ``np.load`` like any ``.npz``."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
 def write_artifact(out_dir, executable, weights: list[np.ndarray], info: dict) -> Path:
     """Export ``executable`` and ``weights`` to ``out_dir`` with a manifest built from ``info``.
 
@@ -84,11 +113,11 @@ def write_artifact(out_dir, executable, weights: list[np.ndarray], info: dict) -
     try:
         executable.export_library(str(tmp / LIBRARY))
         names = [f"w{i:04d}" for i in range(len(weights))]
-        np.savez(tmp / WEIGHTS, **{n: np.ascontiguousarray(w) for n, w in zip(names, weights)})
+        _save_npz(tmp / WEIGHTS, dict(zip(names, weights)))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _created(),
             "versions": _versions(),
             **info,
             "entry": "main",
