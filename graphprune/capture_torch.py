@@ -323,7 +323,22 @@ def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None 
         raise
     pg = _from_exported(ep, method, name or type(model).__name__)
     pg.source = {"ep": ep, "args": args, "kwargs": kwargs}
+    pg.aliases = _aliases(model, pg.weights)
     return pg
+
+
+def _aliases(model: torch.nn.Module, weights: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """For each captured parameter name, the model's other names of the same tensor.
+
+    torch.export keeps one name of a tied tensor or several (each its own placeholder) depending on
+    how the model ties it; either way every name maps to the others."""
+    by_tensor: dict[int, list[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    for n, t in named:
+        by_tensor.setdefault(id(t), []).append(n)
+    return {n: tuple(o for o in names if o != n)
+            for names in by_tensor.values() if len(names) > 1 for n in names if n in weights}
 
 
 def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict, cause: Exception) -> None:

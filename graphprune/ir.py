@@ -96,9 +96,16 @@ class PruneGraph:
         self.weights: dict[str, np.ndarray] = {}
         # Sparsity masks by parameter name (True = kept), recorded by ``graphprune.sparsify``.
         self.masks: dict[str, np.ndarray] = {}
+        # Other names of the same tensor (tied weights: ``lm_head.weight`` for
+        # ``model.embed_tokens.weight``), keyed by the name in :attr:`weights`.
+        self.aliases: dict[str, tuple[str, ...]] = {}
         # Frontend-private data the writers need (the ExportedProgram, the ONNX model, ...).
         self.source: Any = None
         self._cache: dict[str, Any] = {}
+
+    def param_names(self, name: str) -> tuple[str, ...]:
+        """``name`` and every other name the same parameter is reachable by (tied weights)."""
+        return (name, *self.aliases.get(name, ()))
 
     # -- construction --------------------------------------------------------------------------
     def add_value(self, vid: str, value: Value) -> str:
@@ -178,7 +185,8 @@ class PruneGraph:
         g.add_edges_from(self.nx.edges(data=True))
         data = nx.node_link_data(g, edges="edges")
         data["graph"] = {"frontend": self.frontend, "capture_method": self.capture_method,
-                         "inputs": self.inputs, "outputs": self.outputs}  # fmt: skip
+                         "inputs": self.inputs, "outputs": self.outputs,
+                         "aliases": self.aliases}  # fmt: skip
         return json.dumps(data, default=str, indent=1)
 
     def to_text(self) -> str:

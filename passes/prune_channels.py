@@ -84,8 +84,13 @@ def _matches(pattern: str, name: str) -> bool:
         name.startswith(pattern + "."))
 
 
+def _any_name(pg: PruneGraph, pattern: str, params: list[str]) -> bool:
+    """Whether ``pattern`` matches a name of one of ``params``, aliases of tied weights included."""
+    return any(_matches(pattern, n) for p in params for n in pg.param_names(p))
+
+
 def _check_globs(pg: PruneGraph, patterns: list[str], what: str) -> None:
-    names = {pg.value(p).param for p in pg.params()}
+    names = {n for p in pg.params() for n in pg.param_names(pg.value(p).param)}
     for pat in patterns:
         if not any(_matches(pat, n) for n in names):
             near = sorted(names)[:5]
@@ -127,7 +132,7 @@ def candidates(pg: PruneGraph, cfg: PruneConfig) -> tuple[list[Group], dict[int,
         if not g.prunable:
             continue
         names = [m.param for m in g.params]
-        hit = next((p for p in cfg.ignore or [] for n in names if _matches(p, n)), None)
+        hit = next((p for p in cfg.ignore or [] if _any_name(pg, p, names)), None)
         if hit:
             excluded[g.id] = f"ignored by {hit!r}"
         elif not cfg.heads and is_head_group(pg, g):
@@ -137,9 +142,10 @@ def candidates(pg: PruneGraph, cfg: PruneConfig) -> tuple[list[Group], dict[int,
     return out, excluded
 
 
-def group_ratio(g: Group, cfg: PruneConfig, default: float) -> float:
+def group_ratio(pg: PruneGraph, g: Group, cfg: PruneConfig, default: float) -> float:
+    names = [m.param for m in g.params]
     for pat, r in (cfg.ratios or {}).items():
-        if any(_matches(pat, m.param) for m in g.params):
+        if _any_name(pg, pat, names):
             return r
     return default
 
@@ -152,9 +158,9 @@ def select(pg: PruneGraph, cfg: PruneConfig, scores: dict[int, np.ndarray],
     pooled = []
     for g in groups:
         max_remove = g.size - _keep_floor(g, cfg.min_keep)
-        has_override = any(_matches(p, m.param) for p in cfg.ratios or {} for m in g.params)
+        has_override = any(_any_name(pg, p, [m.param for m in g.params]) for p in cfg.ratios or {})
         if cfg.scope == "local" or has_override:
-            n_remove[g.id] = min(int(math.floor(group_ratio(g, cfg, ratio) * g.size)), max_remove)
+            n_remove[g.id] = min(int(math.floor(group_ratio(pg, g, cfg, ratio) * g.size)), max_remove)
         else:
             pooled.append(g)
     if pooled:

@@ -285,3 +285,35 @@ def test_prune_onnx_finds_and_removes_dead_channels(name):
     # Names are preserved: every named weight of the input is still there under its name.
     names = {i.name for i in res.model.graph.initializer}
     assert {i.name for i in dead.graph.initializer if i.name.endswith(".weight")} <= names
+
+
+class _TiedHead(nn.Module):
+    """Embedding → Linear → head whose weight *is* the embedding's (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.up, self.down = nn.Linear(16, 24), nn.Linear(24, 16)
+        self.head = nn.Linear(16, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.down(torch.relu(self.up(self.embed(ids)))))
+
+
+def test_globs_match_the_other_names_of_tied_weights():
+    torch.manual_seed(0)
+    model, ids = _TiedHead().eval(), torch.randint(0, 32, (2, 5))
+    pg = gp.capture(model, (ids,))
+    for name in pg.weights.keys() & {"embed.weight", "head.weight"}:
+        assert pg.param_names(name) == (name, ({"embed.weight", "head.weight"} - {name}).pop())
+    # the model width (embedding columns = head's reduction axis = up's input) is prunable ...
+    hidden = next(g for g in pg.groups() if any(m.param == "down.weight" and m.axis == 0
+                                                for m in g.params))  # fmt: skip
+    assert hidden.prunable
+    # ... and either name of the tied tensor excludes it, or overrides its ratio
+    for name in ("embed", "head"):
+        res = gp.prune(model, (ids,), ratio=0.5, ignore=[name], graph=pg)
+        assert hidden.id in res.report.excluded and hidden.id not in res.selection.removal
+        res = gp.prune(model, (ids,), ratio=0.5, ratios={name: 0.25}, graph=pg)
+        assert len(res.selection.removal[hidden.id]) == hidden.size // 4
