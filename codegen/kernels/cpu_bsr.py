@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS, _nnz_var, plan_batch
+from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS, _nnz_var, even_chunks, plan_batch
 
 __all__ = ["bsr_kernel"]
+
+
+def _col(indices, j, c, cc):
+    """Input column of column ``cc`` of block ``j`` (an expression: an assignment in TVMScript
+    would be a local buffer, allocated from the heap workspace inside a parallel loop)."""
+    return T.Cast("int32", indices[j]) * c + cc
 
 
 def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: str,
@@ -26,8 +32,9 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
     nnzb = _nnz_var()
     k_edge = k % c != 0
     n_edge = n % r != 0
+    chunks, rows = even_chunks(nbr)
     if batch == 1:
-        return _bsr_b1(n, k, r, c, nbr, nnzb, index_dtype, k_edge, n_edge)
+        return _bsr_b1(n, k, r, c, nbr, nnzb, index_dtype, k_edge, n_edge, chunks, rows)
     p = plan_batch(batch, lanes, max(1, min(4, 16 // r)))
 
     @T.macro
@@ -38,7 +45,6 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
                     acc[(rr * nacc + a) * width + l] = T.float32(0)
         for j in range(indptr[ib], indptr[ib + 1]):
             for cc in T.unroll(c):
-                col = T.Cast("int32", indices[j]) * c + cc
                 for rr in T.unroll(r):
                     for a in T.unroll(nacc):
                         for l in T.vectorized(width):
@@ -46,13 +52,15 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
                                 acc[(rr * nacc + a) * width + l] = acc[
                                     (rr * nacc + a) * width + l
                                 ] + data[j, cc, rr] * T.if_then_else(
-                                    col < k, x[T.min(col, k - 1), base + a * width + l],
+                                    _col(indices, j, c, cc) < k,
+                                    x[T.min(_col(indices, j, c, cc), k - 1), base + a * width + l],
                                     T.float32(0),
                                 )  # fmt: skip
                             else:
                                 acc[(rr * nacc + a) * width + l] = (
                                     acc[(rr * nacc + a) * width + l]
-                                    + data[j, cc, rr] * x[col, base + a * width + l]
+                                    + data[j, cc, rr]
+                                    * x[_col(indices, j, c, cc), base + a * width + l]
                                 )
         for rr in range(r):
             if not n_edge or ib * r + rr < n:
@@ -69,19 +77,22 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
         y: T.Buffer((n, batch), "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
-        for ib in T.parallel(nbr):
+        for t in T.parallel(chunks):
             acc = T.decl_buffer((r * p.acc * p.lanes,), "float32", scope="local")
-            for bo in range(p.full):
-                tile(x, data, indices, indptr, y, acc, ib, bo * p.full_width, p.acc, p.lanes)
-            for bv in range(p.vec):
-                tile(x, data, indices, indptr, y, acc, ib, p.vec_base + bv * p.lanes, 1, p.lanes)
-            if p.tail > 0:
-                tile(x, data, indices, indptr, y, acc, ib, p.tail_base, 1, p.tail)
+            for rb in range(T.min(rows, nbr - t * rows)):
+                ib: T.let = t * rows + rb
+                for bo in range(p.full):
+                    tile(x, data, indices, indptr, y, acc, ib, bo * p.full_width, p.acc, p.lanes)
+                for bv in range(p.vec):
+                    tile(x, data, indices, indptr, y, acc, ib, p.vec_base + bv * p.lanes, 1,
+                         p.lanes)  # fmt: skip
+                if p.tail > 0:
+                    tile(x, data, indices, indptr, y, acc, ib, p.tail_base, 1, p.tail)
 
     return bsr_spmm
 
 
-def _bsr_b1(n, k, r, c, nbr, nnzb, index_dtype, k_edge, n_edge):
+def _bsr_b1(n, k, r, c, nbr, nnzb, index_dtype, k_edge, n_edge, chunks, rows):
     @T.prim_func
     def bsr_spmv(
         x: T.Buffer((k, 1), "float32"),
@@ -91,22 +102,25 @@ def _bsr_b1(n, k, r, c, nbr, nnzb, index_dtype, k_edge, n_edge):
         y: T.Buffer((n, 1), "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
-        for ib in T.parallel(nbr):
+        for t in T.parallel(chunks):
             acc = T.decl_buffer((r,), "float32", scope="local")
-            for rr in T.vectorized(r):
-                acc[rr] = T.float32(0)
-            for j in range(indptr[ib], indptr[ib + 1]):
-                for cc in T.unroll(c):
-                    col = T.Cast("int32", indices[j]) * c + cc
-                    for rr in T.vectorized(r):
-                        if k_edge:
-                            acc[rr] = acc[rr] + data[j, cc, rr] * T.if_then_else(
-                                col < k, x[T.min(col, k - 1), 0], T.float32(0)
-                            )
-                        else:
-                            acc[rr] = acc[rr] + data[j, cc, rr] * x[col, 0]
-            for rr in range(r):
-                if not n_edge or ib * r + rr < n:
-                    y[ib * r + rr, 0] = acc[rr]
+            for rb in range(T.min(rows, nbr - t * rows)):
+                ib: T.let = t * rows + rb
+                for rr in T.vectorized(r):
+                    acc[rr] = T.float32(0)
+                for j in range(indptr[ib], indptr[ib + 1]):
+                    for cc in T.unroll(c):
+                        for rr in T.vectorized(r):
+                            if k_edge:
+                                acc[rr] = acc[rr] + data[j, cc, rr] * T.if_then_else(
+                                    _col(indices, j, c, cc) < k,
+                                    x[T.min(_col(indices, j, c, cc), k - 1), 0],
+                                    T.float32(0),
+                                )
+                            else:
+                                acc[rr] = acc[rr] + data[j, cc, rr] * x[_col(indices, j, c, cc), 0]
+                for rr in range(r):
+                    if not n_edge or ib * r + rr < n:
+                        y[ib * r + rr, 0] = acc[rr]
 
     return bsr_spmv

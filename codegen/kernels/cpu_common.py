@@ -11,10 +11,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BatchPlan", "plan_batch", "simd_lanes", "KERNEL_ATTRS"]
+import numpy as np
+
+__all__ = [
+    "BatchPlan", "plan_batch", "simd_lanes", "KERNEL_ATTRS", "PARALLEL_CHUNKS",
+    "balanced_row_split", "even_chunks",
+]  # fmt: skip
 
 # Our kernels are scheduled by construction: the schedule pass must leave them alone.
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True}
+# Parallel tasks per kernel: TVM's pool gives each of its threads a contiguous run of tasks, so
+# 16 equal tasks balance 1, 2, 4, 8 or 16 threads exactly. Each task allocates its accumulators
+# once (TVM puts a parallel body's local buffers in the heap workspace, one call per buffer).
+PARALLEL_CHUNKS = 16
+
+
+def even_chunks(rows: int) -> tuple[int, int]:
+    """``(chunks, rows per chunk)`` for rows of equal cost."""
+    chunks = max(1, min(PARALLEL_CHUNKS, rows))
+    return chunks, -(-rows // chunks)
+
+
+def balanced_row_split(indptr, chunks: int = PARALLEL_CHUNKS):
+    """Row boundaries ``[chunks + 1]`` (int32) cutting a CSR/BSR row pointer into ``chunks``
+    runs of about equal nonzero counts (rows stay whole; runs may be empty).
+
+    Examples
+    --------
+    >>> balanced_row_split(np.array([0, 8, 9, 10, 16]), 2).tolist()
+    [0, 1, 4]
+    """
+    indptr = np.asarray(indptr, np.int64)
+    rows = indptr.size - 1
+    targets = np.arange(chunks + 1) * (indptr[-1] / chunks)
+    split = np.searchsorted(indptr, targets, side="left").clip(0, rows)
+    split[0], split[-1] = 0, rows
+    return np.maximum.accumulate(split).astype(np.int32)
 
 
 def simd_lanes(target=None) -> int:

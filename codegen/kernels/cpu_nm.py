@@ -5,16 +5,23 @@ row plus their in-group offsets packed ``bits`` per uint32. 2:4 in fp32 moves 4.
 kept value instead of 8 dense bytes per group pair: a 1.88× byte bound, so it can only pay where
 the layer is memory-bound (batch 1–4; shared/TVM_NOTES.md measured no gain at batch 16).
 
-``B == 1``: one packed word decodes to one vector of column indices (per-lane variable shift,
-mask, add the group base, clamp), then one gather of activations and an FMA into a vector
-accumulator. ``B > 1``: the CSR batch-vector scheme with the column decoded per kept value.
+``B == 1``, AVX-512, 50%-dense patterns (2:4, 4:8, 1:2, 8:16): a vector of 16 kept values covers
+a window of 32 consecutive activations. The packed offsets decode to 16 window-local column
+numbers in three vector ops (broadcast the word, per-lane ``vpsrlvd``, mask + lane base) and
+``vpermi2ps`` picks the 16 activations out of the window's two registers: no gather, about six
+instructions per 16 values, so the kernel streams ``values`` at memory speed. Windows that would
+read past ``K`` and the zero padding of ``kept`` go through a scalar decode.
+
+``B == 1`` otherwise: the packed word decodes to a vector of clamped column indices and the
+activations are element loads. ``B > 1``: the CSR batch-vector scheme with the column decoded per
+kept value. Rows are cut into :data:`~.cpu_common.PARALLEL_CHUNKS` equal parallel tasks.
 """
 
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS, plan_batch
+from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS, even_chunks, plan_batch
 
 __all__ = ["nm_kernel"]
 
@@ -27,7 +34,11 @@ def nm_kernel(n: int, k: int, batch: int, nm: tuple[int, int], kept: int, lanes:
     per_word = 32 // bits
     words = kept // per_word
     mask = (1 << bits) - 1
+    chunks, rows = even_chunks(n)
     if batch == 1:
+        pow2 = keep_n & (keep_n - 1) == 0
+        if lanes == 16 and pow2 and 16 % keep_n == 0 and 16 // keep_n * m <= 32:
+            return _nm_b1_permute(n, k, keep_n, m, bits, per_word, words, kept, mask)
         return _nm_b1(n, k, keep_n, m, bits, per_word, words, kept, mask)
     p = plan_batch(batch, lanes, 4)
 
@@ -38,17 +49,12 @@ def nm_kernel(n: int, k: int, batch: int, nm: tuple[int, int], kept: int, lanes:
                 acc[a * width + l] = T.float32(0)
         for w in range(words):
             for t in T.unroll(per_word):
-                col = T.min(
-                    ((w * per_word + t) // keep_n) * m
-                    + T.Cast("int32", (packed[i, w] >> T.uint32(bits * t)) & T.uint32(mask)),
-                    k - 1,
-                )
                 for a in T.unroll(nacc):
                     for l in T.vectorized(width):
-                        acc[a * width + l] = (
-                            acc[a * width + l]
-                            + values[i, w * per_word + t] * x[col, base + a * width + l]
-                        )
+                        acc[a * width + l] = acc[a * width + l] + values[
+                            i, w * per_word + t
+                        ] * x[_scalar_col(packed, i, w * per_word + t, keep_n, m, bits, per_word,
+                                          mask, k), base + a * width + l]  # fmt: skip
         for a in T.unroll(nacc):
             for l in T.vectorized(width):
                 y[i, base + a * width + l] = acc[a * width + l]
@@ -61,16 +67,95 @@ def nm_kernel(n: int, k: int, batch: int, nm: tuple[int, int], kept: int, lanes:
         y: T.Buffer((n, batch), "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
-        for i in T.parallel(n):
+        for c in T.parallel(chunks):
             acc = T.decl_buffer((p.acc * p.lanes,), "float32", scope="local")
-            for bo in range(p.full):
-                chunk(x, values, packed, y, acc, i, bo * p.full_width, p.acc, p.lanes)
-            for bv in range(p.vec):
-                chunk(x, values, packed, y, acc, i, p.vec_base + bv * p.lanes, 1, p.lanes)
-            if p.tail > 0:
-                chunk(x, values, packed, y, acc, i, p.tail_base, 1, p.tail)
+            for r in range(T.min(rows, n - c * rows)):
+                i: T.let = c * rows + r
+                for bo in range(p.full):
+                    chunk(x, values, packed, y, acc, i, bo * p.full_width, p.acc, p.lanes)
+                for bv in range(p.vec):
+                    chunk(x, values, packed, y, acc, i, p.vec_base + bv * p.lanes, 1, p.lanes)
+                if p.tail > 0:
+                    chunk(x, values, packed, y, acc, i, p.tail_base, 1, p.tail)
 
     return nm_spmm
+
+
+def _scalar_col(packed, i, t, keep_n, m, bits, per_word, mask, k):
+    """Column of kept entry ``t`` of row ``i``, clamped into ``K`` (padding has value 0)."""
+    off = (packed[i, t // per_word] >> T.Cast("uint32", bits * (t % per_word))) & T.uint32(mask)
+    return T.min((t // keep_n) * m + T.Cast("int32", off), k - 1)
+
+
+def _nm_b1_permute(n, k, keep_n, m, bits, per_word, words, kept, mask):
+    shift = keep_n.bit_length() - 1
+    window = 16 // keep_n * m  # activations one vector of kept values spans (<= 32)
+    nvec = min(kept // 16, k // window)  # vectors whose window lies inside K
+    unroll = 2
+    chunks, rows = even_chunks(n)
+    lane = T.Ramp(0, 1, 16)
+    # lane l sits in group l // keep_n of the window, which starts at column (l // keep_n) * m
+    lane_base = (lane >> T.Broadcast(shift, 16)) * T.Broadcast(m, 16)
+    if bits == 2:  # one word per vector: lane l at bits 2l
+        shifts = T.Ramp(T.uint32(0), T.uint32(2), 16)
+    else:  # two words per vector: lane l in word l // 8 at bits 4 (l % 8)
+        shifts = T.Cast("uint32x16", (lane & T.Broadcast(7, 16)) * T.Broadcast(4, 16))
+
+    def words_of(packed, i, v):
+        if bits == 2:
+            return T.Broadcast(packed[i, v], 16)
+        return T.Select(lane < T.Broadcast(8, 16), T.Broadcast(packed[i, 2 * v], 16),
+                        T.Broadcast(packed[i, 2 * v + 1], 16))  # fmt: skip
+
+    def picked(xf, packed, i, v):
+        offs = (words_of(packed, i, v) >> shifts) & T.Broadcast(T.uint32(mask), 16)
+        local = T.Cast("int32x16", offs) + lane_base
+        lo = xf[T.Ramp(v * window, 1, 16)]
+        if window <= 16:
+            return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
+                                           lo, local)  # fmt: skip
+        hi = xf[T.Ramp(v * window + 16, 1, 16)]
+        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
+                                       lo, local, hi)  # fmt: skip
+
+    @T.macro
+    def fma(acc, a, xf, values, packed, i, v):
+        acc[T.Ramp(a * 16, 1, 16)] = acc[T.Ramp(a * 16, 1, 16)] + values[
+            i, T.Ramp(v * 16, 1, 16)
+        ] * picked(xf, packed, i, v)
+
+    @T.prim_func
+    def nm_spmv(
+        x: T.Buffer((k, 1), "float32"),
+        values: T.Buffer((n, kept), "float32"),
+        packed: T.Buffer((n, words), "uint32"),
+        y: T.Buffer((n, 1), "float32"),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        xf = T.decl_buffer((k,), "float32", data=x.data)
+        for c in T.parallel(chunks):
+            acc = T.decl_buffer((unroll * 16,), "float32", scope="local")
+            total = T.decl_buffer((1,), "float32", scope="local")
+            for r in range(T.min(rows, n - c * rows)):
+                i: T.let = c * rows + r
+                for l in T.vectorized(unroll * 16):
+                    acc[l] = T.float32(0)
+                for s in range(nvec // unroll):
+                    for a in T.unroll(unroll):
+                        fma(acc, a, xf, values, packed, i, s * unroll + a)
+                for v in range(nvec // unroll * unroll, nvec):
+                    fma(acc, 0, xf, values, packed, i, v)
+                total[0] = T.float32(0)
+                for l in T.unroll(16):
+                    for a in T.unroll(unroll):
+                        total[0] = total[0] + acc[a * 16 + l]
+                for t in range(nvec * 16, kept):
+                    total[0] = total[0] + values[i, t] * xf[
+                        _scalar_col(packed, i, t, keep_n, m, bits, per_word, mask, k)
+                    ]
+                y[i, 0] = total[0]
+
+    return nm_spmv
 
 
 def _nm_b1(n, k, keep_n, m, bits, per_word, words, kept, mask):
@@ -79,6 +164,7 @@ def _nm_b1(n, k, keep_n, m, bits, per_word, words, kept, mask):
     # floordiv of a ramp scalarises the whole decode).
     shift = keep_n.bit_length() - 1
     pow2 = keep_n == 1 << shift
+    chunks, rows = even_chunks(n)
 
     def lane_base(l):
         return ((l >> shift) if pow2 else (l // keep_n)) * m
@@ -91,28 +177,31 @@ def _nm_b1(n, k, keep_n, m, bits, per_word, words, kept, mask):
         y: T.Buffer((n, 1), "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
-        for i in T.parallel(n):
+        for c in T.parallel(chunks):
             acc = T.decl_buffer((per_word,), "float32", scope="local")
             total = T.decl_buffer((1,), "float32", scope="local")
-            for l in T.vectorized(per_word):
-                acc[l] = T.float32(0)
-            for w in range(words):
+            for r in range(T.min(rows, n - c * rows)):
+                i: T.let = c * rows + r
                 for l in T.vectorized(per_word):
-                    acc[l] = acc[l] + values[i, w * per_word + l] * x[
-                        T.min(
-                            (w * per_word // keep_n) * m
-                            + lane_base(l)
-                            + T.Cast(
-                                "int32",
-                                (packed[i, w] >> T.Cast("uint32", bits * l)) & T.uint32(mask),
+                    acc[l] = T.float32(0)
+                for w in range(words):
+                    for l in T.vectorized(per_word):
+                        acc[l] = acc[l] + values[i, w * per_word + l] * x[
+                            T.min(
+                                (w * per_word // keep_n) * m
+                                + lane_base(l)
+                                + T.Cast(
+                                    "int32",
+                                    (packed[i, w] >> T.Cast("uint32", bits * l))
+                                    & T.uint32(mask),
+                                ),
+                                k - 1,
                             ),
-                            k - 1,
-                        ),
-                        0,
-                    ]
-            total[0] = T.float32(0)
-            for l in range(per_word):
-                total[0] = total[0] + acc[l]
-            y[i, 0] = total[0]
+                            0,
+                        ]
+                total[0] = T.float32(0)
+                for l in range(per_word):
+                    total[0] = total[0] + acc[l]
+                y[i, 0] = total[0]
 
     return nm_spmv

@@ -14,6 +14,7 @@ import numpy as np
 
 from graphprune.codegen.kernels import formats
 from graphprune.codegen.kernels.cpu_bsr import bsr_kernel
+from graphprune.codegen.kernels.cpu_common import PARALLEL_CHUNKS, balanced_row_split
 from graphprune.codegen.kernels.cpu_csr import csr_kernel
 from graphprune.codegen.kernels.cpu_nm import nm_kernel
 from graphprune.errors import CodegenUnsupported, ConfigError
@@ -61,18 +62,20 @@ def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
     --------
     >>> kern = make_kernel(np.eye(4, dtype="float32"), "csr", batch=2)
     >>> kern.fmt, kern.shape, [a.dtype.name for a in kern.weights]
-    ('csr', (4, 4), ['float32', 'int16', 'int32'])
+    ('csr', (4, 4), ['float32', 'int16', 'int32', 'int32'])
     """
     w = np.asarray(w, np.float32)
     if batch < 1:
         raise ConfigError(f"batch must be >= 1, got {batch}")
     n, k = w.shape
     if fmt == "csr":
-        c = formats.compress_csr(w, "int32" if batch == 1 else None)
+        c = formats.compress_csr(w)
         idx = str(c.indices.dtype)
-        func = csr_kernel(n, k, batch, idx, lanes)
-        arrays = _pad_empty(c.arrays(), c.nnz)
-        return SparseKernel(fmt, (n, k), batch, func, arrays, ("csr", n, k, batch, idx, lanes),
+        split = balanced_row_split(c.indptr, PARALLEL_CHUNKS)
+        func = csr_kernel(n, k, batch, idx, lanes, chunks=PARALLEL_CHUNKS)
+        arrays = _pad_empty(c.arrays(), c.nnz) + [split]
+        key = ("csr", n, k, batch, idx, lanes, PARALLEL_CHUNKS)
+        return SparseKernel(fmt, (n, k), batch, func, arrays, key,
                             {"nnz": c.nnz, "index_dtype": idx})  # fmt: skip
     if fmt == "bsr":
         b = formats.compress_bsr(w, tuple(block))

@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphprune.codegen.kernels import formats
-from graphprune.codegen.kernels.dispatch import make_kernel, run_kernel
+from graphprune.codegen.kernels.cpu_common import PARALLEL_CHUNKS, balanced_row_split, simd_lanes
+from graphprune.codegen.kernels.cpu_csr import csr_kernel
+from graphprune.codegen.kernels.dispatch import SparseKernel, make_kernel, run_kernel
 from graphprune.codegen.target import make_target
 from graphprune.errors import CodegenUnsupported
 
@@ -133,3 +135,27 @@ def test_index_width_and_byte_model():
     nm = formats.compress_nm(masked_weight(rng, (64, 4096), "nm", 1.0), 2, 4)
     # 2:4 fp32: 4 bytes per kept value + 2 bits of offset = 1.88x fewer bytes than dense
     assert formats.dense_nbytes((64, 4096)) / nm.nbytes() == pytest.approx(16 / 8.5)
+
+
+@pytest.mark.skipif(simd_lanes(TARGET) != 16, reason="the gather variant is AVX-512 only")
+@pytest.mark.parametrize("shape", [(37, 53), (5, 300)])
+def test_csr_b1_gather_variant(shape):
+    """The ``vgatherdps`` form of the batch-1 CSR kernel (not the default: slower on the CPUs
+    we measured) computes the same thing, tails and empty rows included."""
+    rng = np.random.default_rng(6)
+    w = masked_weight(rng, shape, "csr", 0.4)
+    w[1] = 0.0
+    c = formats.compress_csr(w)
+    func = csr_kernel(*shape, 1, str(c.indices.dtype), 16, chunks=PARALLEL_CHUNKS, gather=True)
+    arrays = c.arrays() + [balanced_row_split(c.indptr)]
+    kern = SparseKernel("csr", shape, 1, func, arrays, ("csr-gather", *shape))
+    x = rng.standard_normal((1, shape[1])).astype(np.float32)
+    np.testing.assert_allclose(run_kernel(kern, x, TARGET), x.astype(np.float64) @ w.T,
+                               rtol=1e-4, atol=1e-4 * np.sqrt(shape[1]))  # fmt: skip
+
+
+def test_balanced_row_split_evens_nonzeros():
+    indptr = np.concatenate([[0], np.cumsum([400, 0, 0, 10, 10, 10, 10, 360])]).astype(np.int32)
+    split = balanced_row_split(indptr, 2)
+    assert split.tolist() == [0, 1, 8]  # 400 | 400 nonzeros
+    assert balanced_row_split(np.zeros(4, np.int32), 4).tolist() == [0, 0, 0, 0, 3]
