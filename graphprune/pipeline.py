@@ -427,10 +427,10 @@ def _run_into(rec: Recipe, art_dir: Path, steps: _Steps, fine_tune) -> PipelineR
     if data["prune"] is not None:
         p = dict(data["prune"])
         with steps.step("prune", f"pruning (criterion={p['criterion']}, scope={p['scope']})"):
-            drop = p.pop("drop_blocks")
+            drop, unit = p.pop("drop_blocks"), p.pop("depth_unit")
             if drop:
                 res = gp.prune(model, inputs if torch_form else None, criterion=p["criterion"],
-                               calib=calib, drop_blocks=drop, seed=seed)  # fmt: skip
+                               calib=calib, drop_blocks=drop, depth_unit=unit, seed=seed)  # fmt: skip
             else:
                 res = gp.prune(model, inputs if torch_form else None, calib=calib, seed=seed,
                                **p)  # fmt: skip

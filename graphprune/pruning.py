@@ -95,7 +95,8 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
           ratios: dict[str, float] | None = None, ignore: list[str] | None = None,
           round_to: int | None = None, min_keep: float = 0.1, heads: bool = True,
           calib: Any = None, loss_fn: Callable | None = None, inplace: bool = False,
-          seed: int = 0, graph: PruneGraph | None = None, drop_blocks: int = 0) -> PruneResult:  # fmt: skip
+          seed: int = 0, graph: PruneGraph | None = None, drop_blocks: int = 0,
+          depth_unit: str = "branch") -> PruneResult:  # fmt: skip
     """Remove coupled channels, neurons and heads; return a smaller model and a report.
 
     Parameters
@@ -119,6 +120,9 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     drop_blocks : depth pruning instead: remove this many residual branches (y = x + f(x)),
         ranked by ``criterion="block_influence"`` (needs ``calib``), a dict
         ``{block name: score}`` or a callable ``(graph, blocks) -> scores`` (lowest go first)
+    depth_unit : ``"branch"`` (each residual branch is a block) or ``"layer"`` (branches chained
+        inside one numbered container, a transformer layer's attention and MLP, go together;
+        Block Influence is then measured across the whole layer, as in ShortGPT)
 
     Examples
     --------
@@ -132,7 +136,7 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
         if inplace:
             raise ConfigError("depth pruning returns a new model; inplace=True is not supported")
         pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
-        return _prune_depth(pg, drop_blocks, criterion, calib)
+        return _prune_depth(pg, drop_blocks, criterion, calib, depth_unit)
     cfg = PruneConfig(ratio, criterion, scope, target_macs, target_params, ratios, ignore, round_to,
                       min_keep, heads, calib, loss_fn, seed)  # fmt: skip
     cfg.validate()
@@ -197,10 +201,12 @@ def _report(pg: PruneGraph, plan: RemovalPlan, sel: Selection, cfg: PruneConfig,
     )  # fmt: skip
 
 
-def _prune_depth(pg: PruneGraph, k: int, criterion: Any, calib: Any) -> PruneResult:
+def _prune_depth(pg: PruneGraph, k: int, criterion: Any, calib: Any, unit: str) -> PruneResult:
     from graphprune.passes import drop_blocks as depth
 
-    blocks = depth.find_blocks(pg)
+    if unit not in ("branch", "layer"):
+        raise ConfigError(f"depth_unit={unit!r}: use 'branch' or 'layer'")
+    blocks = depth.find_blocks(pg) if unit == "branch" else depth.find_layers(pg)
     if not blocks:
         raise ConfigError(f"{pg.name} has no identity residual blocks (y = x + f(x)) to drop")
     scores = depth.scores_for(pg, blocks, criterion, calib)

@@ -79,6 +79,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "ignore": Field("list[str]|null", None),
         "ratios": Field("dict[str,float]|null", None),
         "drop_blocks": Field("int", 0, lo=0),
+        "depth_unit": Field("str", "branch", choices=("branch", "layer")),
     },
     "sparsify": {
         "sparsity": Field("float|null", None, lo=0.0, hi=1.0, hi_open=True),

@@ -32,10 +32,19 @@ class Block:
     branch: str
     ops: set[str] = field(default_factory=set)
     params: set[str] = field(default_factory=set)
+    # For a whole layer (``unit="layer"``): its residual branches in order; ``skip`` is the first
+    # one's input and ``add`` the last one's add.
+    parts: list[Block] = field(default_factory=list)
+
+    @property
+    def branches(self) -> list[Block]:
+        return self.parts or [self]
 
     @property
     def name(self) -> str:
-        """Where the branch's parameters live: ``layers.3.{mlp,post_norm}``."""
+        """Where the branch's parameters live: ``layers.3.{mlp,post_norm}`` (a layer: ``layers.3``)."""
+        if self.parts and _layer_key(self):
+            return _layer_key(self)
         mods = sorted({p.rsplit(".", 1)[0] for p in self.params})
         if not mods:
             return self.add
@@ -89,6 +98,60 @@ def find_blocks(pg: PruneGraph) -> list[Block]:
                 blocks.append(Block(len(blocks), o, skip, branch, ops, params))
             break
     return blocks
+
+
+def _layer_key(b: Block) -> str | None:
+    """The per-layer container a branch lives in (``model.layers.3``), or None."""
+    mods = sorted({p.rsplit(".", 1)[0] for p in b.params})
+    parts = mods[0].split(".") if mods else []
+    common = 0
+    while common < len(parts) and all(m.split(".")[common:common + 1] == [parts[common]]
+                                      for m in mods):  # fmt: skip
+        common += 1
+    digits = [i for i in range(common) if parts[i].isdigit()]
+    return ".".join(parts[: digits[-1] + 1]) if digits else None
+
+
+_NO_OPS = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "identity", "dropout"}
+
+
+def _through_no_ops(pg: PruneGraph, v: str) -> str:
+    """``v`` with value-preserving casts/copies before it peeled off (``h.to(float32)``)."""
+    while (op := pg.producer(v)) is not None:
+        node, ins = pg.op(op), [i for i in pg.op_inputs(op) if i is not None]
+        name = str(node.attrs.get("aten", node.kind)).lower()
+        same = len(ins) == 1 and pg.value(ins[0]).shape == pg.value(v).shape and (
+            pg.value(ins[0]).dtype == pg.value(v).dtype)  # fmt: skip
+        if not same or (name not in _NO_OPS and node.kind not in _NO_OPS):
+            return v
+        v = ins[0]
+    return v
+
+
+def find_layers(pg: PruneGraph, blocks: list[Block] | None = None) -> list[Block]:
+    """Whole layers: runs of residual branches chained skip-to-add in the same numbered
+    container (a pre-norm transformer layer's attention and MLP branches, as ShortGPT drops
+    them). A branch with no partner stays a unit of its own."""
+    blocks = find_blocks(pg) if blocks is None else blocks
+    runs: list[list[Block]] = []
+    for b in blocks:
+        prev = runs[-1][-1] if runs else None
+        key = _layer_key(b)
+        if (prev is not None and key is not None and key == _layer_key(prev)
+                and _through_no_ops(pg, b.skip) == pg.op_outputs(prev.add)[0]):  # fmt: skip
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    layers = []
+    for i, run in enumerate(runs):
+        if len(run) == 1:
+            layers.append(Block(i, run[0].add, run[0].skip, run[0].branch, run[0].ops,
+                                run[0].params))  # fmt: skip
+            continue
+        ops = set().union(*(b.ops for b in run)) | {b.add for b in run[:-1]}
+        layers.append(Block(i, run[-1].add, run[0].skip, run[-1].branch, ops,
+                            set().union(*(b.params for b in run)), run))  # fmt: skip
+    return layers
 
 
 def _channel_rows(t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +212,7 @@ def drop_torch(pg: PruneGraph, dropped: list[Block]) -> torch.fx.GraphModule:
     gm = copy.deepcopy(pg.source["ep"].module())
     nodes = {n.name: n for n in gm.graph.nodes}
     node_of = {v: nodes[n] for n, v in _node_values(pg, gm).items()}
+    dropped = [br for b in dropped for br in b.branches]
     alias: dict[str, str] = {}  # a dropped add's output → what replaces it (chains resolve)
     for b in dropped:
         skip = b.skip
@@ -187,6 +251,7 @@ def drop_onnx(pg: PruneGraph, dropped: list[Block]) -> Any:
     graph: gs.Graph = pg.source["graph"].copy()
     tensors = graph.tensors()
     by_name = {n.name: n for n in graph.nodes}
+    dropped = [br for b in dropped for br in b.branches]
     alias: dict[str, str] = {}
     for b in dropped:
         add = by_name[b.add]

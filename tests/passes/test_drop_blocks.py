@@ -88,3 +88,30 @@ def test_depth_pruning_on_onnx():
     assert [o.shape for o in out] == [o.shape for o in run_onnx(onnx_model, feeds)]
     assert len(res.model.graph.node) < len(onnx_model.graph.node)
     assert np.isfinite(out[0]).all()
+
+
+def test_layer_unit_drops_whole_transformer_layers_exactly():
+    """depth_unit='layer' pairs each layer's attention and MLP branches; a layer whose both
+    branches output zero scores BI 0, goes first, and dropping it changes nothing."""
+    model, x = models.get("hf_llama_tiny")
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            dead.get_parameter(f"model.model.layers.1.{p}").zero_()
+    pg = gp.capture(dead, x)
+    assert len(find_blocks(pg)) == 4
+    res = gp.prune(dead, x, drop_blocks=1, criterion="block_influence", calib=[x, x], graph=pg,
+                   depth_unit="layer")
+    assert [b.name for b in res.blocks] == ["model.model.layers.0", "model.model.layers.1"]
+    (dropped,) = res.dropped
+    assert dropped.name == "model.model.layers.1" and len(dropped.branches) == 2
+    assert res.block_scores[dropped.id] == pytest.approx(0.0, abs=1e-6)
+    assert res.block_scores[0] > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(*x), dead(*x), atol=1e-5, rtol=1e-5)
+    left = {n for n, _ in res.model.named_parameters()}
+    assert not any(".layers.1." in n for n in left) and any(".layers.0." in n for n in left)
+    assert sum(p.numel() for p in res.model.parameters()) == res.report.params_after
+    with pytest.raises(gp.ConfigError, match="depth_unit"):
+        gp.prune(dead, x, drop_blocks=1, criterion="block_influence", calib=[x], graph=pg,
+                 depth_unit="stage")
