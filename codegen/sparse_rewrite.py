@@ -1,4 +1,5 @@
-"""Replace Linear/matmul layers whose weight is sparse by ``call_tir`` to our sparse kernels.
+"""Replace Linear/matmul and conv2d layers whose weight is sparse by ``call_tir`` to our sparse
+kernels.
 
 Runs on the lowered Relax module (:mod:`.frontend`), *before* :func:`.pipeline.build` (whose
 ``LiftTransformParams`` would otherwise turn ``permute_dims(W)`` into a new weight and hide the
@@ -7,6 +8,9 @@ pattern, and whose ``FuseTransposeMatmul`` changes it). Matches both importers' 
 * torch ``matmul(x, permute_dims(W))`` (then ``add(bias, ·)``), ONNX Gemm ``matmul(x,
   permute_dims(W))`` (then ``add(·, bias)``): dense weight ``W[N, K]``;
 * ONNX MatMul ``matmul(x, W)`` with a 2-D weight ``W[K, N]``: dense weight ``W.T``;
+* ``conv2d`` (NCHW, ungrouped; both importers emit the same op): dense weight
+  ``W.reshape(N, C·kh·kw)``, activations im2col'd (no copy for a 1×1 conv at batch 1), see
+  :mod:`graphprune.codegen.kernels.relax_layers`;
 
 where ``W`` is a weight parameter of ``main`` (index >= ``num_input``) whose value is known. The
 bias add is left in place. The replacement is ``reshape/permute_dims(x) → call_tir(kernel, XT,
@@ -14,10 +18,10 @@ bias add is left in place. The replacement is ``reshape/permute_dims(x) → call
 ``weights.npz`` like every other weight), and the dense weight is dropped when nothing else
 reads it.
 
-``kernels="auto"`` measures, per layer shape and batch on the target, our scheduled dense matmul
-and each sparse format the weight fits, keeps the fastest and caches the decision in a JSON file
-(key: target, shape, batch, pattern, density). Forced formats fall back to dense, with the reason
-recorded, for weights they cannot hold. Every decision, with its timings, goes into the
+``kernels="auto"`` measures, per layer shape and batch on the target, the layer alone compiled
+dense (our scheduled matmul or conv) and rewritten to each sparse format the weight fits, keeps
+the fastest and caches the decision in a JSON file (key: target, conv geometry, shape, batch,
+pattern, density). Forced formats fall back to dense, with the reason recorded, for weights they cannot hold. Every decision, with its timings, goes into the
 manifest's ``kernels`` table under ``sparse:<weight name>``.
 """
 
@@ -35,6 +39,7 @@ from graphprune.codegen.frontend import IOSpec, LoweredModel
 from graphprune.codegen.kernels import formats
 from graphprune.codegen.kernels.cpu_common import simd_lanes
 from graphprune.codegen.kernels.dispatch import make_kernel
+from graphprune.codegen.kernels.relax_layers import MatrixLayer, match_conv2d, match_linear
 from graphprune.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["KERNEL_CHOICES", "rewrite_sparse", "detect_block", "detect_nm", "default_cache_path"]
@@ -158,42 +163,52 @@ def _single_linear(w: np.ndarray, batch: int) -> LoweredModel:
                         [IOSpec("y", (batch, n), "float32")], "probe")  # fmt: skip
 
 
-def _time_linear(w, batch, cand: _Candidate | None, target, lanes: int) -> float:
-    """Milliseconds of one Linear through the full pipeline (dense, or rewritten to ``cand``):
-    transposes, VM call overhead and all, so the comparison is what the artifact will run."""
+def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int) -> float:
+    """Milliseconds of a one-layer model through the full pipeline (dense, or rewritten to
+    ``cand``): transposes, im2col, VM call overhead and all, so the comparison is what the
+    artifact will run."""
     import tvm
     from tvm import relax
 
     from graphprune.codegen.pipeline import build
 
-    lowered = _single_linear(w, batch)
     if cand is not None:
-        lowered, _ = _rewrite(lowered, lambda _n, _w, _b: (cand, {}), lanes)
+        lowered, _ = _rewrite(lowered, lambda _n, _layer: (cand, {}), lanes)
     built = build(lowered, target)
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, w.shape[1])).astype(np.float32)
+    x = rng.standard_normal(lowered.inputs[0].shape).astype(np.float32)
     args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in built.weights]
     ev = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=3, min_repeat_ms=20)
     return 1e3 * float(min(ev(*args).results))
 
 
-def _decide(w, batch, kernels, target, cache: _DecisionCache, lanes):
-    """``(candidate or None, manifest record)`` for one weight."""
+def _time_linear(w, batch, cand: _Candidate | None, target, lanes: int) -> float:
+    """:func:`_time_lowered` of one Linear ``x[batch, K] @ w.T``."""
+    return _time_lowered(_single_linear(w, batch), cand, target, lanes)
+
+
+def _decide(layer: MatrixLayer, kernels, target, cache: _DecisionCache, lanes):
+    """``(candidate or None, manifest record)`` for one matched layer."""
+    w, batch = layer.dense, layer.batch
     density = float(np.count_nonzero(w) / max(w.size, 1))
     record = {"shape": list(w.shape), "batch": batch, "density": round(density, 4)}
+    if layer.signature:
+        record["layer"] = layer.signature
     cands, reason = _candidates(w, kernels)
     if not cands:
         return None, {**record, "sparsity": "dense", "reason": reason}
     if kernels != "auto":
         return cands[0], {**record, "sparsity": kernels, "options": _jsonable(cands[0].options)}
     pattern = ",".join(f"{c.fmt}:{_jsonable(c.options)}" for c in cands)
-    key = f"{target}|{w.shape[0]}x{w.shape[1]}|b{batch}|{pattern}|d{density:.2f}"
+    sig = f"{layer.signature}|" if layer.signature else ""
+    key = f"{target}|{sig}{w.shape[0]}x{w.shape[1]}|b{batch}|{pattern}|d{density:.2f}"
     hit = cache.get(key)
     if hit is None:
-        times = {"dense": _time_linear(w, batch, None, target, lanes)}
+        probe = layer.probe()
+        times = {"dense": _time_lowered(probe, None, target, lanes)}
         for c in cands:
-            times[c.fmt] = _time_linear(w, batch, c, target, lanes)
+            times[c.fmt] = _time_lowered(probe, c, target, lanes)
         best = min(times, key=times.get)
         hit = {"choice": best, "times_ms": {f: round(t, 4) for f, t in times.items()}}
         cache.put(key, hit)
@@ -209,8 +224,9 @@ def _jsonable(options: dict) -> dict:
 
 
 def _rewrite(lowered: LoweredModel, decide, lanes: int):
-    """Apply ``decide(name, W[N,K], batch) -> (candidate or None, record)`` to every matched
-    Linear of ``lowered``; return the new LoweredModel and ``{weight name: record}``."""
+    """Apply ``decide(name, MatrixLayer) -> (candidate or None, record)`` to every matched
+    Linear and conv of ``lowered``; return the new LoweredModel and ``{weight name: record}``."""
+    import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -222,71 +238,46 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int):
     new_values: list[np.ndarray] = []
     records: dict[str, dict] = {}
 
-    def weight_param(expr):
-        return expr if isinstance(expr, relax.Var) and expr in weight_of else None
-
     @mutator
     class _Mutator(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm_op_type) and call.op.name == "relax.matmul"):
+            if not isinstance(call.op, tvm.ir.Op):
                 return call
-            x, rhs = call.args
-            dense = None
-            bound = self.lookup_binding(rhs) if isinstance(rhs, relax.Var) else None
-            if (bound is not None and isinstance(bound, relax.Call)
-                    and getattr(bound.op, "name", "") == "relax.permute_dims"
-                    and weight_param(bound.args[0]) is not None):  # fmt: skip
-                wvar = bound.args[0]
-                wval = weight_of[wvar]
-                if wval.ndim == 2:
-                    dense = wval
-            elif weight_param(rhs) is not None and weight_of[rhs].ndim == 2:
-                wvar = rhs
-                dense = weight_of[rhs].T
-            if dense is None or dense.dtype != np.float32:
+            if call.op.name == "relax.matmul":
+                layer = match_linear(call, *call.args, weight_of, self.lookup_binding)
+            elif call.op.name == "relax.nn.conv2d":
+                layer = match_conv2d(call, weight_of)
+            else:
                 return call
-            xty = x.ty
-            if xty.shape is None or str(xty.dtype) != "float32":
+            if layer is None:
                 return call
-            xshape = [int(d) for d in xty.shape.values]
-            n, k = dense.shape
-            if xshape[-1] != k:
-                return call
-            batch = int(np.prod(xshape[:-1])) if len(xshape) > 1 else 1
-            cand, record = decide(wvar.name, dense, batch)
-            records[wvar.name] = record
+            name = layer.weight.name
+            cand, record = decide(name, layer)
+            records[name] = record
             if cand is None:
                 return call
             try:
-                kern = cand.kernel(dense, batch, lanes)
+                kern = cand.kernel(layer.dense, layer.batch, lanes)
             except CodegenUnsupported as e:
                 record.update(sparsity="dense", reason=str(e))
                 return call
-            fname = f"sparse_{kern.fmt}_{n}x{k}_b{batch}"
+            n, k = layer.dense.shape
+            kind = "conv" if layer.signature else ""
+            fname = f"sparse_{kern.fmt}{kind}_{n}x{k}_b{layer.batch}"
             gv = self.builder_.add_func(kern.func.with_attr("global_symbol", fname), fname)
             vars_ = []
             for i, arr in enumerate(kern.weights):
-                v = relax.Var(f"{wvar.name}_{kern.fmt}{i}",
-                              relax.TensorType(arr.shape, str(arr.dtype)))  # fmt: skip
+                v = relax.Var(f"{name}_{kern.fmt}{i}", relax.TensorType(arr.shape, str(arr.dtype)))
                 new_params.append(v)
                 new_values.append(arr)
                 vars_.append(v)
-            x2 = self.builder_.emit(relax.op.reshape(x, (batch, k)))
-            xt = self.builder_.emit(
-                relax.op.reshape(x2, (k, 1)) if batch == 1 else relax.op.permute_dims(x2, [1, 0])
-            )
-            yt = self.builder_.emit(
-                relax.call_tir(gv, [xt, *vars_], out_ty=relax.TensorType((n, batch), "float32"))
-            )
-            y = relax.op.reshape(yt, (1, n)) if batch == 1 else relax.op.permute_dims(yt, [1, 0])
-            if len(xshape) == 2:
-                return y
-            return relax.op.reshape(self.builder_.emit(y), (*xshape[:-1], n))
+            emit = self.builder_.emit
+            xt = layer.to_xt(emit)
+            out_ty = relax.TensorType((n, layer.batch), "float32")
+            yt = emit(relax.call_tir(gv, [xt, *vars_], out_ty=out_ty))
+            return layer.from_yt(emit, yt)
 
-    import tvm
-
-    tvm_op_type = tvm.ir.Op
     m = _Mutator(mod)
     new_main = m.visit_expr(main)
     if not new_params:
@@ -341,10 +332,11 @@ def rewrite_sparse(lowered: LoweredModel, target, kernels: str = "auto",
         cache = _DecisionCache(Path(cache_path) if cache_path else default_cache_path())
     lanes = simd_lanes(target)
 
-    def decide(name, w, batch):
+    def decide(name, layer: MatrixLayer):
+        w = layer.dense
         if kernels == "auto" and np.count_nonzero(w) / max(w.size, 1) <= AUTO_MAX_DENSITY:
-            step(f"measuring kernels for {name} {w.shape} batch {batch}")
-        return _decide(w, batch, kernels, target, cache, lanes)
+            step(f"measuring kernels for {name} {w.shape} batch {layer.batch}")
+        return _decide(layer, kernels, target, cache, lanes)
 
     new, records = _rewrite(lowered, decide, lanes)
     return new, {f"sparse:{k}": v for k, v in records.items()}

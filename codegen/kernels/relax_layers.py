@@ -1,0 +1,175 @@
+"""Which Relax calls are ``W @ X`` products the sparse kernels can take, and how their activations
+become the kernels' ``XT[K, B]`` (and the result ``YT[N, B]`` comes back).
+
+Used by :mod:`graphprune.codegen.sparse_rewrite` on the lowered (not yet built) module. Both
+importers emit the same ops for these layers, so one matcher per op serves torch.export and ONNX:
+
+* **Linear**: ``matmul(x, permute_dims(W))`` (torch, ONNX Gemm) or ``matmul(x, W2d)`` (ONNX
+  MatMul, dense weight ``W2d.T``). ``B`` = all leading axes of ``x``.
+* **conv2d** (NCHW/OIHW, ``groups == 1``): ``W[N, C, kh, kw]`` is the matrix ``[N, C·kh·kw]``.
+  A 1×1 conv with no padding needs no copy at batch 1 (``x[1, C, H, W]`` *is* ``XT[C, H·W]``;
+  a stride is one strided slice); a k×k conv is im2col'd with Relax ops (pad, one strided
+  slice per kernel tap, stack: ``kh·kw`` copies of the input, which ``auto`` weighs against
+  the dense conv). ``B`` = images × output pixels; the result is ``[N, B]`` reshaped (and, for
+  several images, transposed) back to NCHW.
+
+Each match also builds its *probe*: the same layer alone as a one-op ``main``, which the
+``auto`` chooser compiles dense and rewritten to time both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphprune.codegen.frontend import IOSpec, LoweredModel
+
+__all__ = ["MatrixLayer", "match_linear", "match_conv2d"]
+
+
+@dataclass
+class MatrixLayer:
+    """A matched call: its weight parameter, the dense ``[N, K]`` matrix, the kernel batch and
+    how to get ``XT`` in and ``Y`` out."""
+
+    weight: object  # relax.Var, a weight parameter of main
+    dense: np.ndarray  # float32 [N, K]
+    batch: int
+    signature: str  # what besides the matrix shape fixes the layer ("" for a Linear)
+    to_xt: Callable  # (emit) -> XT[K, B]
+    from_yt: Callable  # (emit, YT[N, B]) -> the call's result
+    probe: Callable  # () -> LoweredModel with only this layer, dense
+
+
+def _shape(expr) -> list[int] | None:
+    ty = expr.ty
+    if getattr(ty, "shape", None) is None or str(ty.dtype) != "float32":
+        return None
+    try:
+        return [int(d) for d in ty.shape.values]
+    except (TypeError, AttributeError):  # symbolic dimensions
+        return None
+
+
+def _one_op_model(xshape, w: np.ndarray, op, out_shape, name: str) -> LoweredModel:
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType(tuple(xshape), "float32"))
+    wv = relax.Var("w", relax.TensorType(w.shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, wv], attrs={"num_input": 1}):
+        with bb.dataflow():
+            out = bb.emit_output(op(bb, x, wv))
+        bb.emit_func_output(out)
+    return LoweredModel(bb.get(), [w], [IOSpec("x", tuple(xshape), "float32")],
+                        [IOSpec("y", tuple(out_shape), "float32")], name)  # fmt: skip
+
+
+def match_linear(call, x, rhs, weight_of: dict, lookup) -> MatrixLayer | None:
+    """``matmul(x, permute_dims(W))`` or ``matmul(x, W2d)`` with ``W`` a known weight."""
+    from tvm import relax
+
+    bound = lookup(rhs) if isinstance(rhs, relax.Var) else None
+    if (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.permute_dims"
+            and bound.args[0] in weight_of and weight_of[bound.args[0]].ndim == 2):  # fmt: skip
+        wvar, dense = bound.args[0], weight_of[bound.args[0]]
+    elif rhs in weight_of and weight_of[rhs].ndim == 2:
+        wvar, dense = rhs, weight_of[rhs].T
+    else:
+        return None
+    xshape = _shape(x)
+    if dense.dtype != np.float32 or xshape is None or xshape[-1] != dense.shape[1]:
+        return None
+    n, k = dense.shape
+    batch = int(np.prod(xshape[:-1])) if len(xshape) > 1 else 1
+
+    def to_xt(emit):
+        x2 = emit(relax.op.reshape(x, (batch, k)))
+        return emit(relax.op.reshape(x2, (k, 1)) if batch == 1 else relax.op.permute_dims(x2))
+
+    def from_yt(emit, yt):
+        y = relax.op.reshape(yt, (1, n)) if batch == 1 else relax.op.permute_dims(yt, [1, 0])
+        return y if len(xshape) == 2 else relax.op.reshape(emit(y), (*xshape[:-1], n))
+
+    def probe():
+        def op(bb, xv, wv):
+            return relax.op.matmul(xv, bb.emit(relax.op.permute_dims(wv, [1, 0])))
+
+        return _one_op_model((batch, k), np.ascontiguousarray(dense), op, (batch, n), "probe")
+
+    return MatrixLayer(wvar, dense, batch, "", to_xt, from_yt, probe)
+
+
+def match_conv2d(call, weight_of: dict) -> MatrixLayer | None:
+    """An NCHW/OIHW, ungrouped, float32 ``conv2d`` whose weight is a known parameter."""
+    from tvm import relax
+
+    x, wvar = call.args
+    a = call.attrs
+    if wvar not in weight_of or int(a.groups) != 1:
+        return None
+    if (str(a.data_layout), str(a.kernel_layout)) != ("NCHW", "OIHW"):
+        return None
+    if str(a.out_layout) not in ("NCHW", ""):
+        return None
+    w4 = weight_of[wvar]
+    xshape = _shape(x)
+    if w4.dtype != np.float32 or w4.ndim != 4 or xshape is None or len(xshape) != 4:
+        return None
+    n, c, kh, kw = (int(v) for v in w4.shape)
+    imgs, xc, h, w = xshape
+    if xc != c:
+        return None
+    sh, sw = (int(v) for v in a.strides)
+    dh, dw = (int(v) for v in a.dilation)
+    pt, pl, pb, pr = (int(v) for v in a.padding)
+    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        return None
+    k, pix = c * kh * kw, ho * wo
+    batch = imgs * pix
+    direct = kh == kw == 1 and pt == pl == pb == pr == 0
+
+    def to_xt(emit):
+        if direct:
+            xs = x
+            if (sh, sw) != (1, 1):
+                xs = emit(relax.op.strided_slice(x, [2, 3], [0, 0], [h, w], [sh, sw]))
+            cols = emit(relax.op.reshape(xs, (imgs, k, pix)))
+        else:
+            xp = x
+            if pt or pl or pb or pr:
+                xp = emit(relax.op.nn.pad(x, [0, 0, 0, 0, pt, pb, pl, pr]))
+            taps = []
+            for i in range(kh):
+                for j in range(kw):
+                    tap = emit(relax.op.strided_slice(
+                        xp, [2, 3], [i * dh, j * dw],
+                        [i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1], [sh, sw],
+                    ))  # fmt: skip
+                    taps.append(emit(relax.op.reshape(tap, (imgs, c, 1, pix))))
+            # concat, not stack: stack breaks the pipeline's ConvertLayout (TVM 0.27 indexes
+            # its layout with -1 and raises)
+            cols = emit(relax.op.reshape(emit(relax.op.concat(taps, axis=2)), (imgs, k, pix)))
+        if imgs == 1:
+            return emit(relax.op.reshape(cols, (k, pix)))
+        return emit(relax.op.reshape(emit(relax.op.permute_dims(cols, [1, 0, 2])), (k, batch)))
+
+    def from_yt(emit, yt):
+        if imgs == 1:
+            return relax.op.reshape(yt, (1, n, ho, wo))
+        return relax.op.permute_dims(emit(relax.op.reshape(yt, (n, imgs, ho, wo))), [1, 0, 2, 3])
+
+    def probe():
+        def op(bb, xv, wv):
+            return relax.op.nn.conv2d(xv, wv, (sh, sw), (pt, pl, pb, pr), (dh, dw), 1,
+                                      "NCHW", "OIHW", "NCHW", "float32")  # fmt: skip
+
+        return _one_op_model(xshape, w4, op, (imgs, n, ho, wo), "probe")
+
+    sig = f"conv{kh}x{kw}s{sh}x{sw}p{pt},{pl},{pb},{pr}d{dh}x{dw}|x{'x'.join(map(str, xshape))}"
+    return MatrixLayer(wvar, np.ascontiguousarray(w4.reshape(n, k)), batch, sig, to_xt, from_yt,
+                       probe)  # fmt: skip
