@@ -21,8 +21,9 @@ reads it.
 ``kernels="auto"`` measures, per layer shape and batch on the target, the layer alone compiled
 dense (our scheduled matmul or conv) and rewritten to each sparse format the weight fits, keeps
 the fastest and caches the decision in a JSON file (key: target, conv geometry, shape, batch,
-pattern, density). Forced formats fall back to dense, with the reason recorded, for weights they cannot hold. Every decision, with its timings, goes into the
-manifest's ``kernels`` table under ``sparse:<weight name>``.
+pattern, density). Forced formats fall back to dense, with the reason recorded, for weights they
+cannot hold. Every decision, with its timings, goes into the manifest's ``kernels`` table under
+``sparse:<weight name>``.
 """
 
 from __future__ import annotations
