@@ -5,7 +5,8 @@ Used by :mod:`graphprune.codegen.sparse_rewrite` on the lowered (not yet built) 
 importers emit the same ops for these layers, so one matcher per op serves torch.export and ONNX:
 
 * **Linear**: ``matmul(x, permute_dims(W))`` (torch, ONNX Gemm) or ``matmul(x, W2d)`` (ONNX
-  MatMul, dense weight ``W2d.T``). ``B`` = all leading axes of ``x``.
+  MatMul, dense weight ``W2d.T``), either possibly ``broadcast_to`` a batch of copies (torch's
+  bmm form). ``B`` = all leading axes of ``x``.
 * **conv2d** (NCHW/OIHW, ``groups == 1``): ``W[N, C, kh, kw]`` is the matrix ``[N, C·kh·kw]``.
   A 1×1 conv with no padding needs no copy at batch 1 (``x[1, C, H, W]`` *is* ``XT[C, H·W]``;
   a stride is one strided slice); a k×k conv is im2col'd with Relax ops (pad, one strided
@@ -72,6 +73,12 @@ def match_linear(call, x, rhs, weight_of: dict, lookup) -> MatrixLayer | None:
     from tvm import relax
 
     bound = lookup(rhs) if isinstance(rhs, relax.Var) else None
+    if (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.broadcast_to"
+            and isinstance(bound.args[0], relax.Var)):  # fmt: skip
+        # torch.export writes a Linear on a reshaped 3-D input as a bmm against the weight
+        # broadcast over the batch (``broadcast_to(permute_dims(W), [B, K, N])``)
+        rhs = bound.args[0]
+        bound = lookup(rhs)
     if (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.permute_dims"
             and bound.args[0] in weight_of and weight_of[bound.args[0]].ndim == 2):  # fmt: skip
         wvar, dense = bound.args[0], weight_of[bound.args[0]]
