@@ -6,7 +6,8 @@ One command, four real models (see ``/work/shared/DATA.md`` for where they come 
   fixed context and stride (stated in the table). Dense; magnitude / Wanda / SparseGPT at 50%
   unstructured, 4:8 and 2:4 (and torchao's Wanda, the peer); structured width pruning (attention
   head_dim and MLP channels; kv heads where the ratio reaches a whole kv group) at 10/20/30% with
-  two criteria; depth pruning of 2/4/6 residual branches by Block Influence.
+  random, L2, Taylor and Wanda (Torch-Pruning on the MLP-only rows); depth pruning of 2/4/6 whole
+  layers (and residual branches) by Block Influence.
 - all-MiniLM-L6-v2: embedding cosine / similarity-ranking agreement at the same sparsity settings.
 - EfficientNet-Lite0: top-1 agreement and KL vs dense on the photos that ship with scikit-image and
   scikit-learn, channel pruning to 80/70/50% MACs with two criteria, Torch-Pruning side by side.
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 import graphprune as gp
 from graphprune import evaluate as ev
 from graphprune.passes.sparsify import sparsify
+
+from record import cpu_name, md_table as table  # noqa: E402 - benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
@@ -82,22 +85,8 @@ class Meter:
             self.peak_mb = (max(peak[0], self.proc.memory_info().rss) - base) / 2**20
 
 
-def table(head: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
@@ -143,8 +132,34 @@ def torchao_wanda(model, calib, pattern):
     return m
 
 
-def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,peer,width,depth"
-              ) -> tuple[str, list]:
+def tp_prune_mlp(model, example, ratio):
+    """The peer on the width rows: Torch-Pruning's L2 group magnitude on the MLP channels only
+    (every Linear but gate/up_proj ignored, so its groups are the ones ours prunes)."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    ignored = [mod for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
+               and not n.endswith(("gate_proj", "up_proj"))]
+    # norms and the embedding too: otherwise TP also cuts the residual stream (via the norms'
+    # weights, which it treats as unwrapped parameters)
+    ignored += [mod for n, mod in m.named_modules() if n.endswith(("norm", "embed_tokens"))]
+    pr = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                              pruning_ratio=ratio, ignored_layers=ignored,
+                              root_module_types=[torch.nn.Linear])
+    pr.step()
+    return m
+
+
+def lm_loss(out, batch):
+    """Next-token cross-entropy of the calibration batch (Taylor's loss, as in LLM-Pruner)."""
+    logits, ids = out[0] if isinstance(out, (tuple, list)) else out, batch[0]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,width,depth"
+              ) -> tuple[dict[str, str], list]:
+    """SmolLM2 tables by part (``sparsity`` with the torchao peer, ``width`` with the
+    Torch-Pruning peer, ``depth``), each recorded in its own block of BENCHMARKS.md."""
     from graphprune.models.hf import TensorOutputs
 
     ctx, stride = 256, 128
@@ -155,78 +170,108 @@ def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,peer,width,depth
                      ("macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")])
     cal = cal[: n_calib * ctx].reshape(n_calib // 2, 2, ctx)  # batches of 2 x ctx tokens
     calib = [(b,) for b in cal]
+    setup = (f"perplexity on the first {len(eval_ids)} tokens of Hamlet (from 10% into the "
+             f"file), context {ctx}, stride {stride}, batch 2; calibration {n_calib} x {ctx} "
+             "tokens of Macbeth, Othello, Lear. Time = sparsify/prune only; peak MB = RSS above "
+             "the start during it (0 = the allocator reused freed memory).")
 
     def ppl(m):
         return ev.perplexity(m, eval_ids, context=ctx, stride=stride, batch_size=2)
 
-    rows, points = [], []
-
-    def add(section, method, setting, run, peer=False):
+    def add(rows, cells, run):
         try:
             with meter.run():
                 m, extra = run()
             sec, mb = meter.seconds, meter.peak_mb
-            p = ppl(m)
+            p = ppl(m).ppl
         except Exception as e:  # noqa: BLE001 - one failing row is a result, not the end
-            rows.append([section, method, setting, f"failed: {e!r}"[:100], "-", "-", "-"])
+            rows.append(cells + [f"failed: {e!r}"[:100], "-", "-", "-"])
             print(" | ".join(map(str, rows[-1])), flush=True)
             return float("nan")
-        rows.append([section, method, setting, extra, f"{p.ppl:.2f}", f"{sec:.1f}", f"{mb:.0f}"])
+        rows.append(cells + [extra, f"{p:.2f}", f"{sec:.1f}", f"{mb:.0f}"])
         print(" | ".join(map(str, rows[-1])), flush=True)
-        return p.ppl
+        return p
 
-    dense = add("dense", "-", "-", lambda: (model, "100% params"))
+    tail = ["result", f"ppl (ctx {ctx}, stride {stride})", "time s", "peak MB"]
+    out, points = {}, []
+    dense_rows: list = []
+    dense = add(dense_rows, ["dense", "-"], lambda: (model, "100% params"))
     points.append(("dense", 0.0, dense))
-    levels = {"unstructured": [0.5] if quick else [0.3, 0.5, 0.7]}
-    for method in ("magnitude", "wanda", "sparsegpt") if "sparsity" in parts else ():
-        for pattern, sp in SPARSITY:
-            for s in levels.get(pattern, [sp]) if method != "sparsegpt" else [sp]:
-                def run(method=method, pattern=pattern, s=s):
-                    r = sparsify(model, sparsity=s, pattern=pattern, method=method,
-                                 calib=None if method == "magnitude" else calib)
-                    return r.model, f"{r.report.total_sparsity:.1%} of targets"
-                label = f"{pattern} {s}" if pattern == "unstructured" else pattern
-                v = add("sparsity", method, label, run)
-                if v == v:
-                    points.append((f"{method} {pattern}", s or 0.5, v))
-    for pattern, _ in SPARSITY if "peer" in parts else ():
-        try:
-            v = add("sparsity (peer)", "torchao wanda", pattern,
-                    lambda pattern=pattern: (torchao_wanda(model, calib, pattern), "peer"))
-            points.append((f"torchao-wanda {pattern}", 0.5, v))
-        except Exception as e:  # noqa: BLE001 - a peer failing is a result
-            rows.append(["sparsity (peer)", "torchao wanda", pattern, f"failed: {e!r}"[:80],
-                         "-", "-", "-"])
+
+    if "sparsity" in parts:
+        rows = [r[:1] + ["-"] + r[1:] for r in dense_rows]
+        levels = {"unstructured": [0.5] if quick else [0.3, 0.5, 0.7]}
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            for pattern, sp in SPARSITY:
+                for s in levels.get(pattern, [sp]) if method != "sparsegpt" else [sp]:
+                    def run(method=method, pattern=pattern, s=s):
+                        r = sparsify(model, sparsity=s, pattern=pattern, method=method,
+                                     calib=None if method == "magnitude" else calib)
+                        return r.model, f"{r.report.total_sparsity:.1%} of targets"
+                    label = f"{pattern} {s}" if pattern == "unstructured" else pattern
+                    v = add(rows, ["graphprune", method, label], run)
+                    if v == v:
+                        points.append((f"{method} {pattern}", s or 0.5, v))
+        for pattern, _ in SPARSITY:
+            v = add(rows, ["torchao (peer)", "wanda", pattern],
+                    lambda pattern=pattern: (torchao_wanda(model, calib, pattern), "50.0% of targets"))
+            if v == v:
+                points.append((f"torchao-wanda {pattern}", 0.5, v))
+        out["llm-sparsity"] = (
+            "**SmolLM2-135M, sparsity** (Q4_1 GGUF dequantised to fp32; every Linear except "
+            "lm_head): " + setup + "\n\n" + table(["tool", "method", "setting"] + tail, rows))
 
     wrapped = TensorOutputs(model, ("input_ids",), ("logits",)).eval()
     example = (cal[0],)
-    with torch.no_grad():
-        pg = gp.capture(wrapped, example)
-        for crit in ("l2", "wanda") if "width" in parts else ():
-            for ratio in (0.1, 0.2, 0.3):
+    pg = gp.capture(wrapped, example)
+    if "width" in parts:
+        rows = [["graphprune"] + r for r in dense_rows]
+        levels = (0.2,) if quick else (0.1, 0.2, 0.3)
+        for crit in ("random", "l2", "taylor", "wanda"):
+            for ratio in levels:
                 def run(crit=crit, ratio=ratio):
                     # the residual stream (tied with the embedding / lm_head) is kept: width
                     # pruning here means attention head_dim / kv heads and MLP channels
                     r = gp.prune(wrapped, example, ratio=ratio, criterion=crit, graph=pg,
-                                 ignore=["*lm_head*"], calib=calib)
+                                 ignore=["*lm_head*"], calib=calib, loss_fn=lm_loss)
                     return r.model, (f"params {r.report.params_ratio:.1%}, "
                                      f"MACs {r.report.macs_ratio:.1%}")
-                add("width", crit, f"ratio {ratio}", run)
-        for k in (2, 4, 6) if "depth" in parts else ():
-            def run(k=k):
-                r = gp.prune(wrapped, example, drop_blocks=k, criterion="block_influence",
-                             graph=pg, calib=calib)
-                names = ", ".join(b.name.replace("model.model.", "") for b in r.dropped)
-                return r.model, f"MACs {r.report.macs_ratio:.1%}: {names}"
-            add("depth", "block_influence", f"{k} branches", run)
-    head = ["kind", "method", "setting", "result", f"ppl (ctx {ctx}, stride {stride})",
-            "time s", "peak MB"]
-    text = (f"**SmolLM2-135M** (Q4_1 GGUF dequantised to fp32): perplexity on the first "
-            f"{len(eval_ids)} tokens of Hamlet (from 10% into the file), context {ctx}, stride "
-            f"{stride}, batch 2; calibration {n_calib} x {ctx} tokens of Macbeth, Othello, Lear. "
-            "Sparsity on every Linear except lm_head; time = sparsify/prune only, peak MB = RSS "
-            "above the start during it.\n\n" + table(head, rows))
-    return text, points
+                add(rows, ["graphprune", crit, f"heads+MLP {ratio}"], run)
+        # the same MLP-only cut by both tools, so the peer prunes exactly the same groups
+        for ratio in levels:
+            def ours(ratio=ratio):
+                r = gp.prune(wrapped, example, ratio=ratio, criterion="l2", graph=pg,
+                             ignore=["*lm_head*", "*self_attn*"])
+                return r.model, f"params {r.report.params_ratio:.1%}"
+
+            def peer(ratio=ratio):
+                m = tp_prune_mlp(model, example[0], ratio)
+                n = sum(p.numel() for p in m.parameters()) / sum(p.numel() for p in model.parameters())
+                return m, f"params {n:.1%}"
+            add(rows, ["graphprune", "l2", f"MLP only {ratio}"], ours)
+            add(rows, ["Torch-Pruning (peer)", "l2 (GroupMagnitude p=2)", f"MLP only {ratio}"], peer)
+        out["llm-width"] = (
+            "**SmolLM2-135M, width** (structured; the residual stream is kept; 'heads+MLP' prunes "
+            "attention head_dim / kv heads with their GQA query heads and MLP channels by the "
+            "same local ratio in every layer; Taylor uses the next-token loss on the calibration "
+            "text): " + setup + "\n\n" + table(["tool", "criterion", "setting"] + tail, rows))
+
+    if "depth" in parts:
+        rows = [["-"] + r for r in dense_rows]
+        for unit, ks in (("layer", (2, 4, 6)), ("branch", (2, 4))):
+            for k in ks:
+                def run(k=k, unit=unit):
+                    r = gp.prune(wrapped, example, drop_blocks=k, criterion="block_influence",
+                                 graph=pg, calib=calib, depth_unit=unit)
+                    names = ", ".join(b.name.replace("model.model.", "") for b in r.dropped)
+                    return r.model, f"MACs {r.report.macs_ratio:.1%}: {names}"
+                add(rows, [unit, "block_influence", f"{k} {unit}s"], run)
+        out["llm-depth"] = (
+            "**SmolLM2-135M, depth** (Block Influence = 1 - cos(input, output) over calibration "
+            "tokens; 'layer' drops whole decoder layers as ShortGPT does, 'branch' single "
+            "attention or MLP residual branches): " + setup + "\n\n"
+            + table(["unit", "criterion", "setting"] + tail, rows))
+    return out, points
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,14 +524,19 @@ def plot(points: list, ctx: int = 256, stride: int = 128) -> None:
     fig.savefig(PNG, dpi=110)
 
 
-def write(text: str) -> None:
+def write(name: str, text: str) -> None:
+    """Replace part ``name``'s block inside the bench_quality section of BENCHMARKS.md (other
+    parts keep their last recorded run)."""
     path = ROOT / "BENCHMARKS.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text.strip()}\n{END}"
-    if START in doc and END in doc:
-        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
+    if START not in doc or END not in doc:
+        doc = doc.rstrip() + f"\n\n## Quality on real weights (bench_quality.py)\n\n{START}\n{END}\n"
+    a, b = f"<!-- quality:{name}:start -->", f"<!-- quality:{name}:end -->"
+    block = f"{a}\n{text.strip()}\n{b}"
+    if a in doc and b in doc:
+        doc = re.sub(re.escape(a) + ".*?" + re.escape(b), lambda _: block, doc, flags=re.S)
     else:
-        doc = doc.rstrip() + "\n\n## Quality on real weights (bench_quality.py)\n\n" + block + "\n"
+        doc = doc.replace(END, block + "\n\n" + END)
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(doc)
     os.replace(tmp, path)
@@ -498,33 +548,36 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--only", default="llm,minilm,effnet,mnist")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--llm-parts", default="sparsity,peer,width,depth",
+    ap.add_argument("--llm-parts", default="sparsity,width,depth",
                     help="SmolLM2 rows to run (the dense row always runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    meter, parts, t0 = Meter(), [], time.time()
-    only = args.only.split(",")
-    points = None
+    meter, only = Meter(), args.only.split(",")
     for name, fn in (("llm", bench_llm), ("minilm", bench_minilm), ("effnet", bench_effnet),
                      ("mnist", bench_mnist)):
-        if name in only:
-            print(f"== {name}", flush=True)
-            out = fn(args.quick, meter, args.llm_parts) if name == "llm" else fn(args.quick, meter)
-            if name == "llm":
-                out, points = out
-            parts.append(out)
-    header = (f"Run {datetime.date.today()} on {machine()}; {'--quick' if args.quick else 'full'}"
-              f" run of `benchmarks/bench_quality.py --only {args.only}`, "
-              f"{(time.time() - t0) / 60:.0f} min, load average {os.getloadavg()[0]:.1f} at the "
-              "end (the 2 cores were shared with other jobs: times are indicative).")
-    if points:
-        plot(points)
-        header += f" Plot: `benchmarks/{PNG.name}`."
-    text = header + "\n\n" + "\n\n".join(parts)
-    print(text)
-    if not args.no_write:
-        write(text)
+        if name not in only:
+            continue
+        print(f"== {name}", flush=True)
+        t0 = time.time()
+        if name == "llm":
+            texts, points = fn(args.quick, meter, args.llm_parts)
+            if points and "sparsity" in args.llm_parts:
+                plot(points)
+        else:
+            texts = {name: fn(args.quick, meter)}
+        for part, text in texts.items():
+            head = (f"_Run {datetime.date.today()} on {machine()}; "
+                    f"{'--quick' if args.quick else 'full'} run of `bench_quality.py --only "
+                    f"{name}`{' --llm-parts ' + args.llm_parts if name == 'llm' else ''}, "
+                    f"{(time.time() - t0) / 60:.0f} min, load average "
+                    f"{os.getloadavg()[0]:.1f} at the end (times are indicative when the 2 "
+                    "cores are shared)._")
+            if part == "llm-sparsity":
+                head += f" Plot: `benchmarks/{PNG.name}`."
+            print(text + "\n\n" + head)
+            if not args.no_write:
+                write(part, text + "\n\n" + head)
 
 
 if __name__ == "__main__":

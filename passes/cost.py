@@ -70,9 +70,11 @@ def count(pg: PruneGraph, shapes: Shapes | None = None) -> Cost:
         if rule is not None:
             per_op[o] = int(rule(pg, o, shapes))
     per_param: dict[str, int] = {}
-    for p in pg.params():
+    # Read values first: of a tied tensor's names, the one the graph reads carries the new shape.
+    for p in sorted(pg.params(), key=lambda v: not pg.consumers(v)):
         name = pg.value(p).param
         val = pg.value(p)
-        if name not in per_param and val.trainable and val.dtype.startswith(("float", "bfloat")):
+        counted = any(n in per_param for n in pg.param_names(name))  # tied: another name
+        if not counted and val.trainable and val.dtype.startswith(("float", "bfloat")):
             per_param[name] = math.prod(_shape(pg, shapes, p))
     return Cost(sum(per_param.values()), sum(per_op.values()), per_op, per_param)

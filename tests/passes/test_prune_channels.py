@@ -307,6 +307,8 @@ def test_globs_match_the_other_names_of_tied_weights():
     pg = gp.capture(model, (ids,))
     for name in pg.weights.keys() & {"embed.weight", "head.weight"}:
         assert pg.param_names(name) == (name, ({"embed.weight", "head.weight"} - {name}).pop())
+    # the tied tensor counts once, as in model.parameters()
+    assert gp.passes.cost.count(pg).params == sum(p.numel() for p in model.parameters())
     # the model width (embedding columns = head's reduction axis = up's input) is prunable ...
     hidden = next(g for g in pg.groups() if any(m.param == "down.weight" and m.axis == 0
                                                 for m in g.params))  # fmt: skip
@@ -317,3 +319,4 @@ def test_globs_match_the_other_names_of_tied_weights():
         assert hidden.id in res.report.excluded and hidden.id not in res.selection.removal
         res = gp.prune(model, (ids,), ratio=0.5, ratios={name: 0.25}, graph=pg)
         assert len(res.selection.removal[hidden.id]) == hidden.size // 4
+        assert res.report.params_after == sum(p.numel() for p in res.model.parameters())
