@@ -36,13 +36,16 @@ from .sparsity_methods import (
     sparsegpt_prune,
     wanda_scores,
 )
-from .sparsity_patterns import NM, Block, Pattern, check_mask, fits, parse_pattern
+from .sparsity_patterns import NM, Block, Pattern, Unstructured, check_mask, fits, parse_pattern
 from .sparsity_patterns import select_global, select_mask
+from .sparsity_refine import dsnot_refine, outlier_ratio, owl_sparsities
 from .sparsity_report import LayerSparsity, SparsityReport, relative_error
 from .sparsity_targets import Target, find_blocks, find_head, find_targets, is_embedding
 from .sparsity_targets import match_exclude
 
 __all__ = ["SparsifyResult", "sparsify"]
+
+OWL_M, OWL_LAMBDA = 5.0, 0.08  # outlier threshold (x mean score) and ratio spread: the paper's
 
 
 @dataclass
@@ -63,10 +66,39 @@ class _Config:
     percdamp: float
     iterations: int
     seed: int
+    allocation: str = "uniform"
+    refine: str | None = None
+    update: str | None = None
+
+
+def _validate_extras(cfg: _Config) -> None:
+    """OWL, DSnoT and the OBS update only make sense on top of the calibrated per-layer methods."""
+    if cfg.allocation not in ("uniform", "owl"):
+        raise ConfigError(f"allocation={cfg.allocation!r}: use 'uniform' or 'owl'")
+    if cfg.refine not in (None, "dsnot"):
+        raise ConfigError(f"refine={cfg.refine!r}: use None or 'dsnot'")
+    if cfg.update not in (None, "obs"):
+        raise ConfigError(f"update={cfg.update!r}: use None or 'obs' (SparseGPT's reconstruction "
+                          "of the kept weights)")
+    if cfg.allocation == "owl" and not (cfg.method in ("wanda", "sparsegpt")
+                                        and cfg.scope == "layer"
+                                        and isinstance(cfg.pattern, Unstructured)):
+        raise ConfigError("allocation='owl' sets per-layer unstructured ratios: it needs "
+                          "method='wanda' or 'sparsegpt', scope='layer', pattern='unstructured'")
+    if cfg.refine == "dsnot" and not (cfg.method == "wanda" and cfg.scope == "layer"
+                                      and isinstance(cfg.pattern, Unstructured)):
+        raise ConfigError("refine='dsnot' swaps weights within each output row: it needs "
+                          "method='wanda', scope='layer', pattern='unstructured'")
+    if cfg.update == "obs" and not (cfg.method in ("wanda", "obd", "magnitude")
+                                    and cfg.scope == "layer"):
+        raise ConfigError("update='obs' reconstructs the kept weights of a mask from the layer "
+                          "Hessian: it needs method='wanda', 'obd' or 'magnitude' with "
+                          "scope='layer' and calib (sparsegpt already updates its weights)")
 
 
 def _validate(sparsity, pattern, method, scope, min_keep, blocksize, percdamp, iterations, seed,
-              calib, example_inputs, loss_fn) -> tuple[_Config, list | None]:
+              calib, example_inputs, loss_fn, allocation="uniform", refine=None,
+              update=None) -> tuple[_Config, list | None]:
     pat = parse_pattern(pattern)
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is unknown: use one of {', '.join(METHODS)}")
@@ -101,22 +133,25 @@ def _validate(sparsity, pattern, method, scope, min_keep, blocksize, percdamp, i
         calib = [calib] if isinstance(calib, (torch.Tensor, dict)) else list(calib)
         if not calib:
             calib = None
-    if method in ACTIVATION_METHODS + LOSS_METHODS and calib is None:
-        raise ConfigError(f"method={method!r} needs calibration data: pass calib=[batch, ...] "
+    if (method in ACTIVATION_METHODS + LOSS_METHODS or update is not None) and calib is None:
+        what = f"method={method!r}" if update is None else f"update={update!r}"
+        raise ConfigError(f"{what} needs calibration data: pass calib=[batch, ...] "
                           "(each batch a tensor, tuple of args or dict of kwargs)")
     if method == "synflow" and example_inputs is None:
         raise ConfigError("method='synflow' needs example_inputs (only their shape is used)")
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError("loss_fn must be callable(model, batch) -> scalar tensor")
     cfg = _Config(pat, float(sparsity), method, scope, float(min_keep), blocksize,
-                  float(percdamp), iterations, int(seed))
+                  float(percdamp), iterations, int(seed), allocation, refine, update)
+    _validate_extras(cfg)
     return cfg, calib
 
 
 def sparsify(model, example_inputs=None, sparsity=None, pattern="unstructured",
              method="magnitude", calib=None, scope="layer", min_keep=0.0, exclude=None,
              blocksize=128, percdamp=0.01, inplace=False, loss_fn=None, iterations=100,
-             seed=0, prior_masks=None) -> SparsifyResult:
+             seed=0, prior_masks=None, allocation="uniform", refine=None,
+             update=None) -> SparsifyResult:
     """Compute weight masks and return a model whose masked weights are exact zeros.
 
     Parameters
@@ -157,6 +192,14 @@ def sparsify(model, example_inputs=None, sparsity=None, pattern="unstructured",
         For ``random``.
     prior_masks : dict, optional
         Masks from an earlier round (gradual schedules): pruned weights stay pruned.
+    allocation : {"uniform", "owl"}
+        ``owl``: per-block sparsities from activation outliers (Yin et al. 2024), same overall
+        sparsity; wanda/sparsegpt, unstructured. See :mod:`graphprune.passes.sparsity_refine`.
+    refine : {None, "dsnot"}
+        ``dsnot``: training-free mask swaps per output row after Wanda (Zhang et al. 2024).
+    update : {None, "obs"}
+        ``obs``: after a mask-only criterion (wanda, obd, magnitude), update the kept weights with
+        SparseGPT's OBS reconstruction from the layer Hessian (needs ``calib``).
 
     Returns
     -------
@@ -173,6 +216,9 @@ def sparsify(model, example_inputs=None, sparsity=None, pattern="unstructured",
     if type(model).__name__ == "ModelProto":
         from .sparsity_onnx import sparsify_onnx
 
+        if (allocation, refine, update) != ("uniform", None, None):
+            raise ConfigError("allocation/refine/update need a torch model (ONNX input supports "
+                              "magnitude and random masks only)")
         return sparsify_onnx(model, sparsity=sparsity, pattern=pattern, method=method,
                              calib=calib, scope=scope, min_keep=min_keep, exclude=exclude,
                              seed=seed)
@@ -180,7 +226,8 @@ def sparsify(model, example_inputs=None, sparsity=None, pattern="unstructured",
         raise ConfigError(f"model: expected torch.nn.Module or onnx.ModelProto, got "
                           f"{type(model).__name__}")
     cfg, calib = _validate(sparsity, pattern, method, scope, min_keep, blocksize, percdamp,
-                           iterations, seed, calib, example_inputs, loss_fn)
+                           iterations, seed, calib, example_inputs, loss_fn, allocation, refine,
+                           update)
     if exclude is not None and (isinstance(exclude, str) or not all(
             isinstance(e, str) for e in exclude)):
         raise ConfigError("exclude must be a list of module names or globs, e.g. ['lm_head']")
@@ -271,15 +318,23 @@ class _Sparsifier:
     def _solve_layer(self, t: Target, st: LayerStats | None) -> None:
         t0 = time.perf_counter()
         cfg = self.cfg
+        sparsity = self.layer_sparsity.get(t.name, cfg.sparsity)
         if cfg.method == "sparsegpt":
             if st is None or st.n == 0:
                 self._scores(t, st)  # raises the shared "did not run" error
-            new, keep = sparsegpt_prune(t.weight2d(), st.H, cfg.pattern, cfg.sparsity,
+            new, keep = sparsegpt_prune(t.weight2d(), st.H, cfg.pattern, sparsity,
                                         cfg.blocksize, cfg.percdamp, self._prior2d(t))
         else:
             s = self._with_prior(t, self._scores(t, st))
-            keep = select_mask(s, cfg.pattern, cfg.sparsity, self._group())
+            keep = select_mask(s, cfg.pattern, sparsity, self._group())
+            if cfg.refine == "dsnot":
+                keep = dsnot_refine(t.weight2d(), keep, s, st.mean, st.var)
             new = None
+            if cfg.update == "obs":
+                if st is None or st.n == 0:
+                    self._scores(t, st)
+                new, keep = sparsegpt_prune(t.weight2d(), st.H, cfg.pattern, sparsity,
+                                            cfg.blocksize, cfg.percdamp, fixed_keep=keep)
         self._apply(t, keep, new, st, time.perf_counter() - t0)
 
     def _apply(self, t: Target, keep, new, st, seconds) -> None:
@@ -305,11 +360,14 @@ class _Sparsifier:
         except BlocksDoNotChain as e:
             self.report.notes.append(f"sequential calibration unavailable ({e}); whole-model")
             return False
-        hess = self.cfg.method == "sparsegpt"
+        hess = self.cfg.method == "sparsegpt" or self.cfg.update == "obs"
         per_block = [[t for t in active if t.name.startswith(f"{bname}.{i}.")]
                      for i in range(len(blist))]
         inside = {t.name for b in per_block for t in b}
         outside = [t for t in active if t.name not in inside]
+        if self.cfg.allocation == "owl":
+            self._owl(blist, per_block)
+            seq = SequentialBlocks(self.work, blist, self.calib)
         st_out = collect_whole(self.work, outside, self.calib, hess) if outside else {}
         for i, tb in enumerate(per_block):
             if tb:
@@ -323,12 +381,35 @@ class _Sparsifier:
         self.report.calibration = f"sequential over {bname} ({len(blist)} blocks)"
         return True
 
+    def _owl(self, blist, per_block) -> None:
+        """OWL: outlier ratio of each block's Wanda scores on the dense model, then ratios."""
+        cfg = self.cfg
+        seq = SequentialBlocks(self.work, blist, self.calib)
+        ratios, sizes, named = [], [], []
+        for i, tb in enumerate(per_block):
+            if tb:
+                st = seq.calibrate(i, tb, False)
+                ratios.append(outlier_ratio([wanda_scores(t.weight2d(), st[t.name].sq)
+                                             for t in tb], OWL_M))
+                sizes.append(sum(t.weight2d().numel() for t in tb))
+                named.append((i, tb))
+            if i + 1 < len(blist):
+                seq.advance(i)
+        per = owl_sparsities(ratios, sizes, cfg.sparsity, OWL_LAMBDA)
+        for (i, tb), s in zip(named, per):
+            for t in tb:
+                self.layer_sparsity[t.name] = s
+        self.report.notes.append(
+            f"OWL (M={OWL_M:g}, lambda={OWL_LAMBDA:g}): block outlier ratios "
+            + ", ".join(f"{r:.4f}" for r in ratios) + "; block sparsities "
+            + ", ".join(f"{s:.3f}" for s in per))
+
     def _one_shot(self, active) -> None:
         cfg = self.cfg
         st = {}
         if self.calib is not None and cfg.method not in LOSS_METHODS:
             st = collect_whole(self.work, [t for t in active if t.groups == 1], self.calib,
-                               cfg.method == "sparsegpt")
+                               cfg.method == "sparsegpt" or cfg.update == "obs")
             self.report.calibration = "whole-model hooks"
         if cfg.method == "sparsegpt" or (cfg.scope == "layer" and cfg.method not in (
                 "synflow", *LOSS_METHODS)):
@@ -375,13 +456,18 @@ class _Sparsifier:
         t0 = time.perf_counter()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.masks: dict[str, torch.Tensor] = {}
+        self.layer_sparsity: dict[str, float] = {}
         self.work = copy.deepcopy(self.user_model).eval()
         active = self._select_targets()
         cfg = self.cfg
         blocks = find_blocks(self.work, active)
         done = False
-        if cfg.scope == "layer" and cfg.method in ACTIVATION_METHODS and blocks is not None:
+        if cfg.scope == "layer" and cfg.method in ACTIVATION_METHODS + (
+                ("magnitude",) if cfg.update else ()) and blocks is not None:
             done = self._sequential(active, blocks)
+        if cfg.allocation == "owl" and not done:
+            raise ConfigError("allocation='owl' needs a model with repeated blocks (an "
+                              "nn.ModuleList of transformer layers) that chain")
         if not done:
             self._one_shot(active)
         self.report.seconds = time.perf_counter() - t0

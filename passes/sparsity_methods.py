@@ -78,21 +78,55 @@ def obd_scores(w2d: torch.Tensor, hdiag: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``; damping grows 10x on failure (3 tries)."""
-    idx = torch.arange(H.shape[0])
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U``); damping grows 10x on failure.
+
+    The reference code inverts and factors again (``cholesky_inverse`` then ``cholesky``). With
+    ``J`` the order-reversing permutation and ``J H J = L L^T``, ``U = J L^-1 J`` is the same
+    factor (unique with a positive diagonal) from one factorisation and one triangular solve,
+    about 10-50x faster on CPU for the 1536-wide MiniLM FFN.
+    """
+    n = H.shape[0]
+    idx = torch.arange(n)
     mean_diag = torch.mean(torch.diag(H)).item()
     for attempt in range(3):
         Hd = H.clone()
         Hd[idx, idx] += percdamp * (10**attempt) * mean_diag
-        try:
-            L = torch.linalg.cholesky(Hd)
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        if int(info) == 0:
+            Linv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=H.dtype), upper=False)
+            return Linv.flip(0, 1)
     raise ConfigError(
         f"sparsegpt: calibration Hessian is not positive definite even with damping "
         f"{percdamp * 100}x; raise percdamp (e.g. 0.1) or give more calibration data"
     )
+
+
+def _obs_block_errors(W1: torch.Tensor, U: torch.Tensor, prune: torch.Tensor,
+                      sub: int = 32) -> torch.Tensor:
+    """SparseGPT's column-by-column OBS errors for one block with a fixed mask, all at once.
+
+    With ``U`` the block's upper Cholesky factor of ``H^-1`` and ``p`` a row's prune mask, the
+    reference loop computes ``e_i = p_i / U_ii * (w_i - sum_{k<i} e_k U_ki)``. For each row that
+    is the upper-triangular system ``e (diag(U) + strict_upper(U) diag(p)) = w diag(p)``, solved
+    batched over rows in ``sub``-column pieces (each piece's errors update the later columns with
+    one matmul): the same numbers without a Python step per column.
+    """
+    rows, n = W1.shape
+    W1 = W1.clone()
+    p = prune.to(W1.dtype)
+    err = torch.empty_like(W1)
+    for j1 in range(0, n, sub):
+        j2 = min(j1 + sub, n)
+        Ub = U[j1:j2, j1:j2]
+        pb = p[:, j1:j2]
+        # (rows, b, b): diag(U) plus the strict upper part with column k scaled by p_k.
+        A = torch.diag_embed(torch.diag(Ub).expand(rows, -1)) + torch.triu(Ub, 1) * pb.unsqueeze(1)
+        e = torch.linalg.solve_triangular(A, (W1[:, j1:j2] * pb).unsqueeze(1), upper=True,
+                                          left=False).squeeze(1)
+        err[:, j1:j2] = e
+        if j2 < n:
+            W1[:, j2:] -= e @ U[j1:j2, j2:]
+    return err
 
 
 def sparsegpt_prune(
@@ -103,14 +137,17 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     prior_keep: torch.Tensor | None = None,
+    fixed_keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT one-shot prune of one layer: returns ``(new_weight2d, keep_mask)``.
 
     ``H`` is ``X^T X`` (any positive scale). Columns are processed left to right in blocks of
     ``blocksize`` (rounded down to a multiple of M for N:M); each pruned weight's error is
     propagated to the not-yet-processed columns through the inverse Hessian (OBS update).
+    With ``fixed_keep`` the mask is given (e.g. Wanda's) and only the weights are updated: the
+    SparseGPT reconstruction applied to another criterion's mask (``update="obs"``).
     """
-    if not isinstance(pattern, (Unstructured, NM)):
+    if fixed_keep is None and not isinstance(pattern, (Unstructured, NM)):
         raise ConfigError(f"method='sparsegpt' supports 'unstructured' and 'N:M', not {pattern}")
     W = w2d.detach().clone().float()
     rows, cols = W.shape
@@ -118,19 +155,20 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     Hinv = _inverse_cholesky(H, percdamp)
-    if isinstance(pattern, NM):
+    if isinstance(pattern, NM) and fixed_keep is None:
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     keep = torch.ones_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
-        if isinstance(pattern, Unstructured):
+        if fixed_keep is not None:
+            prune1 = ~fixed_keep[:, i1:i2]
+            Err1 = _obs_block_errors(W1, Hinv1, prune1)
+        elif isinstance(pattern, Unstructured):
             # Exact layer count, spread so each column block prunes its share.
             k = prune_count(sparsity, rows * i2) - prune_count(sparsity, rows * i1)
             tmp = W1**2 / d.unsqueeze(0) ** 2
@@ -139,21 +177,25 @@ def sparsegpt_prune(
             if k > 0:
                 idx = torch.topk(tmp.reshape(-1), k, largest=False).indices
                 prune1.view(-1)[idx] = True
-        for i in range(count):
-            if isinstance(pattern, NM) and i % pattern.m == 0:
-                tmp = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
-                if prior_keep is not None:
-                    tmp[~prior_keep[:, i1 + i : i1 + i + pattern.m]] = -math.inf
-                idx = torch.topk(tmp, pattern.m - pattern.n, dim=1, largest=False).indices
-                prune1.scatter_(1, i + idx, True)
-            w = W1[:, i]
-            q = w.clone()
-            q[prune1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+            Err1 = _obs_block_errors(W1, Hinv1, prune1)
+        else:
+            scale = prune1.float()
+            for i in range(i2 - i1):
+                if i % pattern.m == 0:
+                    tmp = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
+                    if prior_keep is not None:
+                        tmp[~prior_keep[:, i1 + i : i1 + i + pattern.m]] = -math.inf
+                    idx = torch.topk(tmp, pattern.m - pattern.n, dim=1, largest=False).indices
+                    prune1.scatter_(1, i + idx, True)
+                    scale[:, i : i + pattern.m] = prune1[:, i : i + pattern.m].float() / d[
+                        i : i + pattern.m
+                    ].unsqueeze(0)
+                # OBS step for column i: its pruned entries' error, spread over later columns
+                # (the update also sets column i itself to its quantised value, 0 or kept).
+                err = W1[:, i] * scale[:, i]
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+                Err1[:, i] = err
+        W[:, i1:i2] = W1 if isinstance(pattern, NM) and fixed_keep is None else W1 - Err1 @ Hinv1
         keep[:, i1:i2] = ~prune1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     W[~keep] = 0.0

@@ -1,7 +1,7 @@
 """What a sparsity pass did, per layer: achieved sparsity, pattern check, error proxy, time.
 
 ``rel_error`` is the layer's relative reconstruction error ``||(W - W') X|| / ||W X||`` on up to
-1024 calibration rows of its own input (``None`` when no calibration data was given).
+512 calibration rows of its own input (``None`` when no calibration data was given).
 """
 
 from __future__ import annotations
