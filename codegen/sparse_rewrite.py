@@ -164,7 +164,8 @@ def _single_linear(w: np.ndarray, batch: int) -> LoweredModel:
                         [IOSpec("y", (batch, n), "float32")], "probe")  # fmt: skip
 
 
-def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int) -> float:
+def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int,
+                  repeat: int = 3) -> float:  # fmt: skip
     """Milliseconds of a one-layer model through the full pipeline (dense, or rewritten to
     ``cand``): transposes, im2col, VM call overhead and all, so the comparison is what the
     artifact will run."""
@@ -180,13 +181,13 @@ def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(lowered.inputs[0].shape).astype(np.float32)
     args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in built.weights]
-    ev = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=3, min_repeat_ms=20)
+    ev = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=repeat, min_repeat_ms=20)
     return 1e3 * float(min(ev(*args).results))
 
 
-def _time_linear(w, batch, cand: _Candidate | None, target, lanes: int) -> float:
-    """:func:`_time_lowered` of one Linear ``x[batch, K] @ w.T``."""
-    return _time_lowered(_single_linear(w, batch), cand, target, lanes)
+def _time_linear(w, batch, cand: _Candidate | None, target, lanes: int, repeat: int = 3) -> float:
+    """:func:`_time_lowered` of one Linear ``x[batch, K] @ w.T`` (best of ``repeat``)."""
+    return _time_lowered(_single_linear(w, batch), cand, target, lanes, repeat)
 
 
 def _decide(layer: MatrixLayer, kernels, target, cache: _DecisionCache, lanes):

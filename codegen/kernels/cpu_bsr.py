@@ -13,14 +13,20 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS, _nnz_var, even_chunks, plan_batch
+from graphprune.codegen.kernels.cpu_common import (
+    ACC_SCOPE,
+    KERNEL_ATTRS,
+    _nnz_var,
+    even_chunks,
+    plan_batch,
+)
 
 __all__ = ["bsr_kernel"]
 
 
 def _col(indices, j, c, cc):
     """Input column of column ``cc`` of block ``j`` (an expression: an assignment in TVMScript
-    would be a local buffer, allocated from the heap workspace inside a parallel loop)."""
+    would be a "local" buffer, allocated from the heap workspace)."""
     return T.Cast("int32", indices[j]) * c + cc
 
 
@@ -78,7 +84,7 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
     ):
         T.func_attr(KERNEL_ATTRS)
         for t in T.parallel(chunks):
-            acc = T.decl_buffer((r * p.acc * p.lanes,), "float32", scope="local")
+            acc = T.decl_buffer((r * p.acc * p.lanes,), "float32", scope=ACC_SCOPE)
             for rb in range(T.min(rows, nbr - t * rows)):
                 ib: T.let = t * rows + rb
                 for bo in range(p.full):
@@ -103,7 +109,7 @@ def _bsr_b1(n, k, r, c, nbr, nnzb, index_dtype, k_edge, n_edge, chunks, rows):
     ):
         T.func_attr(KERNEL_ATTRS)
         for t in T.parallel(chunks):
-            acc = T.decl_buffer((r,), "float32", scope="local")
+            acc = T.decl_buffer((r,), "float32", scope=ACC_SCOPE)
             for rb in range(T.min(rows, nbr - t * rows)):
                 ib: T.let = t * rows + rb
                 for rr in T.vectorized(r):

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "BatchPlan", "plan_batch", "simd_lanes", "KERNEL_ATTRS", "PARALLEL_CHUNKS",
+    "BatchPlan", "plan_batch", "simd_lanes", "KERNEL_ATTRS", "PARALLEL_CHUNKS", "ACC_SCOPE",
     "balanced_row_split", "even_chunks",
 ]  # fmt: skip
 
 # Our kernels are scheduled by construction: the schedule pass must leave them alone.
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True}
 # Parallel tasks per kernel: TVM's pool gives each of its threads a contiguous run of tasks, so
-# 16 equal tasks balance 1, 2, 4, 8 or 16 threads exactly. Each task allocates its accumulators
-# once (TVM puts a parallel body's local buffers in the heap workspace, one call per buffer).
+# 16 equal tasks balance 1, 2, 4, 8 or 16 threads exactly.
 PARALLEL_CHUNKS = 16
+# Scope of the kernels' accumulator buffers. TVM lowers a "local" buffer of a CPU function to
+# TVMBackendAllocWorkspace calls (heap, and LLVM must store every update back to it); a "global"
+# decl_buffer becomes an LLVM alloca that SROA keeps in registers.
+ACC_SCOPE = "global"
 
 
 def even_chunks(rows: int) -> tuple[int, int]:

@@ -16,8 +16,9 @@ activation gather is element loads inserted into a vector by default: on the AMD
 development VM the AVX-512 ``vgatherdps`` measured slower (4096², 90%: 0.70 ms vs 0.59 ms), and on
 Intel parts the Downfall microcode makes it slower still; ``gather=True`` emits it (AVX-512
 only) for CPUs where it pays. Scalars are ``T.let`` bindings (a plain assignment would become a
-stack buffer, i.e. a heap workspace inside a parallel body), so the inner loop is loads, inserts
-and FMAs only; TVM emits no bounds checks.
+"local" buffer, i.e. a heap workspace) and accumulators live in registers
+(:data:`~.cpu_common.ACC_SCOPE`), so the inner loop is loads, inserts and FMAs only; TVM emits no
+bounds checks.
 
 Written directly as loop-level TIR (no ``sblock``): the nonzero loop has data-dependent bounds,
 which the schedule primitives cannot tile, and the loop nest *is* the schedule.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS, _nnz_var, plan_batch
+from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS, _nnz_var, plan_batch
 
 __all__ = ["csr_kernel"]
 
@@ -68,7 +69,7 @@ def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nn
     ):
         T.func_attr(KERNEL_ATTRS)
         for t in T.parallel(chunks):
-            acc = T.decl_buffer((p.acc * p.lanes,), "float32", scope="local")
+            acc = T.decl_buffer((p.acc * p.lanes,), "float32", scope=ACC_SCOPE)
             # rows as an offset from a bound start: with ``range(split[t], split[t + 1])`` this
             # TVM computed every chunk after the first from chunk 0's rows (wrong results)
             for r in range(split[t + 1] - split[t]):
@@ -115,8 +116,8 @@ def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
     ):
         T.func_attr(KERNEL_ATTRS)
         for t in T.parallel(chunks):
-            acc = T.decl_buffer((width,), "float32", scope="local")
-            total = T.decl_buffer((1,), "float32", scope="local")
+            acc = T.decl_buffer((width,), "float32", scope=ACC_SCOPE)
+            total = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
             for r in range(split[t + 1] - split[t]):
                 i: T.let = split[t] + r
                 start: T.let = indptr[i]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS, even_chunks, plan_batch
+from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS, even_chunks, plan_batch
 
 __all__ = ["nm_kernel"]
 
@@ -68,7 +68,7 @@ def nm_kernel(n: int, k: int, batch: int, nm: tuple[int, int], kept: int, lanes:
     ):
         T.func_attr(KERNEL_ATTRS)
         for c in T.parallel(chunks):
-            acc = T.decl_buffer((p.acc * p.lanes,), "float32", scope="local")
+            acc = T.decl_buffer((p.acc * p.lanes,), "float32", scope=ACC_SCOPE)
             for r in range(T.min(rows, n - c * rows)):
                 i: T.let = c * rows + r
                 for bo in range(p.full):
@@ -134,8 +134,8 @@ def _nm_b1_permute(n, k, keep_n, m, bits, per_word, words, kept, mask):
         T.func_attr(KERNEL_ATTRS)
         xf = T.decl_buffer((k,), "float32", data=x.data)
         for c in T.parallel(chunks):
-            acc = T.decl_buffer((unroll * 16,), "float32", scope="local")
-            total = T.decl_buffer((1,), "float32", scope="local")
+            acc = T.decl_buffer((unroll * 16,), "float32", scope=ACC_SCOPE)
+            total = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
             for r in range(T.min(rows, n - c * rows)):
                 i: T.let = c * rows + r
                 for l in T.vectorized(unroll * 16):
@@ -178,8 +178,8 @@ def _nm_b1(n, k, keep_n, m, bits, per_word, words, kept, mask):
     ):
         T.func_attr(KERNEL_ATTRS)
         for c in T.parallel(chunks):
-            acc = T.decl_buffer((per_word,), "float32", scope="local")
-            total = T.decl_buffer((1,), "float32", scope="local")
+            acc = T.decl_buffer((per_word,), "float32", scope=ACC_SCOPE)
+            total = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
             for r in range(T.min(rows, n - c * rows)):
                 i: T.let = c * rows + r
                 for l in T.vectorized(per_word):
