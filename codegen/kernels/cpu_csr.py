@@ -11,14 +11,20 @@ accumulators once instead of once per row.
 
 ``B == 1`` (memory-bound matvec): the row's nonzeros are the vector. ``unroll`` independent
 vector accumulators take ``lanes`` values (one contiguous load) times ``lanes`` gathered
-activations each, then a vector remainder, a scalar tail and one horizontal sum per row. The
-activation gather is element loads inserted into a vector by default: on the AMD EPYC (Zen)
-development VM the AVX-512 ``vgatherdps`` measured slower (4096², 90%: 0.70 ms vs 0.59 ms), and on
-Intel parts the Downfall microcode makes it slower still; ``gather=True`` emits it (AVX-512
-only) for CPUs where it pays. Scalars are ``T.let`` bindings (a plain assignment would become a
-"local" buffer, i.e. a heap workspace) and accumulators live in registers
-(:data:`~.cpu_common.ACC_SCOPE`), so the inner loop is loads, inserts and FMAs only; TVM emits no
-bounds checks.
+activations each, then a vector remainder, a scalar tail and one horizontal sum per row.
+``gather`` picks how the activations are gathered (4096², 90%, one thread, AMD EPYC Zen 5 VM,
+best of 9 under load: int16 ``staged`` 0.56 ms, int16 ``insert`` 0.65, ``vgather`` 0.71):
+
+* ``"staged"`` (default): each lane's activation is a scalar load with the int16 index folded
+  in (``movswq`` from memory), inserted into a register vector;
+* ``"insert"``: a vectorised load of the row's indices; LLVM then extracts every int16 lane with
+  ``vpextrw`` (one more shuffle per nonzero) before the same inserts;
+* ``"vgather"``: AVX-512 ``vgatherdps``, slower on this Zen and, with the Downfall microcode,
+  on Intel parts; kept for CPUs where it pays.
+
+Scalars are ``T.let`` bindings (a plain assignment would become a "local" buffer, i.e. a heap
+workspace) and accumulators live in registers (:data:`~.cpu_common.ACC_SCOPE`), so the inner
+loop is loads, inserts and FMAs only; TVM emits no bounds checks.
 
 Written directly as loop-level TIR (no ``sblock``): the nonzero loop has data-dependent bounds,
 which the schedule primitives cannot tile, and the loop nest *is* the schedule.
@@ -30,15 +36,21 @@ from tvm.script import tirx as T
 
 from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS, _nnz_var, plan_batch
 
-__all__ = ["csr_kernel"]
+__all__ = ["csr_kernel", "GATHERS"]
+
+GATHERS = ("staged", "insert", "vgather")
 
 
 def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nnz=None,
-               chunks: int = 1, unroll: int = 2, gather: bool = False):  # fmt: skip
+               chunks: int = 1, unroll: int = 2, gather: str = "staged"):  # fmt: skip
     """PrimFunc ``(XT[K,B], data[nnz], indices[nnz], indptr[N+1], split[chunks+1], YT[N,B])``."""
     nnz = _nnz_var() if nnz is None else max(nnz, 1)  # zero-length buffers are not allowed
     if batch == 1:
-        return _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather and lanes == 16)
+        if gather not in GATHERS:
+            raise ValueError(f"gather must be one of {GATHERS}, not {gather!r}")
+        if gather == "vgather" and lanes != 16:
+            gather = "staged"
+        return _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather)
     p = plan_batch(batch, lanes, 4)
 
     @T.macro
@@ -90,8 +102,8 @@ def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
     ivec, fvec = f"int32x{lanes}", f"float32x{lanes}"
 
     @T.macro
-    def fma(acc, a, x, data, indices, base):
-        if gather:
+    def fma(acc, stage, a, x, data, indices, base):
+        if gather == "vgather":
             acc[T.Ramp(a * lanes, 1, lanes)] = acc[T.Ramp(a * lanes, 1, lanes)] + data[
                 T.Ramp(base, 1, lanes)
             ] * T.call_llvm_pure_intrin(
@@ -99,11 +111,16 @@ def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
                 T.address_of(x[0, 0]), T.Cast(ivec, indices[T.Ramp(base, 1, lanes)]),
                 T.Broadcast(T.bool(True), lanes), T.int32(4),
             )  # fmt: skip
-        else:
+        elif gather == "insert":
             for l in T.vectorized(lanes):
                 acc[a * lanes + l] = (
                     acc[a * lanes + l] + data[base + l] * x[T.Cast("int32", indices[base + l]), 0]
                 )
+        else:
+            for l in T.unroll(lanes):
+                stage[a * lanes + l] = x[T.Cast("int32", indices[base + l]), 0]
+            for l in T.vectorized(lanes):
+                acc[a * lanes + l] = acc[a * lanes + l] + data[base + l] * stage[a * lanes + l]
 
     @T.prim_func
     def csr_spmv(
@@ -117,6 +134,7 @@ def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
         T.func_attr(KERNEL_ATTRS)
         for t in T.parallel(chunks):
             acc = T.decl_buffer((width,), "float32", scope=ACC_SCOPE)
+            stage = T.decl_buffer((width,), "float32", scope=ACC_SCOPE)
             total = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
             for r in range(split[t + 1] - split[t]):
                 i: T.let = split[t] + r
@@ -130,9 +148,9 @@ def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
                     acc[l] = T.float32(0)
                 for s in range(steps):
                     for a in T.unroll(unroll):
-                        fma(acc, a, x, data, indices, start + s * width + a * lanes)
+                        fma(acc, stage, a, x, data, indices, start + s * width + a * lanes)
                 for s in range(vsteps):
-                    fma(acc, 0, x, data, indices, mid + s * lanes)
+                    fma(acc, stage, 0, x, data, indices, mid + s * lanes)
                 for a in T.unroll(1, unroll):
                     for l in T.vectorized(lanes):
                         acc[l] = acc[l] + acc[a * lanes + l]

@@ -137,18 +137,21 @@ def test_index_width_and_byte_model():
     assert formats.dense_nbytes((64, 4096)) / nm.nbytes() == pytest.approx(16 / 8.5)
 
 
-@pytest.mark.skipif(simd_lanes(TARGET) != 16, reason="the gather variant is AVX-512 only")
+@pytest.mark.parametrize("gather", ["insert", "vgather"])
 @pytest.mark.parametrize("shape", [(37, 53), (5, 300)])
-def test_csr_b1_gather_variant(shape):
-    """The ``vgatherdps`` form of the batch-1 CSR kernel (not the default: slower on the CPUs
-    we measured) computes the same thing, tails and empty rows included."""
+def test_csr_b1_gather_variants(shape, gather):
+    """The other activation-gather forms of the batch-1 CSR kernel (vectorised inserts;
+    AVX-512 ``vgatherdps``, which falls back to the staged form without AVX-512) compute the
+    same thing, tails and empty rows included."""
     rng = np.random.default_rng(6)
     w = masked_weight(rng, shape, "csr", 0.4)
     w[1] = 0.0
     c = formats.compress_csr(w)
-    func = csr_kernel(*shape, 1, str(c.indices.dtype), 16, chunks=PARALLEL_CHUNKS, gather=True)
+    lanes = simd_lanes(TARGET)
+    func = csr_kernel(*shape, 1, str(c.indices.dtype), lanes, chunks=PARALLEL_CHUNKS,
+                      gather=gather)  # fmt: skip
     arrays = c.arrays() + [balanced_row_split(c.indptr)]
-    kern = SparseKernel("csr", shape, 1, func, arrays, ("csr-gather", *shape))
+    kern = SparseKernel("csr", shape, 1, func, arrays, ("csr-gather", gather, *shape))
     x = rng.standard_normal((1, shape[1])).astype(np.float32)
     np.testing.assert_allclose(run_kernel(kern, x, TARGET), x.astype(np.float64) @ w.T,
                                rtol=1e-4, atol=1e-4 * np.sqrt(shape[1]))  # fmt: skip
