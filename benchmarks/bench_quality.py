@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import graphprune as gp
 from graphprune import evaluate as ev
+from graphprune.models.digits import fit as train_classifier
 from graphprune.passes.sparsify import sparsify
 
 from record import cpu_name, md_table as table  # noqa: E402 - benchmarks/ is on sys.path
@@ -435,15 +436,7 @@ class MnistCNN(torch.nn.Module):
 
 
 def fit(model, x, y, epochs, lr=2e-3, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for i in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[i]), y[i]).backward()
-            opt.step()
-    return model.eval()
+    return train_classifier(model, x, y, epochs, lr=lr, seed=seed)
 
 
 def bench_mnist(quick: bool, meter: Meter) -> str:

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["graphprune.api", "graphprune.remove", "graphprune.pruning", "graphprune.schedule",
-           "graphprune.ir", "graphprune.passes.coupling"]  # fmt: skip
+           "graphprune.ir", "graphprune.passes.coupling", "graphprune.models.digits"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -178,24 +178,12 @@ def test_spearman_and_pair_order_by_hand():
 
 @pytest.fixture(scope="module")
 def digits_cnn():
-    from sklearn.datasets import load_digits
-
     from graphprune.models.cnn import DigitsCNN
+    from graphprune.models.digits import digits_split, fit
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    xtr, ytr, xte, yte = x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
+    xtr, ytr, xte, yte = digits_split()
     torch.manual_seed(0)
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(10):
-        for i in torch.randperm(len(xtr)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(xtr[i]), ytr[i]).backward()
-            opt.step()
-    return model.eval(), xtr, xte, yte
+    return fit(DigitsCNN(), xtr, ytr, epochs=10), xtr, xte, yte
 
 
 def test_digits_orderings(digits_cnn):
@@ -207,11 +195,19 @@ def test_digits_orderings(digits_cnn):
     for s in (0.5, 0.8, 0.95):
         kl[s] = ev.classifier_agreement(sparsify(model, sparsity=s).model, ref, xte, yte).kl
     assert kl[0.5] < kl[0.8] < kl[0.95]  # more sparsity, more damage
+    removed = {}
+    params = dict(model.named_parameters())
     for pattern in ("unstructured", "4:8", "2:4"):
         r = sparsify(model, sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern,
                      exclude=["classifier.2", "features.0"])
         kl[pattern] = ev.classifier_agreement(r.model, ref, xte, yte).kl
-    assert kl["unstructured"] < kl["4:8"] < kl["2:4"]  # freer patterns keep more
+        removed[pattern] = sum(float(params[n].detach().abs()[~torch.as_tensor(m)].sum())
+                               for n, m in r.masks.items())  # fmt: skip
+    # freer patterns keep more: exactly so for the weight mass magnitude pruning removes (each
+    # pattern's feasible masks contain the next one's); for the outputs, unstructured clearly
+    # beats both N:M patterns (4:8 vs 2:4 is within seed noise on a model this small)
+    assert removed["unstructured"] <= removed["4:8"] <= removed["2:4"]
+    assert kl["unstructured"] < min(kl["4:8"], kl["2:4"]) / 1.5
     # structured: the pruned GraphModule/module has static shapes; feed the captured batch size
     res = gp.prune(model, (xtr[:8],), target_macs=0.5, criterion="l2")
     pruned = ev.classifier_agreement(res.model, ref, xte, yte, batch_size=8)

@@ -7,47 +7,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 import graphprune as gp
 from graphprune.models.cnn import DigitsCNN
+from graphprune.models.digits import accuracy, digits_split, fit
 
 MARGIN = 0.03  # accuracy may drop at most 3 points after pruning to 50% MACs + fine-tune
 
 
 @pytest.fixture(scope="module")
 def digits():
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    tr, te = perm[:1400], perm[1400:]
-    return x[tr], y[tr], x[te], y[te]
-
-
-def train(model, x, y, epochs, lr=3e-3, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for i in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[i]), y[i]).backward()
-            opt.step()
-    return model.eval()
-
-
-def accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+    return digits_split()
 
 
 @pytest.fixture(scope="module")
 def trained(digits):
     torch.manual_seed(0)
     xtr, ytr, xte, yte = digits
-    model = train(DigitsCNN(), xtr, ytr, epochs=12)
+    model = fit(DigitsCNN(), xtr, ytr, epochs=12)
     return model, accuracy(model, xte, yte)
 
 
@@ -62,7 +39,7 @@ def test_half_the_macs_keeps_accuracy_after_fine_tune(digits, trained, criterion
     assert res.report.macs_ratio <= 0.5
     assert res.report.form == "module"
     one_shot = accuracy(res.model, xte, yte)
-    tuned = train(res.model, xtr, ytr, epochs=3, lr=1e-3)
+    tuned = fit(res.model, xtr, ytr, epochs=3, lr=1e-3)
     acc = accuracy(tuned, xte, yte)
     print(f"\n{criterion}: dense {dense_acc:.3f}, pruned one-shot {one_shot:.3f}, "
           f"fine-tuned {acc:.3f}, MACs {res.report.macs_ratio:.2f}")
