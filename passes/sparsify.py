@@ -3,7 +3,9 @@
 Pipeline position: a plan+apply pass. It reads the model (not the PruneGraph yet), computes
 boolean masks with one of the criteria in ``sparsity_methods``, writes masked weights (exact
 zeros; SparseGPT also updates the kept weights) into a copy of the model, and reports per layer.
-The TVM backend consumes the masks to pick sparse / N:M kernels.
+The TVM backend consumes the masks to pick sparse / N:M kernels. Optional training-free
+refinements (``sparsity_refine``): OWL per-block ratios, DSnoT mask swaps, and SparseGPT's OBS
+weight update applied to another criterion's mask.
 
 Guarantees: the input model is never mutated unless ``inplace=True``, and then only after every
 mask was computed (all work happens on a copy first), so a failure leaves nothing half-applied.
@@ -366,8 +368,8 @@ class _Sparsifier:
         inside = {t.name for b in per_block for t in b}
         outside = [t for t in active if t.name not in inside]
         if self.cfg.allocation == "owl":
-            self._owl(blist, per_block)
-            seq = SequentialBlocks(self.work, blist, self.calib)
+            self._owl(seq, blist, per_block)
+            seq.restart()
         st_out = collect_whole(self.work, outside, self.calib, hess) if outside else {}
         for i, tb in enumerate(per_block):
             if tb:
@@ -381,10 +383,9 @@ class _Sparsifier:
         self.report.calibration = f"sequential over {bname} ({len(blist)} blocks)"
         return True
 
-    def _owl(self, blist, per_block) -> None:
+    def _owl(self, seq: SequentialBlocks, blist, per_block) -> None:
         """OWL: outlier ratio of each block's Wanda scores on the dense model, then ratios."""
         cfg = self.cfg
-        seq = SequentialBlocks(self.work, blist, self.calib)
         ratios, sizes, named = [], [], []
         for i, tb in enumerate(per_block):
             if tb:

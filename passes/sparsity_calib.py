@@ -184,6 +184,11 @@ class SequentialBlocks:
             self._run(0, keep=True)
         finally:
             self.cached = saved
+        self._first = saved
+
+    def restart(self) -> None:
+        """Back to block 0's captured inputs (after a dense pass, e.g. OWL's outlier count)."""
+        self.cached = self._first
 
     def calibrate(self, i: int, targets: list[Target], want_hessian: bool):
         tokens = _Tokens()

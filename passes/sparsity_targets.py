@@ -96,8 +96,35 @@ def call_model(model: nn.Module, batch):
     return model(batch)
 
 
+def _first_example(batch):
+    """``batch`` cut to its first example when every tensor in it shares one leading size."""
+    if isinstance(batch, torch.Tensor):
+        tensors = [batch]
+    elif isinstance(batch, dict) or hasattr(batch, "keys"):
+        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    elif isinstance(batch, (tuple, list)):
+        tensors = [v for v in batch if isinstance(v, torch.Tensor)]
+    else:
+        return batch
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(sizes) != 1 or None in sizes or sizes == {1}:
+        return batch
+
+    def cut(v):
+        return v[:1] if isinstance(v, torch.Tensor) else v
+
+    if isinstance(batch, torch.Tensor):
+        return batch[:1]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(v) for v in batch)
+    return {k: cut(v) for k, v in batch.items()}
+
+
 def find_head(model: nn.Module, targets: list[Target], batch=None) -> str | None:
-    """Name of the output head: the last target executed on ``batch``, else the last registered."""
+    """Name of the output head: the last target executed on ``batch``, else the last registered.
+
+    Only the batch's first example runs (execution order does not depend on batch size).
+    """
     if not targets:
         return None
     if batch is None:
@@ -108,7 +135,14 @@ def find_head(model: nn.Module, targets: list[Target], batch=None) -> str | None
     ]
     try:
         with torch.no_grad():
-            call_model(model, batch)
+            one = _first_example(batch)
+            try:
+                call_model(model, one)
+            except Exception:
+                if one is batch:
+                    raise
+                order.clear()  # some models need the whole batch (e.g. fixed batch reshapes)
+                call_model(model, batch)
     except Exception as e:  # the user's model failed on the user's inputs: say so in our terms
         raise ConfigError(
             f"example_inputs: the model failed to run on them ({type(e).__name__}: {e}); pass "
