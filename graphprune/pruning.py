@@ -215,7 +215,7 @@ def _prune_depth(pg: PruneGraph, k: int, criterion: Any, calib: Any, unit: str) 
     base = cost_model.count(pg)
     macs, params = depth.block_cost(pg, dropped)
     crit = criterion if isinstance(criterion, str) else "custom"
-    notes = [f"blocks (lower score goes first): " + ", ".join(
+    notes = ["blocks (lower score goes first): " + ", ".join(
         f"{b.name}={s:.4f}" for b, s in zip(blocks, scores))]  # fmt: skip
     report = PruneReport(
         "graph_module" if pg.frontend == "torch" else "onnx", crit, "depth", k / len(blocks),

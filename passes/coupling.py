@@ -854,7 +854,6 @@ def _collect_groups(cp: Coupling) -> None:
     by_leaf: dict[int, list[Member]] = {}
     for (v, a), var in cp.axis_var.items():
         leaves = cp.leaves(var)
-        axis_size = (pg.value(v).shape or ())[a]
         val = pg.value(v)
         for leaf in leaves:
             block = cp.block(var, leaf)
