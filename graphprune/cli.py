@@ -170,7 +170,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, inputs = _load_model(args.model)
     out.progress(f"pruning {args.model} (criterion={args.criterion}, scope={args.scope})")
     res = gp.prune(model, inputs, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
-                   target_macs=args.target_macs, round_to=args.round_to, heads=args.heads)  # fmt: skip
+                   target_macs=args.target_macs, target_params=args.target_params,
+                   round_to=args.round_to, heads=args.heads, ignore=args.ignore,
+                   min_keep=args.min_keep)  # fmt: skip
     _save_model(res.model, args.out, inputs, out)
     r = res.report
     out.result(r.to_text() + f"\nwrote {args.out}", {
@@ -281,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--criterion", default="l2")
     pr.add_argument("--scope", default="local", choices=["local", "global"])
     pr.add_argument("--target-macs", type=float, default=None)
+    pr.add_argument("--target-params", type=float, default=None)
     pr.add_argument("--round-to", type=int, default=None)
+    pr.add_argument("--min-keep", type=float, default=0.1,
+                    help="never shrink a group below this fraction (default 0.1)")
+    pr.add_argument("--ignore", action="append", default=None, metavar="GLOB",
+                    help="layers never to prune (parameter/module name glob; repeatable)")
     pr.add_argument("--no-heads", dest="heads", action="store_false")
     pr.add_argument("--force", action="store_true", help="overwrite the output file")
     pr.set_defaults(fn=cmd_prune)

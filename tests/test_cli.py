@@ -141,6 +141,15 @@ def test_prune_onnx_in_onnx_out(tmp_path):
     assert sess.run(None, {"x": x[0].numpy()})[0].shape == (2, 10)
     r = gp("prune", src, "-o", tmp_path / "p.onnx")
     assert r.returncode == 2 and "exists" in r.stderr
+    # --ignore keeps a layer's channels; a glob that matches nothing is a user error
+    r = gp("prune", src, "-o", tmp_path / "i.onnx", "--ratio", "0.5", "--ignore", "*", "--json")
+    assert r.returncode == 2 and "nothing can be pruned" in r.stderr, r.stderr
+    r = gp("prune", src, "-o", tmp_path / "i.onnx", "--ignore", "no.such*", "-q")
+    assert r.returncode == 2 and "matches no parameter" in r.stderr, r.stderr
+    r = gp("prune", src, "-o", tmp_path / "t.onnx", "--target-params", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert 0.4 <= info["params_after"] / info["params_before"] <= 0.5
 
 
 def test_prune_torch_to_onnx_and_pt2(tmp_path):
