@@ -1,9 +1,10 @@
 """BSR sparse × dense TensorIR kernel for ``block:RxC`` masks (CPU).
 
 ``YT[N, B] = W[N, K] @ XT[K, B]`` with ``W`` in :class:`~.formats.BSRWeight` (blocks stored
-``[C, R]``). Parallel over block rows. Each nonzero block is a dense register-blocked micro-tile:
-for ``B > 1`` an ``R × (acc·lanes)`` accumulator tile (``R·acc ≤ 16`` vector registers, half the
-AVX-512 file) takes one broadcast weight per row against a vector of batch columns; for
+``[C, R]``). Parallel over 16 equal runs of block rows. Each nonzero block is a dense
+register-blocked micro-tile: for ``B > 1`` an ``R × (acc·lanes)`` accumulator tile
+(``R·acc ≤ 16`` vector registers, half the AVX-512 file) takes one broadcast weight per row
+against a vector of batch columns; for
 ``B == 1`` the block's ``R`` rows are the vector (``16x1`` blocks fill a zmm register) and
 ``C`` contiguous activations are broadcast. Edges: ``K % C`` guards the activation loads,
 ``N % R`` the stores (only emitted when the sizes need them).
