@@ -145,10 +145,18 @@ def _nm_b1_permute(n, k, keep_n, m, bits, per_word, words, kept, mask):
                         fma(acc, a, xf, values, packed, i, s * unroll + a)
                 for v in range(nvec // unroll * unroll, nvec):
                     fma(acc, 0, xf, values, packed, i, v)
-                total[0] = T.float32(0)
-                for l in T.unroll(16):
-                    for a in T.unroll(unroll):
-                        total[0] = total[0] + acc[a * 16 + l]
+                # tree sum (unroll == 2: 32 -> 16 -> 8 -> 4 -> 2 -> 1), 5 dependent adds per row
+                # where a chain over the lanes was 32: at ~400 cycles of streaming per row that
+                # chain was not hidden
+                for l in T.vectorized(16):
+                    acc[l] = acc[l] + acc[16 + l]
+                for l in T.vectorized(8):
+                    acc[l] = acc[l] + acc[8 + l]
+                for l in T.vectorized(4):
+                    acc[l] = acc[l] + acc[4 + l]
+                for l in T.vectorized(2):
+                    acc[l] = acc[l] + acc[2 + l]
+                total[0] = acc[0] + acc[1]
                 for t in range(nvec * 16, kept):
                     total[0] = total[0] + values[i, t] * xf[
                         _scalar_col(packed, i, t, keep_n, m, bits, per_word, mask, k)
