@@ -10,9 +10,10 @@ importers emit the same ops for these layers, so one matcher per op serves torch
 * **conv2d** (NCHW/OIHW, ``groups == 1``): ``W[N, C, kh, kw]`` is the matrix ``[N, C·kh·kw]``.
   A 1×1 conv with no padding needs no copy at batch 1 (``x[1, C, H, W]`` *is* ``XT[C, H·W]``;
   a stride is one strided slice); a k×k conv is im2col'd with Relax ops (pad, one strided
-  slice per kernel tap, stack: ``kh·kw`` copies of the input, which ``auto`` weighs against
-  the dense conv). ``B`` = images × output pixels; the result is ``[N, B]`` reshaped (and, for
-  several images, transposed) back to NCHW.
+  slice per kernel tap, concat: ``kh·kw`` copies of the input, which ``auto`` weighs against
+  the dense conv); a patch embedding (stride = kernel, no padding) is one reshape + transpose.
+  ``B`` = images × output pixels; the result is ``[N, B]`` reshaped (and, for several images,
+  transposed) back to NCHW.
 
 Each match also builds its *probe*: the same layer alone as a one-op ``main``, which the
 ``auto`` chooser compiles dense and rewritten to time both.
@@ -139,8 +140,18 @@ def match_conv2d(call, weight_of: dict) -> MatrixLayer | None:
     k, pix = c * kh * kw, ho * wo
     batch = imgs * pix
     direct = kh == kw == 1 and pt == pl == pb == pr == 0
+    # a patch embedding (ViT): taps do not overlap, so im2col is a reshape and one transpose
+    patches = ((sh, sw) == (kh, kw) and (dh, dw) == (1, 1) and pt == pl == pb == pr == 0
+               and not direct)  # fmt: skip
 
     def to_xt(emit):
+        if patches:
+            xs = x
+            if (h, w) != (ho * kh, wo * kw):
+                xs = emit(relax.op.strided_slice(x, [2, 3], [0, 0], [ho * kh, wo * kw]))
+            six = emit(relax.op.reshape(xs, (imgs, c, ho, kh, wo, kw)))
+            cols = emit(relax.op.permute_dims(six, [1, 3, 5, 0, 2, 4]))  # C, kh, kw, imgs, Ho, Wo
+            return emit(relax.op.reshape(cols, (k, batch)))
         if direct:
             xs = x
             if (sh, sw) != (1, 1):

@@ -202,3 +202,24 @@ def test_conv_auto_times_the_dense_conv(tmp_path):
     for r in records.values():
         assert r["layer"].startswith("conv") and r["cache_key"].count("conv") == 1
         assert r["sparsity"] == min(r["times_ms"], key=r["times_ms"].get)
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_patch_embedding_conv_rewrite(images):
+    """A ViT patch embedding (4×4 conv, stride 4, input not a multiple of the patch) takes the
+    reshape + transpose im2col."""
+    import tvm
+
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, 16, 4, stride=4).eval()
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) < 0.3).float())
+    x = torch.randn(images, 3, 18, 13)
+    new, records = rewrite_sparse(lower(conv, (x,)), TARGET, "csr", cache_path=False)
+    assert [r["sparsity"] for r in records.values()] == ["csr"]
+    text = new.mod["main"].script()
+    assert "strided_slice" in text and "concat" not in text
+    built, vm = run_lowered(new)
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(w) for w in built.weights])
+    out = out if hasattr(out, "numpy") else out[0]
+    np.testing.assert_allclose(out.numpy(), conv(x).detach().numpy(), rtol=1e-4, atol=1e-4)
