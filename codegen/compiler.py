@@ -30,6 +30,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     schedule: str = "ours",
     progress=None,
     kernels: str = "dense",
+    tuning_dir=None,
 ):
     """Compile a model to a TVM artifact directory and return it loaded.
 
@@ -45,7 +46,13 @@ def compile(  # noqa: A001 - the public name the issue asks for
     out_dir : str or os.PathLike
         Where the artifact directory goes (replaced atomically if it already is an artifact).
     tune, trials : bool, int
-        MetaSchedule tuning is not implemented yet; ``tune=True`` raises ``ConfigError``.
+        MetaSchedule tuning (CPU): ``trials`` measured candidates in all, over the kernels the
+        database does not know yet. Our rules' schedules seed the database and the faster
+        record wins per kernel, so tuning never makes a kernel slower than untuned (as
+        measured). See :mod:`.tuning`.
+    tuning_dir : str or os.PathLike, optional
+        The tuning database (kept and reused: a second compile with it runs no new trials).
+        Default ``$GRAPHPRUNE_TUNING_DIR`` or ``~/.cache/graphprune/tuning``.
     schedule : {"ours", "stock", "dlight"}
         CPU scheduling: our rules (default), none (TVM's stock pipeline), or dlight's CPU rules.
     progress : callable(str), optional
@@ -72,11 +79,16 @@ def compile(  # noqa: A001 - the public name the issue asks for
 
     if out_dir is None:
         raise ConfigError("compile needs out_dir: the directory the artifact is written to")
-    if tune or trials:
-        raise ConfigError(
-            "MetaSchedule tuning (tune=True / trials>0) is not implemented yet; "
-            "compile with tune=False to use graphprune's CPU schedule rules"
-        )
+    tuning = None
+    if tune:
+        from graphprune.codegen.tuning import check_tuning_available
+
+        if trials <= 0:
+            raise ConfigError("tune=True needs trials > 0 (measured candidates in all)")
+        check_tuning_available()
+        tuning = {"trials": int(trials), "dir": tuning_dir}
+    elif trials:
+        raise ConfigError(f"trials={trials} given without tune=True")
     step = progress or (lambda msg: None)
     tgt = make_target(target)
     step("lowering to Relax")
@@ -86,7 +98,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
 
     lowered, sparse_records = rewrite_sparse(lowered, tgt, kernels=kernels, progress=step)
     # -- end sparse kernels --
-    built = build(lowered, tgt, schedule=schedule, progress=step)
+    built = build(lowered, tgt, schedule=schedule, progress=step, tuning=tuning)
     step(f"writing artifact {os.fspath(out_dir)}")
     info = {
         "target": target_to_dict(tgt),
@@ -96,5 +108,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         "outputs": [s.to_json() for s in lowered.outputs],
         "kernels": {**built.kernels, **sparse_records},
     }
+    if built.tuning is not None:
+        info["tuning"] = built.tuning
     path = write_artifact(Path(out_dir), built.executable, built.weights, info)
     return load(path)

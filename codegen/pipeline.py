@@ -16,7 +16,9 @@ Ordering (each step's precondition is the previous one's result):
    ``FastMathTransform`` (vectorisable ``erf``/``exp``/``tanh``), and ``x / w`` with a
    weight-only ``w`` (BN) into ``x * (1 / w)``.
 4. Legalize, fuse (stock passes), then **schedule**: our rules (CPU) or ``dlight`` (CUDA) or
-   nothing (``schedule="stock"``, the baseline of the benchmark). On CPU our rules repack weight
+   nothing (``schedule="stock"``, the baseline of the benchmark). With ``tune=True`` (CPU)
+   MetaSchedule first schedules the kernels its database has faster records for
+   (:mod:`.tuning`); our rules take the rest. On CPU our rules repack weight
    operands; ``SplitLayoutRewritePreproc`` and a second ``LiftTransformParams`` move the packing
    out of ``main`` and it is evaluated once here (:func:`_schedule_cpu`).
 5. The stock VM lowering passes, then ``tvm.compile``.
@@ -44,6 +46,7 @@ class Built:
     executable: object  # tvm.relax.Executable
     weights: list[np.ndarray]
     kernels: dict[str, dict] = field(default_factory=dict)
+    tuning: dict | None = None  # TuningReport.to_json() when tuned
 
 
 def _cpu_rules(target):
@@ -224,7 +227,7 @@ def _divide_by_weights():
     return _pass
 
 
-def _schedule_cpu(mod, weights: list[np.ndarray], target, report: dict, step):
+def _schedule_cpu(mod, weights: list[np.ndarray], target, report: dict, step, tuning=None):
     """Legalize, fuse and schedule with our CPU rules, then prepack weights.
 
     The rules repack weight operands into contiguous panels (``layout_rewrite_preproc`` blocks,
@@ -238,8 +241,16 @@ def _schedule_cpu(mod, weights: list[np.ndarray], target, report: dict, step):
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
-    passes += [
-        _mark_weight_buffers(),
+    passes.append(_mark_weight_buffers())
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+    if tuning is not None:  # MetaSchedule: database records replace our rules where faster
+        from graphprune.codegen.tuning import tune_and_apply
+
+        mod, tuning["summary"] = tune_and_apply(
+            mod, target, tuning["trials"], tuning["dir"], _cpu_rules(target), report, step
+        )
+    passes = [
         _schedule_pass(_cpu_rules(target), target, report),
         _split_layout_rewrite(report),
         relax.transform.LiftTransformParams(),
@@ -251,7 +262,10 @@ def _schedule_cpu(mod, weights: list[np.ndarray], target, report: dict, step):
         report[f"{name}_prepacked"] = report.pop(name)  # the split keeps the compute half
     if "main_transform_params" in [gv.name_hint for gv in mod.get_global_vars()]:
         step("packing weights")
-        packed = _pack_in_numpy(mod["main_transform_params"], weights)
+        # Only our rules' packing is known to be W[r..., c] -> Wp[c // bn, r..., c % bn]; a
+        # MetaSchedule layout is computed by compiling the transform.
+        ours = tuning is None or not any(r.get("packed_weight") is True for r in report.values())
+        packed = _pack_in_numpy(mod["main_transform_params"], weights) if ours else None
         weights = packed if packed is not None else _run_transform_params(mod, weights)
         mod = _without(mod, "main_transform_params")
     return mod, weights
@@ -386,13 +400,23 @@ def _run_transform_params(mod, weights: list[np.ndarray]) -> list[np.ndarray]:
     return [np.ascontiguousarray(t.numpy()) for t in out]
 
 
-def build(lowered: LoweredModel, target, schedule: str = "ours", progress=None) -> Built:
-    """Optimise, schedule and compile ``lowered`` for ``target`` (a ``tvm.target.Target``)."""
+def build(
+    lowered: LoweredModel, target, schedule: str = "ours", progress=None, tuning: dict | None = None
+) -> Built:
+    """Optimise, schedule and compile ``lowered`` for ``target`` (a ``tvm.target.Target``).
+
+    ``tuning`` (``{"trials": N, "dir": path}``) runs MetaSchedule on the CPU kernels with a
+    database in ``dir`` (:mod:`.tuning`); its summary is returned in ``Built.tuning``."""
     import tvm
     from tvm import relax
 
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+    if tuning is not None and (target.kind.name != "llvm" or schedule != "ours"):
+        raise ConfigError(
+            "tune=True is implemented for CPU targets with schedule='ours' (it seeds the search "
+            "with our rules and keeps the faster); CUDA uses dlight's rules untuned"
+        )
     step = progress or (lambda msg: None)
     mod = lowered.mod
     weights = list(lowered.params)
@@ -423,11 +447,12 @@ def build(lowered: LoweredModel, target, schedule: str = "ours", progress=None) 
     try:
         stage = schedule
         if is_cpu and schedule == "ours":
-            mod, weights = _schedule_cpu(mod, weights, target, report, step)
+            mod, weights = _schedule_cpu(mod, weights, target, report, step, tuning)
             stage = "scheduled"
         exe = tvm.compile(mod, target=target, relax_pipeline=_relax_pipeline(target, stage, report))
     except (ConfigError, CodegenUnsupported):
         raise
     except Exception as e:
         raise CodegenUnsupported(f"TVM failed to build the model for {target}: {e}") from e
-    return Built(exe, weights, report)
+    summary = tuning.get("summary") if tuning else None
+    return Built(exe, weights, report, summary.to_json() if summary else None)
