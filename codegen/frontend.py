@@ -77,6 +77,72 @@ def _finish(mod, frontend: str, input_names: list[str] | None = None) -> Lowered
     return LoweredModel(mod, params, inputs, outputs, frontend)
 
 
+def _torch_cumsum_dtype():
+    """``cumsum`` of a bool or small-int tensor is ``int64`` in torch (integral inputs are
+    promoted unless ``dtype`` is given); TVM 0.27's importer keeps the input dtype, so a bool
+    cumsum (transformers' position ids and causal masks from an attention mask, e.g. Llama)
+    becomes a bool tensor: wrong values, then LLVM aborts on a non-float ``add`` of ``i1``.
+    Rewrite it as ``cumsum(x, dtype="int64")``; the consumers' types are re-inferred."""
+    import tvm
+    from tvm import relax
+
+    cumsum = tvm.ir.Op.get("relax.cumsum")
+
+    @relax.expr_functor.mutator
+    class _Cumsum(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(cumsum):
+                return call
+            x = call.args[0]
+            dtype = str(x.ty.dtype) if isinstance(x.ty, relax.TensorType) else ""
+            if dtype not in ("bool", "int8", "uint8", "int16", "int32"):
+                return call
+            if str(call.ty.dtype) == "int64":
+                return call
+            return relax.op.cumsum(x, call.attrs.axis, "int64", call.attrs.exclusive)
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphPruneTorchCumsumDtype")
+    def _pass(mod, _ctx):
+        rewriter = _Cumsum(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
+def _float_sdpa_masks(program):
+    """Boolean ``attn_mask`` of ``scaled_dot_product_attention`` as the additive float mask the
+    importer requires (``0`` where attended, ``-3.4e38`` where masked: ``exp`` underflows to 0
+    as with ``-inf``, and no ``0 * inf`` NaN)."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.target is not aten.scaled_dot_product_attention.default or len(node.args) < 4:
+            continue
+        mask = node.args[3]
+        val = getattr(mask, "meta", {}).get("val")
+        if val is None or val.dtype != torch.bool:
+            continue
+        q = node.args[0].meta["val"]
+        with graph.inserting_before(node):
+            as_float = graph.call_function(aten._to_copy.default, (mask,), {"dtype": q.dtype})
+            masked = graph.call_function(aten.rsub.Scalar, (as_float, 1.0))
+            additive = graph.call_function(aten.mul.Tensor, (masked, -3.4e38))
+        with val.fake_mode:
+            f = val.to(q.dtype)
+            as_float.meta["val"] = f
+            masked.meta["val"] = 1.0 - f
+            additive.meta["val"] = (1.0 - f) * -3.4e38
+        node.args = (*node.args[:3], additive, *node.args[4:])
+    program.graph_module.recompile()
+    return program
+
+
 def lower_torch(model, example_inputs) -> LoweredModel:
     """Lower ``model`` (an ``nn.Module``) traced on ``example_inputs`` through ``torch.export``.
 
@@ -104,7 +170,23 @@ def lower_torch(model, example_inputs) -> LoweredModel:
     except Exception as e:  # torch.export raises many unrelated types
         raise CaptureError(f"torch.export failed on {type(model).__name__}: {e}") from e
     try:
-        mod = from_exported_program(program, keep_params_as_input=True)
+        try:
+            mod = from_exported_program(program, keep_params_as_input=True)
+        except ValueError as e:
+            if "Cannot view a tensor" not in str(e):
+                raise
+            # torch's decomposition of scaled_dot_product_attention (which the importer runs
+            # first) gives its output other strides than eager, and a later .view() of it is
+            # then refused (GPT-2's Conv1D). The importer translates sdpa itself: keep it.
+            table = {
+                k: v for k, v in torch.export.default_decompositions().items()
+                if "scaled_dot_product_attention" not in str(k)
+            }  # fmt: skip
+            program = _float_sdpa_masks(program.run_decompositions(table))
+            mod = from_exported_program(
+                program, keep_params_as_input=True, run_ep_decomposition=False
+            )
+        mod = _torch_cumsum_dtype()(mod)
     except Exception as e:
         raise CodegenUnsupported(
             f"TVM's torch importer rejected {type(model).__name__}: {e}"
