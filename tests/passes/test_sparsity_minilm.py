@@ -59,42 +59,78 @@ def minilm():
     return model, calib, ev, embed(model, ev)
 
 
-def test_minilm_quality_table(minilm):
+@pytest.fixture(scope="module")
+def pruned(minilm):
+    """``pruned(pattern, method, **options)``: each configuration is sparsified once per module."""
     model, calib, ev, dense = minilm
-    cos, rows = {}, []
-    for pattern in ("unstructured", "2:4"):
-        for method in ("magnitude", "wanda", "sparsegpt"):
+    memo = {}
+
+    def get(pattern, method, **kw):
+        key = (pattern, method, tuple(sorted(kw.items())))
+        if key not in memo:
             res = sparsify(model, sparsity=0.5 if pattern == "unstructured" else None,
-                           pattern=pattern, method=method, calib=calib)
-            assert res.report.pattern_ok and len(res.report.layers) == 36
-            assert "pooler.dense" in res.report.excluded  # the output head, by default
-            c = (embed(res.model, ev) * dense).sum(-1)
-            cos[pattern, method] = c.mean().item()
-            rows.append(f"{pattern:<13} {method:<10} {c.mean():>8.4f} {c.min():>8.4f} "
-                        f"{res.report.seconds:>7.2f}s  {res.report.calibration}")
-    print("\nall-MiniLM-L6-v2, cosine vs dense on", len(dense), "held-out sentences")
-    print(f"{'pattern':<13} {'method':<10} {'mean':>8} {'min':>8} {'time':>8}")
+                           pattern=pattern, method=method, calib=calib, **kw)
+            memo[key] = res, (embed(res.model, ev) * dense).sum(-1)
+        return memo[key]
+
+    return get
+
+
+# The best legitimate one-shot settings measured (benchmarks/bench_sparsity.py --study):
+# SparseGPT's weight update on top of Wanda's mask, and Hessian damping 0.3 (not 0.01): chosen by
+# fitting on [calib] sentences 0-23 and scoring on 24-31, so the eval sentences choose nothing.
+# 32 sentences give ~500 tokens for layers up to 1536 wide: the Hessian needs the stronger ridge.
+BEST = {"wanda": {"update": "obs", "percdamp": 0.3}, "sparsegpt": {"percdamp": 0.3}}
+
+XFAIL_REASON = (
+    "issue 4 asks >= 0.95 mean cosine at 50% unstructured with no fine-tuning; not reached. "
+    "Measured (BENCHMARKS.md, bench_sparsity --study): defaults Wanda 0.880 / SparseGPT 0.885; "
+    "best one-shot settings Wanda + OBS update, percdamp 0.3 0.916 and SparseGPT percdamp 0.3 "
+    "about 0.91. No calibration change closes the gap (Hamlet or pydoc text, up to ~4k tokens: "
+    "Wanda 0.84-0.86, SparseGPT 0.84-0.90); DSnoT +0.001, OWL -0.035, bias correction "
+    "+0.002-0.013. One-shot 50% of all 36 Linear layers of this 6-layer, 384-wide distilled "
+    "encoder costs ~8% cosine: 0.95 needs fine-tuning/distillation or lower sparsity."
+)
+
+
+def test_minilm_quality_table(pruned):
+    cos, rows = {}, []
+    configs = [(p, m, {}) for p in ("unstructured", "2:4")
+               for m in ("magnitude", "wanda", "sparsegpt")]
+    configs += [("unstructured", m, kw) for m, kw in BEST.items()]
+    for pattern, method, kw in configs:
+        res, c = pruned(pattern, method, **kw)
+        assert res.report.pattern_ok and len(res.report.layers) == 36
+        assert "pooler.dense" in res.report.excluded  # the output head, by default
+        assert abs(res.report.total_sparsity - 0.5) < 1e-3
+        cos[pattern, method, bool(kw)] = c.mean().item()
+        opts = ", ".join(f"{k}={v}" for k, v in kw.items()) or "defaults"
+        rows.append(f"{pattern:<13} {method:<10} {opts:<28} {c.mean():>8.4f} {c.min():>8.4f} "
+                    f"{res.report.seconds:>7.2f}s")
+    print("\nall-MiniLM-L6-v2, cosine vs dense on", len(c), "held-out sentences")
+    print(f"{'pattern':<13} {'method':<10} {'options':<28} {'mean':>8} {'min':>8} {'time':>8}")
     print("\n".join(rows))
     for pattern in ("unstructured", "2:4"):
         for method in ("wanda", "sparsegpt"):
-            assert cos[pattern, method] > cos[pattern, "magnitude"] + 0.05, (pattern, method)
-    assert cos["unstructured", "sparsegpt"] > 0.85 and cos["unstructured", "wanda"] > 0.85
+            assert cos[pattern, method, False] > cos[pattern, "magnitude", False] + 0.05
+    assert cos["unstructured", "sparsegpt", False] > 0.87
+    assert cos["unstructured", "wanda", False] > 0.87
+    # The measured improvements hold: both best settings beat the defaults by a clear margin.
+    for method in BEST:
+        assert cos["unstructured", method, True] > cos["unstructured", method, False] + 0.01
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 asks >= 0.95 mean cosine at 50% unstructured; "
-                   "measured about 0.88 (Wanda and SparseGPT) with 32 held-out calibration "
-                   "sentences: one-shot 50% on all 36 Linear layers costs this much on MiniLM")
+@pytest.mark.xfail(strict=True, reason=XFAIL_REASON)
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_minilm_half_sparse_reaches_095(minilm, method):
-    model, calib, ev, dense = minilm
-    res = sparsify(model, sparsity=0.5, method=method, calib=calib)
-    assert (embed(res.model, ev) * dense).sum(-1).mean().item() >= 0.95
+def test_minilm_half_sparse_reaches_095(pruned, method):
+    _, c = pruned("unstructured", method, **BEST[method])
+    assert c.mean().item() >= 0.95
 
 
-def test_minilm_keeps_paraphrase_ranking(minilm):
+def test_minilm_keeps_paraphrase_ranking(minilm, pruned):
     """Eval sentences 0/1, 2/3, 4/5 are paraphrase pairs: they stay each other's nearest."""
     model, calib, ev, _ = minilm
-    res = sparsify(model, sparsity=0.5, method="sparsegpt", calib=calib)
+    res, _ = pruned("unstructured", "sparsegpt")
     e = embed(res.model, ev)
     sim = e @ e.t()
     sim.fill_diagonal_(-1)
