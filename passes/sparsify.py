@@ -271,7 +271,10 @@ class _Sparsifier:
                 rep.excluded[t.name] = (f"grouped conv (groups={t.groups}): {cfg.method} needs "
                                         "groups=1, left dense")
             else:
-                if not torch.isfinite(t.module.weight).all():
+                # One reduction: a NaN/inf weight makes the sum non-finite (the full scan runs only
+                # then, since huge finite weights can overflow the sum too).
+                w = t.module.weight.detach()
+                if not torch.isfinite(w.sum()) and not torch.isfinite(w).all():
                     raise ConfigError(f"weight {t.param_name!r} holds NaN/inf: fix the model or "
                                       f"exclude it with exclude=[{t.name!r}]")
                 active.append(t)
@@ -343,12 +346,13 @@ class _Sparsifier:
         p = self._prior2d(t)
         if p is not None:
             keep = keep & p
-        old = t.weight2d().clone()
+        x = st.sample() if st is not None else None
+        # The old weights are kept only for the error report, which needs calibration rows.
+        old = t.weight2d().clone() if x is not None else t.weight2d()
         w2 = (new if new is not None else old) * keep
         with torch.no_grad():
             t.module.weight.copy_(t.to_param_shape(w2.to(old.dtype)))
         self.masks[t.param_name] = t.to_param_shape(keep)
-        x = st.sample() if st is not None else None
         self.report.layers.append(LayerSparsity(
             t.param_name, tuple(t.module.weight.shape), int(keep.sum()), keep.numel(),
             check_mask(keep, self.cfg.pattern), self._group(),
