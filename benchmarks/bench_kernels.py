@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -33,6 +34,7 @@ p.add_argument("--repeat", type=int, default=7, help="best of this many timings 
 p.add_argument("--goal-threads", type=int, nargs="*", default=[1],
                help="also re-measure the goal rows with these thread counts")  # fmt: skip
 p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 ARGS = p.parse_args()
 os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)  # must precede the tvm import
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: ARGS.threads])
@@ -212,38 +214,65 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def goal_rows_at(threads: int, rng) -> list[dict]:
-    """The goal rows of the grid again, with ``threads`` threads (our sparse, our dense and
+def goal_rows_at(threads: int, rng, shape) -> list[dict]:
+    """The goal rows of ``shape`` again, with ``threads`` threads (our sparse, our dense and
     torch dense each re-measured)."""
     set_threads(threads)
-    cells = [(inp, out, batch, pattern) for inp, out in SHAPES for batch in BATCHES
-             for pattern in PATTERNS]  # fmt: skip
+    cells = [(*shape, batch, pattern) for batch in BATCHES for pattern in PATTERNS]
     again = [row(rng, *c) for c in cells
              if is_goal_row({"shape": c[:2], "batch": c[2], "pattern": c[3]})]  # fmt: skip
     set_threads(ARGS.threads)
-    settle(again)
     return again
 
 
+def worker(index: int) -> int:
+    """One shape's rows (and its goal rows at each ``--goal-threads`` count) as JSON lines on
+    stdout. Each shape runs in its own process: TVM's pooled allocator keeps every buffer size
+    it has served, and one process for the whole grid grew past 12 GB."""
+    rng = np.random.default_rng(index)
+    shape = SHAPES[index]
+    for batch in BATCHES:
+        for pattern in PATTERNS:
+            r = row(rng, *shape, batch, pattern)
+            print(render(r), file=sys.stderr, flush=True)
+            print(json.dumps({**r, "threads": ARGS.threads}), flush=True)
+    for n in sorted(set(ARGS.goal_threads) - {ARGS.threads}):
+        for r in goal_rows_at(n, rng, shape):
+            print(json.dumps({**r, "threads": n}), flush=True)
+    return 0
+
+
+def run_shape(index: int) -> list[dict]:
+    args = [sys.executable, os.path.abspath(__file__), "--worker", str(index), "--threads",
+            str(ARGS.threads), "--repeat", str(ARGS.repeat), "--goal-threads",
+            *map(str, ARGS.goal_threads)] + (["--quick"] if ARGS.quick else [])  # fmt: skip
+    done = subprocess.run(args, stdout=subprocess.PIPE, text=True, check=True)
+    out = []
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            r["shape"] = tuple(r["shape"])
+            out.append(r)
+    return out
+
+
 def main() -> int:
-    rng = np.random.default_rng(0)
+    if ARGS.worker is not None:
+        return worker(ARGS.worker)
     t0, up_before = time.time(), uptime()
     print(up_before, flush=True)
     header = ("| Linear in×out | batch | pattern | ours (format) | our dense | auto keeps | "
               "torch dense | torch CSR | scipy CSR | ours vs best dense | byte bound |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     print(header, flush=True)
-    rows = []
-    for inp, out in SHAPES:
-        for batch in BATCHES:
-            for pattern in PATTERNS:
-                rows.append(row(rng, inp, out, batch, pattern))
-                print(render(rows[-1]), flush=True)
+    measured = [r for i in range(len(SHAPES)) for r in run_shape(i)]
+    rows = [r for r in measured if r["threads"] == ARGS.threads]
     settle(rows)
     summary = goals(rows, ARGS.threads)
     extra = ""
     for n in sorted(set(ARGS.goal_threads) - {ARGS.threads}):
-        again = goal_rows_at(n, rng)
+        again = [r for r in measured if r["threads"] == n]
+        settle(again)
         extra += (f"\n\nThe goal rows again with {n} thread(s):\n\n{header}\n"
                   + "\n".join(render(r) for r in again) + "\n\n" + goals(again, n))  # fmt: skip
     up_after = uptime()
@@ -264,7 +293,8 @@ def main() -> int:
         "is measured in every row and each row shows the best of its shape and batch); `auto "
         "keeps` is the faster of the two; `ours vs best dense` divides the faster of our dense "
         "and torch dense by ours. Byte bound = dense fp32 weight bytes / bytes of the arrays "
-        "our kernel reads (CSR: int16 column indices where K ≤ 32768, 6 bytes per nonzero).\n\n"
+        "our kernel reads (CSR: int16 column indices where K ≤ 32768, 6 bytes per nonzero). "
+        "Each Linear shape runs in its own process.\n\n"
         f"{header}\n" + "\n".join(render(r) for r in rows) + "\n\nGoals (issue #6):\n\n"
         + summary + extra + "\n"
     )
