@@ -77,3 +77,31 @@ def test_structurally_pruned_model_compiles_and_matches(artifact_dir):
     assert_matches(art(*x), torch_outputs(res.model, x))
     dense = codegen.compile(model, x, out_dir=artifact_dir.with_name("dense"))
     assert not np.allclose(art(*x), dense(*x))  # it really is the pruned network
+
+
+def test_batch_norm_epilogue_folds_to_one_multiply_and_one_add():
+    """conv -> BN -> ReLU: after decomposition BN is (y - mean) * (1/std) * gamma + beta on the
+    activation; the fold leaves one multiply and one add there (plus the conv's bias add), the
+    rest works on [1, C, 1, 1] weight-only values."""
+    import tvm
+    from tvm import relax
+
+    from graphprune.codegen.frontend import lower
+    from graphprune.codegen.pipeline import _divide_by_weights, _fold_affine_epilogues
+
+    model = seeded(ConvBlock)
+    lowered = lower(nn.Sequential(model.stem, model.bn, nn.ReLU()), (torch.randn(1, 3, 8, 8),))
+    mod = tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(), _divide_by_weights(),
+        _fold_affine_epilogues(), relax.transform.LiftTransformParams(),
+    ])(lowered.mod)  # fmt: skip
+    on_activation = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            shape = [int(d) for d in e.ty.shape] if isinstance(e.ty, relax.TensorType) else []
+            if shape == [1, 16, 8, 8] and e.op.name != "relax.nn.conv2d":
+                on_activation.append(e.op.name)
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    assert on_activation == ["relax.add", "relax.multiply", "relax.add", "relax.nn.relu"]
