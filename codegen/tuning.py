@@ -128,7 +128,7 @@ def _in_process_builder():
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
                     path = default_export(tvm_build(mod, target=item.target))
                     results.append(ms.builder.BuilderResult(path, None))
-                except Exception as e:  # a candidate that does not build is a failed trial
+                except Exception as e:  # noqa: BLE001 - a candidate that does not build is a failed trial
                     results.append(ms.builder.BuilderResult(None, f"{type(e).__name__}: {e}"))
             return results
 
@@ -163,7 +163,7 @@ def _in_process_runner():
                     )
                     costs = default_run_evaluator(rt_mod, dev, config, args)
                     futures.append(LocalRunnerFuture(res=costs))
-                except Exception as e:  # a candidate that fails to run is a failed trial
+                except Exception as e:  # noqa: BLE001 - a candidate that fails to run is a failed trial
                     futures.append(LocalRunnerFuture(error_message=f"{type(e).__name__}: {e}"))
             return futures
 
@@ -334,7 +334,7 @@ def _has_preproc(mod, name: str) -> bool:
     try:
         sch = s_tir.Schedule(funcs[0])
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # no root block: nothing to split
+    except Exception:  # noqa: BLE001 - no root block: nothing to split
         return False
     key = "meta_schedule.layout_rewrite_preproc"
     return any(key in (sch.get(b).annotations or {}) for b in blocks)
