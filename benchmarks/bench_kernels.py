@@ -227,8 +227,9 @@ def goal_rows_at(threads: int, rng, shape) -> list[dict]:
 
 def worker(index: int) -> int:
     """One shape's rows (and its goal rows at each ``--goal-threads`` count) as JSON lines on
-    stdout. Each shape runs in its own process: TVM's pooled allocator keeps every buffer size
-    it has served, and one process for the whole grid grew past 12 GB."""
+    stdout. Each shape runs in its own process: one process for the whole grid grew past 12 GB
+    and was OOM-killed, though one row alone peaks at 2.2 GB (the growth across rows was not
+    traced; TVM's pooled VM allocator, which keeps what it served, is the likely holder)."""
     rng = np.random.default_rng(index)
     shape = SHAPES[index]
     for batch in BATCHES:
