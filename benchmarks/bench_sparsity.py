@@ -35,6 +35,7 @@ START, END = "<!-- bench_sparsity:start -->", "<!-- bench_sparsity:end -->"
 STUDY_START, STUDY_END = "<!-- bench_sparsity:study:start -->", "<!-- bench_sparsity:study:end -->"
 METHODS = ["magnitude", "random", "wanda", "obd", "sparsegpt", "taylor", "snip", "grasp",
            "synflow"]
+GOAL_METHODS = ("wanda", "sparsegpt")  # issue 4 sets time goals for these: always best of 3
 SYNFLOW_ROUNDS = 10  # the paper's 100 rounds cost 10x; masks change little after 10 here
 
 
@@ -110,7 +111,7 @@ def run(tok, model, methods: list[str]) -> tuple[list[tuple], int]:
                 t0 = time.perf_counter()
                 res = sparsify(model, **kw)
                 dt = min(dt, time.perf_counter() - t0)
-                if dt > 10.0:
+                if dt > 10.0 and method not in GOAL_METHODS:
                     break
             c = (_embed(res.model, ev) * dense).sum(-1)
             rows.append((pattern, method, dt, c.mean().item(), c.min().item(),
@@ -250,7 +251,7 @@ def write(rows, n_eval: int, study_rows, load_start: str) -> None:
         "## Sparsity passes: all-MiniLM-L6-v2 (`benchmarks/bench_sparsity.py`)", "",
         f"Measured {datetime.date.today().isoformat()} on {_machine()}; {load_start} at the "
         f"start, {_load_text()} at the end: the 2 cores are shared with other jobs (times are "
-        "the best of up to 3 runs for runs under 10 s).",
+        "the best of 3 runs for wanda and sparsegpt, else of up to 3 runs for runs under 10 s).",
         f"Calibration: 32 sentences (4 batches of 8, padding tokens excluded from the "
         f"statistics); quality on {n_eval} held-out sentences (cosine of mean-pooled embeddings "
         "vs the dense model). Embeddings and the output head (`pooler.dense`) are left dense; "
