@@ -157,8 +157,8 @@ def lm_loss(out, batch):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,width,depth"
-              ) -> tuple[dict[str, str], list]:
+def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,width,depth",
+              methods: str = "magnitude,wanda,sparsegpt,torchao") -> tuple[dict[str, str], list]:
     """SmolLM2 tables by part (``sparsity`` with the torchao peer, ``width`` with the
     Torch-Pruning peer, ``depth``), each recorded in its own block of BENCHMARKS.md."""
     from graphprune.models.hf import TensorOutputs
@@ -202,7 +202,8 @@ def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,width,depth"
     if "sparsity" in parts:
         rows = [r[:1] + ["-"] + r[1:] for r in dense_rows]
         levels = {"unstructured": [0.5] if quick else [0.3, 0.5, 0.7]}
-        for method in ("magnitude", "wanda", "sparsegpt"):
+        chosen = methods.split(",")
+        for method in [m for m in ("magnitude", "wanda", "sparsegpt") if m in chosen]:
             for pattern, sp in SPARSITY:
                 for s in levels.get(pattern, [sp]) if method != "sparsegpt" else [sp]:
                     def run(method=method, pattern=pattern, s=s):
@@ -213,12 +214,13 @@ def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,width,depth"
                     v = add(rows, ["graphprune", method, label], run)
                     if v == v:
                         points.append((f"{method} {pattern}", s or 0.5, v))
-        for pattern, _ in SPARSITY:
+        for pattern, _ in SPARSITY if "torchao" in chosen else ():
             v = add(rows, ["torchao (peer)", "wanda", pattern],
                     lambda pattern=pattern: (torchao_wanda(model, calib, pattern), "50.0% of targets"))
             if v == v:
                 points.append((f"torchao-wanda {pattern}", 0.5, v))
-        out["llm-sparsity"] = (
+        full = set(chosen) >= {"magnitude", "wanda", "sparsegpt", "torchao"}
+        out["llm-sparsity" if full else "llm-sparsity-" + "-".join(chosen)] = (
             "**SmolLM2-135M, sparsity** (Q4_1 GGUF dequantised to fp32; every Linear except "
             "lm_head): " + setup + "\n\n" + table(["tool", "method", "setting"] + tail, rows))
 
@@ -266,7 +268,7 @@ def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,width,depth"
                                  graph=pg, calib=calib, depth_unit=unit)
                     names = ", ".join(b.name.replace("model.model.", "") for b in r.dropped)
                     return r.model, f"MACs {r.report.macs_ratio:.1%}: {names}"
-                add(rows, [unit, "block_influence", f"{k} {unit}s"], run)
+                add(rows, [unit, "block_influence", f"{k} {unit}{'es' if unit == 'branch' else 's'}"], run)
         out["llm-depth"] = (
             "**SmolLM2-135M, depth** (Block Influence = 1 - cos(input, output) over calibration "
             "tokens; 'layer' drops whole decoder layers as ShortGPT does, 'branch' single "
@@ -543,6 +545,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llm-parts", default="sparsity,width,depth",
                     help="SmolLM2 rows to run (the dense row always runs)")
+    ap.add_argument("--llm-methods", default="magnitude,wanda,sparsegpt,torchao",
+                    help="sparsity methods of the SmolLM2 sparsity rows (a subset is recorded "
+                         "in its own block)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -554,15 +559,17 @@ def main() -> None:
         print(f"== {name}", flush=True)
         t0 = time.time()
         if name == "llm":
-            texts, points = fn(args.quick, meter, args.llm_parts)
-            if points and "sparsity" in args.llm_parts:
+            texts, points = fn(args.quick, meter, args.llm_parts, args.llm_methods)
+            full = args.llm_methods == ap.get_default("llm_methods")
+            if points and "sparsity" in args.llm_parts and full:  # a subset keeps the old plot
                 plot(points)
         else:
             texts = {name: fn(args.quick, meter)}
         for part, text in texts.items():
             head = (f"_Run {datetime.date.today()} on {machine()}; "
                     f"{'--quick' if args.quick else 'full'} run of `bench_quality.py --only "
-                    f"{name}`{' --llm-parts ' + args.llm_parts if name == 'llm' else ''}, "
+                    f"{name}`{' --llm-parts ' + args.llm_parts if name == 'llm' else ''}"
+                    f"{' --llm-methods ' + args.llm_methods if name == 'llm' else ''}, "
                     f"{(time.time() - t0) / 60:.0f} min, load average "
                     f"{os.getloadavg()[0]:.1f} at the end (times are indicative when the 2 "
                     "cores are shared)._")
