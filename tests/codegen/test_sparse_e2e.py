@@ -31,33 +31,20 @@ def _check_decisions(records: dict[str, dict], cache) -> None:
     assert {r["cache_key"] for r in measured} <= set(json.loads(cache.read_text()))
 
 
-def _train_digits(model, x, y, epochs: int = 4):
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for i in range(0, len(x), 64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
-            opt.step()
-    return model.eval()
-
-
 def test_digits_cnn_auto_matches_masked_model(tmp_path, monkeypatch):
     """DigitsCNN (two 3×3 convs, two Linears) trained briefly on sklearn digits, 90%
     unstructured magnitude sparsity; the compiled artifact matches it on held-out digits and
     predicts the same classes. Both convs go through the conv rewrite (im2col'd 3×3)."""
-    datasets = pytest.importorskip("sklearn.datasets")
+    pytest.importorskip("sklearn.datasets")
     from graphprune.models.cnn import DigitsCNN
+    from graphprune.models.digits import digits_split, fit
 
-    d = datasets.load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
+    xtr, ytr, xte, _ = digits_split()
     torch.manual_seed(0)
-    model = _train_digits(DigitsCNN(), x[:1200], y[:1200])
-    res = sparsify(model, x[:2], sparsity=0.9, pattern="unstructured")
+    model = fit(DigitsCNN(), xtr, ytr, epochs=4)
+    res = sparsify(model, xtr[:2], sparsity=0.9, pattern="unstructured")
     sparse = res.model.eval()
-    batch = x[1200:1232]
+    batch = xte[:32]
     with torch.no_grad():
         want = sparse(batch).numpy()
     cache = tmp_path / "kernels.json"
