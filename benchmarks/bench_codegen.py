@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -49,6 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from record import cpu_name  # noqa: E402 - benchmarks/ is on sys.path
 from graphprune import codegen  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
@@ -227,17 +227,9 @@ def run_one(name, factories, variant, tmp):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from graphprune.codegen.target import detect_mcpu
 
-    return f"{cpu}, {os.cpu_count()} cores, mcpu={detect_mcpu()}, {ARGS.threads} thread(s)"
+    return f"{cpu_name()}, {os.cpu_count()} cores, mcpu={detect_mcpu()}, {ARGS.threads} thread(s)"
 
 
 def table(rows) -> str:

@@ -44,6 +44,7 @@ import scipy.sparse  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from record import cpu_name  # noqa: E402 - benchmarks/ is on sys.path
 from graphprune.codegen.kernels import formats  # noqa: E402
 from graphprune.codegen.kernels.cpu_common import simd_lanes  # noqa: E402
 from graphprune.codegen.sparse_rewrite import _Candidate, _time_linear  # noqa: E402
@@ -175,15 +176,7 @@ def goals(rows: list[dict], threads: int) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} ({TARGET.attrs['mcpu']})"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} ({TARGET.attrs['mcpu']})"
 
 
 def write(body: str) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from graphprune.passes.sparsify import sparsify
+from record import cpu_name  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench_sparsity:start -->", "<!-- bench_sparsity:end -->"
@@ -64,15 +65,7 @@ def _energy_loss(model, batch):
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
+    return (f"{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
