@@ -216,7 +216,8 @@ def test_digits_orderings(digits_cnn):
 
 @pytest.mark.heavy
 def test_smollm2_slice_orderings():
-    """Four layers of SmolLM2-135M, calibrated on Macbeth, perplexity on Hamlet (~1 min)."""
+    """SmolLM2-135M with its first four layers sparsified, calibrated on Macbeth, perplexity on
+    Hamlet (a few minutes)."""
     import importlib.util
     from pathlib import Path
 
@@ -230,9 +231,10 @@ def test_smollm2_slice_orderings():
     f = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    model.model.layers = model.model.layers[:4]
-    model.config.num_hidden_layers = 4
     model.config.use_cache = False
+    # Sparsify the first four layers only: the whole model stays (a model cut to four layers has
+    # a perplexity in the millions, which orders nothing), the cost stays about a minute.
+    keep_dense = ["lm_head", "*layers.[4-9].*", "*layers.[1-2][0-9].*"]
 
     def tokens(name, n):
         text = (Path(shk.__file__).parent / "texts" / name).read_text(errors="ignore")
@@ -244,8 +246,9 @@ def test_smollm2_slice_orderings():
     for method in ("magnitude", "wanda", "sparsegpt"):
         for pattern in ("unstructured", "4:8", "2:4"):
             r = sparsify(model, sparsity=0.5 if pattern == "unstructured" else None,
-                         pattern=pattern, method=method,
+                         pattern=pattern, method=method, exclude=keep_dense,
                          calib=None if method == "magnitude" else calib)
+            assert len(r.masks) == 4 * 7  # q, k, v, o, gate, up, down of layers 0-3
             ppl[method, pattern] = ev.perplexity(r.model, ev_ids, context=128, stride=64,
                                                  batch_size=4).ppl
     print(ppl)
