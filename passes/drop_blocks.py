@@ -11,6 +11,7 @@ dead ops and their parameters then disappear. Runs after capture; does not use t
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,8 +44,9 @@ class Block:
     @property
     def name(self) -> str:
         """Where the branch's parameters live: ``layers.3.{mlp,post_norm}`` (a layer: ``layers.3``)."""
-        if self.parts and _layer_key(self):
-            return _layer_key(self)
+        key = _layer_key(self) if self.parts else None
+        if key:
+            return key
         mods = sorted({p.rsplit(".", 1)[0] for p in self.params})
         if not mods:
             return self.add
@@ -128,13 +130,12 @@ def _through_no_ops(pg: PruneGraph, v: str) -> str:
     return v
 
 
-def find_layers(pg: PruneGraph, blocks: list[Block] | None = None) -> list[Block]:
+def find_layers(pg: PruneGraph) -> list[Block]:
     """Whole layers: runs of residual branches chained skip-to-add in the same numbered
     container (a pre-norm transformer layer's attention and MLP branches, as ShortGPT drops
     them). A branch with no partner stays a unit of its own."""
-    blocks = find_blocks(pg) if blocks is None else blocks
     runs: list[list[Block]] = []
-    for b in blocks:
+    for b in find_blocks(pg):
         prev = runs[-1][-1] if runs else None
         key = _layer_key(b)
         if (prev is not None and key is not None and key == _layer_key(prev)
@@ -145,8 +146,7 @@ def find_layers(pg: PruneGraph, blocks: list[Block] | None = None) -> list[Block
     layers = []
     for i, run in enumerate(runs):
         if len(run) == 1:
-            layers.append(Block(i, run[0].add, run[0].skip, run[0].branch, run[0].ops,
-                                run[0].params))  # fmt: skip
+            layers.append(dataclasses.replace(run[0], id=i))
             continue
         ops = set().union(*(b.ops for b in run)) | {b.add for b in run[:-1]}
         layers.append(Block(i, run[-1].add, run[0].skip, run[-1].branch, ops,
