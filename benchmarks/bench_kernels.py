@@ -24,7 +24,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -44,7 +43,7 @@ import scipy.sparse  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from record import cpu_name  # noqa: E402 - benchmarks/ is on sys.path
+from record import cpu_name, write_block  # noqa: E402 - benchmarks/ is on sys.path
 from graphprune.codegen.kernels import formats  # noqa: E402
 from graphprune.codegen.kernels.cpu_common import simd_lanes  # noqa: E402
 from graphprune.codegen.sparse_rewrite import _Candidate, _time_linear  # noqa: E402
@@ -180,16 +179,7 @@ def machine() -> str:
 
 
 def write(body: str) -> None:
-    text = open(PATH).read() if os.path.exists(PATH) else "# Benchmarks\n"
-    block = f"{START}\n## Sparse kernels (bench_kernels)\n\n{body.strip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(PATH), prefix=".bench-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, PATH)
+    write_block(START, END, f"## Sparse kernels (bench_kernels)\n\n{body.strip()}", PATH)
 
 
 def uptime() -> str:

@@ -28,7 +28,6 @@ import datetime
 import importlib.util
 import os
 import platform
-import re
 import threading
 import time
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ from graphprune import evaluate as ev
 from graphprune.models.digits import fit as train_classifier
 from graphprune.passes.sparsify import sparsify
 
-from record import cpu_name, md_table as table  # noqa: E402 - benchmarks/ is on sys.path
+from record import cpu_name, md_table as table, write_block  # noqa: E402 - benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
@@ -522,19 +521,14 @@ def plot(points: list, ctx: int = 256, stride: int = 128) -> None:
 def write(name: str, text: str) -> None:
     """Replace part ``name``'s block inside the bench_quality section of BENCHMARKS.md (other
     parts keep their last recorded run)."""
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START not in doc or END not in doc:
-        doc = doc.rstrip() + f"\n\n## Quality on real weights (bench_quality.py)\n\n{START}\n{END}\n"
-    a, b = f"<!-- quality:{name}:start -->", f"<!-- quality:{name}:end -->"
-    block = f"{a}\n{text.strip()}\n{b}"
-    if a in doc and b in doc:
-        doc = re.sub(re.escape(a) + ".*?" + re.escape(b), lambda _: block, doc, flags=re.S)
-    else:
-        doc = doc.replace(END, block + "\n\n" + END)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, path)
+
+    def insert(doc: str, block: str) -> str:
+        if START not in doc or END not in doc:
+            doc = doc.rstrip() + f"\n\n## Quality on real weights (bench_quality.py)\n\n{START}\n{END}\n"
+        return doc.replace(END, block + "\n\n" + END)
+
+    write_block(f"<!-- quality:{name}:start -->", f"<!-- quality:{name}:end -->", text,
+                insert=insert)
 
 
 def main() -> None:

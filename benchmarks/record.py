@@ -5,22 +5,46 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
+def _read(path: str) -> str:
+    return open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+
+
+def _replace(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".bench-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_section(title: str, body: str, path: str = PATH) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    text = _read(path)
     block = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: block + "\n", text)
     else:
         text = text.rstrip() + "\n\n" + block
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".bench-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _replace(path, text)
+
+
+def write_block(start: str, end: str, body: str, path: str = PATH,
+                insert: Callable[[str, str], str] | None = None) -> None:
+    """Replace what lies between the ``start`` and ``end`` markers (markers kept) with ``body``;
+    where they are missing, ``insert(text, block)`` places the block (default: at the end)."""
+    text = _read(path)
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    elif insert is not None:
+        text = insert(text, block)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    _replace(path, text)
 
 
 def cpu_name() -> str:
