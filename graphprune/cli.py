@@ -320,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_signalled: list[int] = []
+
+
 def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so temporary files are removed
+    _signalled.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -337,17 +341,24 @@ def main(argv: list[str] | None = None) -> int:
         return compile_main(argv[1:])
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    _signalled.clear()
     try:
         return int(args.fn(args) or 0)
     except GraphPruneError as e:
-        print(f"graphprune: error: {e}", file=sys.stderr)
-        return 2
+        # A signal raised inside TVM's FFI comes back wrapped in a build error: still a stop.
+        if not _signalled:
+            print(f"graphprune: error: {e}", file=sys.stderr)
+            return 2
+        return _interrupted()
     except KeyboardInterrupt:
-        print("graphprune: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+        return _interrupted()
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+def _interrupted() -> int:
+    print("graphprune: interrupted; nothing was left half-written", file=sys.stderr)
+    return 130
 
 if __name__ == "__main__":
     sys.exit(main())
