@@ -164,11 +164,10 @@ def _single_linear(w: np.ndarray, batch: int) -> LoweredModel:
                         [IOSpec("y", (batch, n), "float32")], "probe")  # fmt: skip
 
 
-def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int,
-                  repeat: int = 3) -> float:  # fmt: skip
-    """Milliseconds of a one-layer model through the full pipeline (dense, or rewritten to
-    ``cand``): transposes, im2col, VM call overhead and all, so the comparison is what the
-    artifact will run."""
+def _compile_probe(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int):
+    """``(vm, args)``: a one-layer model built through the full pipeline (dense, or rewritten
+    to ``cand``) and the arguments of one call of its ``main`` (a fixed random input, then the
+    weights)."""
     import tvm
     from tvm import relax
 
@@ -180,7 +179,17 @@ def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes:
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
     rng = np.random.default_rng(0)
     x = rng.standard_normal(lowered.inputs[0].shape).astype(np.float32)
-    args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in built.weights]
+    return vm, [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in built.weights]
+
+
+def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int,
+                  repeat: int = 3) -> float:  # fmt: skip
+    """Milliseconds of a one-layer model through the full pipeline (dense, or rewritten to
+    ``cand``): transposes, im2col, VM call overhead and all, so the comparison is what the
+    artifact will run. Repeated calls: the weights stay cache-resident where they fit."""
+    import tvm
+
+    vm, args = _compile_probe(lowered, cand, target, lanes)
     ev = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=repeat, min_repeat_ms=20)
     return 1e3 * float(min(ev(*args).results))
 

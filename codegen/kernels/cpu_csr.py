@@ -22,6 +22,25 @@ best of 9 under load: int16 ``staged`` 0.56 ms, int16 ``insert`` 0.65, ``vgather
 * ``"vgather"``: AVX-512 ``vgatherdps``, slower on this Zen and, with the Downfall microcode,
   on Intel parts; kept for CPUs where it pays.
 
+Tried and dropped (same shape and conditions, CSR ``staged`` 0.35 ms on a quieter machine):
+
+* scalar FMAs with 4-16 independent accumulators (one index load, one activation load, one
+  memory-operand ``vfmadd231ss`` per nonzero; written with ``llvm.x86.avx512.vfmadd.f32``
+  because LLVM's SLP vectoriser turns plain scalar FMAs back into ``vgatherdps``): 0.49-0.51
+  ms. Three loads per nonzero against ``staged``'s two: this core sustains about two of these
+  loads per cycle, which is also what holds ``staged`` near one nonzero per cycle.
+* a bitmap format (per 16 columns a ``uint16`` mask plus the packed values, expanded into lanes
+  with AVX-512 ``vexpandps`` and one FMA against 16 contiguous activations: cost per group of
+  16 columns instead of per nonzero, 8.7 MB instead of 10 MB): 0.97 ms with a prefix-masked
+  load and the register ``vexpandps``, 1.4 ms with ``llvm.masked.expandload`` (memory-form
+  ``vexpandps``), 0.69 ms even with the expand left out (wrong results; the floor of its
+  serially dependent unaligned loads), and 5.4 ms at 50% sparsity where CSR took 2.4 ms (the
+  expand's cost grows with the set lanes on this Zen 5). It needs under 1.6 cycles per group to
+  win at 90% and measured 3-4.5, so it is not a candidate. The kernel built and computed
+  correctly in TVM 0.27 (the 16-lane bool mask as ``(broadcast(m) & (1 << lane)) != 0``,
+  which LLVM folds to one ``kmovw``; ``T.reinterpret("boolx16", m)`` is refused because TVM
+  counts a bool as 8 bits).
+
 Scalars are ``T.let`` bindings (a plain assignment would become a "local" buffer, i.e. a heap
 workspace) and accumulators live in registers (:data:`~.cpu_common.ACC_SCOPE`), so the inner
 loop is loads, inserts and FMAs only; TVM emits no bounds checks.
