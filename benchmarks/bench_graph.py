@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import time
 import tracemalloc
@@ -24,7 +23,7 @@ from datetime import date
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from record import write_section  # noqa: E402
+from record import cpu_name, write_section  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -94,7 +93,7 @@ def main() -> None:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
     tpv = getattr(tp, "__version__", "not installed") if tp else "not installed"
     text = (f"Run {date.today()} on {machine}; 2 threads; best of {args.repeat}; Torch-Pruning "
             f"{tpv}.\n\n{table}\n\nTorch-Pruning traces with forward hooks and builds its graph "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from datetime import date
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from record import write_section  # noqa: E402
+from record import cpu_name, write_section  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -109,7 +108,7 @@ def main() -> None:
     table = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                       + ["| " + " | ".join(r) + " |" for r in rows])  # fmt: skip
     load = os.getloadavg()[0]
-    text = (f"Run {date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch "
+    text = (f"Run {date.today()} on {cpu_name()} ({os.cpu_count()} cores), torch "
             f"{torch.__version__}, {args.threads} threads, median of {args.runs} runs, load "
             f"average {load:.1f} at the end; batch 2 (ResNet-50 224x224, BERT seq 128). Ours: "
             "gp.prune(criterion='l2', scope='local'); TP: Torch-Pruning MagnitudePruner (L2), "
