@@ -19,7 +19,9 @@ structural hash of the PrimFunc and by target, so one directory serves many mode
 
 Needs ``apache-tvm-ffi`` other than 0.1.15.*: with it every ``tvm.ir.save_json`` (which the
 database uses for workloads) segfaults (shared/TVM_NOTES.md); we refuse with a ``ConfigError``
-rather than crash. ``xgboost`` is used for the cost model when installed, else a random model.
+rather than crash. ``xgboost`` is used for the cost model when installed, else a random model
+(MetaSchedule's ``"random"``: the search ranks its candidates at random instead of by a model
+fitted to the measurements); the manifest's ``tuning.cost_model`` says which one this compile's search used.
 """
 
 from __future__ import annotations
@@ -53,13 +55,28 @@ class TuningReport:
     new_records: int = 0
     kept_ours: list[str] = field(default_factory=list)
     tuned: list[str] = field(default_factory=list)
+    # MetaSchedule's cost model for this compile's search: "xgb" or "random" (xgboost missing);
+    # None when no search ran (every kernel was already in the database, or trials == 0).
+    cost_model: str | None = None
 
     def to_json(self) -> dict:
         return {
             "database": self.database, "trials_requested": self.trials, "tasks": self.tasks,
             "reused_tasks": self.reused_tasks, "new_records": self.new_records,
+            "cost_model": self.cost_model,
             "kept_our_schedule": sorted(self.kept_ours), "metaschedule": sorted(self.tuned),
         }  # fmt: skip
+
+
+def cost_model_name() -> str:
+    """The cost model MetaSchedule is given: ``"xgb"`` where ``xgboost`` imports, else
+    ``"random"`` (MetaSchedule's fallback: candidates are ranked at random, not by a model fitted
+    to the measurements)."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        return "random"
+    return "xgb"
 
 
 def check_tuning_available() -> None:
@@ -273,11 +290,7 @@ def tune_and_apply(mod, target, trials: int, tuning_dir, rules, report: dict, st
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 new, work_dir=str(work_dir / "logs"), strategy=strategy, seed=0
             )
-            cost_model = "xgb"
-            try:
-                import xgboost  # noqa: F401
-            except ImportError:
-                cost_model = "random"
+            cost_model = summary.cost_model = cost_model_name()
             ms.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(work_dir / "logs"),
                 max_trials_global=trials, max_trials_per_task=per_task,

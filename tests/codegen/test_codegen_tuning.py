@@ -1,7 +1,8 @@
 """``compile(tune=True, trials=N)``: MetaSchedule with an on-disk database that is reused.
 
 A two-Linear model, 4 trials in all (about 10 s here). Checks: outputs equal PyTorch's; the
-database gains records on the first compile and none on the second (no new trials); a database
+database gains records on the first compile and none on the second (no new trials); the manifest
+names the cost model the search used (none when no search ran); a database
 record is applied, and still correct, where it is faster than our rules' measured time.
 """
 
@@ -30,7 +31,7 @@ def mlp():
 
 
 def test_tuning_database_is_kept_and_reused(mlp, tmp_path):
-    from graphprune.codegen.tuning import check_tuning_available
+    from graphprune.codegen.tuning import check_tuning_available, cost_model_name
 
     try:
         check_tuning_available()
@@ -43,6 +44,8 @@ def test_tuning_database_is_kept_and_reused(mlp, tmp_path):
     assert_matches(first(*inputs), torch_outputs(model, inputs))
     tuning = first.manifest["tuning"]
     assert tuning["tasks"] == 2 and tuning["reused_tasks"] == 0 and tuning["new_records"] > 0
+    # The manifest names the cost model the search used (xgboost is optional: "random" without)
+    assert tuning["cost_model"] == cost_model_name() and tuning["cost_model"] in ("xgb", "random")
     n = _records(db)
     assert n == tuning["new_records"]
 
@@ -50,6 +53,7 @@ def test_tuning_database_is_kept_and_reused(mlp, tmp_path):
                              tuning_dir=db)  # fmt: skip
     assert second.manifest["tuning"]["new_records"] == 0
     assert second.manifest["tuning"]["reused_tasks"] == 2
+    assert second.manifest["tuning"]["cost_model"] is None  # no search ran
     assert _records(db) == n  # no new trials
     assert_matches(second(*inputs), torch_outputs(model, inputs))
 
