@@ -13,9 +13,15 @@ accumulators once instead of once per row.
 vector accumulators take ``lanes`` values (one contiguous load) times ``lanes`` gathered
 activations each, then a vector remainder, a scalar tail and one horizontal sum per row.
 ``gather`` picks how the activations are gathered (4096², 90%, one thread, AMD EPYC Zen 5 VM,
-best of 9 under load: int16 ``staged`` 0.56 ms, int16 ``insert`` 0.65, ``vgather`` 0.71):
+best of 9 under load: int16 ``staged`` 0.56 ms, int16 ``insert`` 0.65, ``vgather`` 0.71; on a
+quieter machine, best of 10: ``word`` 0.316-0.322 ms, ``staged`` 0.338-0.353):
 
-* ``"staged"`` (default): each lane's activation is a scalar load with the int16 index folded
+* ``"word"`` (default): the row's indices are read as ``uint64`` words (4 int16 or 2 int32
+  indices per load) and split with shifts and masks in general registers; each activation is a
+  scalar load inserted into a register vector. One load per nonzero plus a quarter, against
+  ``staged``'s two. Needs every row to start on a word: :func:`pad_rows` pads each row's
+  nonzeros with explicit zeros (column 0) to a multiple of :func:`word_indices`.
+* ``"staged"``: each lane's activation is a scalar load with the int16 index folded
   in (``movswq`` from memory), inserted into a register vector;
 * ``"insert"``: a vectorised load of the row's indices; LLVM then extracts every int16 lane with
   ``vpextrw`` (one more shuffle per nonzero) before the same inserts;
@@ -24,6 +30,8 @@ best of 9 under load: int16 ``staged`` 0.56 ms, int16 ``insert`` 0.65, ``vgather
 
 Tried and dropped (same shape and conditions, CSR ``staged`` 0.35 ms on a quieter machine):
 
+* ``word`` with the activations staged through a memory buffer and read back as one vector
+  (no inserts): 0.56-0.69 ms, the wide load waits for its 16 narrow stores (no forwarding).
 * scalar FMAs with 4-16 independent accumulators (one index load, one activation load, one
   memory-operand ``vfmadd231ss`` per nonzero; written with ``llvm.x86.avx512.vfmadd.f32``
   because LLVM's SLP vectoriser turns plain scalar FMAs back into ``vgatherdps``): 0.49-0.51
@@ -51,24 +59,59 @@ which the schedule primitives cannot tile, and the loop nest *is* the schedule.
 
 from __future__ import annotations
 
+import numpy as np
 from tvm.script import tirx as T
 
 from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS, _nnz_var, plan_batch
 
-__all__ = ["csr_kernel", "GATHERS"]
+__all__ = ["csr_kernel", "GATHERS", "pad_rows", "word_indices"]
 
-GATHERS = ("staged", "insert", "vgather")
+GATHERS = ("word", "staged", "insert", "vgather")
+
+
+def word_indices(index_dtype) -> int:
+    """Column indices per ``uint64`` word for the ``word`` gather (4 int16, 2 int32)."""
+    return 8 // np.dtype(index_dtype).itemsize
+
+
+def pad_rows(data, indices, indptr, multiple: int):
+    """CSR arrays with every row's nonzeros padded by explicit zeros (at column 0) to a multiple
+    of ``multiple``, and the total to at least ``multiple``: what the ``word`` gather reads.
+
+    Examples
+    --------
+    >>> d, i, p = pad_rows(np.ones(3, "f4"), np.array([2, 0, 1], "i2"), np.array([0, 1, 3]), 2)
+    >>> d.tolist(), i.tolist(), p.tolist()
+    ([1.0, 0.0, 1.0, 1.0], [2, 0, 0, 1], [0, 2, 4])
+    """
+    indptr = np.asarray(indptr, np.int64)
+    counts = np.diff(indptr)
+    padded = np.zeros(indptr.size, np.int64)
+    np.cumsum(-(-counts // multiple) * multiple, out=padded[1:])
+    rows = np.repeat(np.arange(counts.size), counts)
+    dest = padded[rows] + np.arange(int(indptr[-1])) - indptr[rows]
+    size = max(int(padded[-1]), multiple)
+    new_data, new_indices = np.zeros(size, data.dtype), np.zeros(size, indices.dtype)
+    new_data[dest], new_indices[dest] = data, indices
+    return new_data, new_indices, padded.astype(np.int32)
 
 
 def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nnz=None,
-               chunks: int = 1, unroll: int = 2, gather: str = "staged"):  # fmt: skip
-    """PrimFunc ``(XT[K,B], data[nnz], indices[nnz], indptr[N+1], split[chunks+1], YT[N,B])``."""
+               chunks: int = 1, unroll: int | None = None, gather: str = "word"):  # fmt: skip
+    """PrimFunc ``(XT[K,B], data[nnz], indices[nnz], indptr[N+1], split[chunks+1], YT[N,B])``.
+
+    At batch 1 with ``gather="word"`` the arrays must come through :func:`pad_rows` with
+    ``word_indices(index_dtype)``. ``unroll`` defaults to the measured best (1 for ``word``,
+    2 for the others)."""
     nnz = _nnz_var() if nnz is None else max(nnz, 1)  # zero-length buffers are not allowed
     if batch == 1:
         if gather not in GATHERS:
             raise ValueError(f"gather must be one of {GATHERS}, not {gather!r}")
         if gather == "vgather" and lanes != 16:
             gather = "staged"
+        if gather == "word" and lanes % word_indices(index_dtype):
+            gather = "staged"
+        unroll = unroll or (1 if gather == "word" else 2)
         return _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather)
     p = plan_batch(batch, lanes, 4)
 
@@ -119,10 +162,22 @@ def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nn
 def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
     width = unroll * lanes
     ivec, fvec = f"int32x{lanes}", f"float32x{lanes}"
+    per = word_indices(index_dtype)
+    bits = 64 // per
 
     @T.macro
-    def fma(acc, stage, a, x, data, indices, base):
-        if gather == "vgather":
+    def fma(acc, stage, a, x, data, indices, words, base):
+        if gather == "word":
+            # base is a multiple of per (rows padded); a masked shift, not a sign extension:
+            # indices are below 2**15 (int16) or K (int32), never negative
+            for q in T.unroll(lanes // per):
+                for l in T.unroll(per):
+                    stage[a * lanes + q * per + l] = x[T.Cast("int32", (
+                        words[base // per + q] >> T.uint64(bits * l)
+                    ) & T.uint64((1 << bits) - 1)), 0]  # fmt: skip
+            for l in T.vectorized(lanes):
+                acc[a * lanes + l] = acc[a * lanes + l] + data[base + l] * stage[a * lanes + l]
+        elif gather == "vgather":
             acc[T.Ramp(a * lanes, 1, lanes)] = acc[T.Ramp(a * lanes, 1, lanes)] + data[
                 T.Ramp(base, 1, lanes)
             ] * T.call_llvm_pure_intrin(
@@ -151,6 +206,7 @@ def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
         y: T.Buffer((n, 1), "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
+        words = T.decl_buffer((nnz // per,), "uint64", data=indices.data)
         for t in T.parallel(chunks):
             acc = T.decl_buffer((width,), "float32", scope=ACC_SCOPE)
             stage = T.decl_buffer((width,), "float32", scope=ACC_SCOPE)
@@ -167,9 +223,9 @@ def _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather):
                     acc[l] = T.float32(0)
                 for s in range(steps):
                     for a in T.unroll(unroll):
-                        fma(acc, stage, a, x, data, indices, start + s * width + a * lanes)
+                        fma(acc, stage, a, x, data, indices, words, start + s * width + a * lanes)
                 for s in range(vsteps):
-                    fma(acc, stage, 0, x, data, indices, mid + s * lanes)
+                    fma(acc, stage, 0, x, data, indices, words, mid + s * lanes)
                 for a in T.unroll(1, unroll):
                     for l in T.vectorized(lanes):
                         acc[l] = acc[l] + acc[a * lanes + l]

@@ -15,7 +15,7 @@ import numpy as np
 from graphprune.codegen.kernels import formats
 from graphprune.codegen.kernels.cpu_bsr import bsr_kernel
 from graphprune.codegen.kernels.cpu_common import PARALLEL_CHUNKS, balanced_row_split
-from graphprune.codegen.kernels.cpu_csr import csr_kernel
+from graphprune.codegen.kernels.cpu_csr import csr_kernel, pad_rows, word_indices
 from graphprune.codegen.kernels.cpu_nm import nm_kernel
 from graphprune.errors import CodegenUnsupported, ConfigError
 
@@ -71,9 +71,12 @@ def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
     if fmt == "csr":
         c = formats.compress_csr(w)
         idx = str(c.indices.dtype)
-        split = balanced_row_split(c.indptr, PARALLEL_CHUNKS)
+        arrays = _pad_empty(c.arrays(), c.nnz)
+        if batch == 1:  # the default "word" gather reads whole uint64 words of indices
+            arrays = list(pad_rows(*arrays, word_indices(idx)))
+        split = balanced_row_split(arrays[-1], PARALLEL_CHUNKS)
         func = csr_kernel(n, k, batch, idx, lanes, chunks=PARALLEL_CHUNKS)
-        arrays = _pad_empty(c.arrays(), c.nnz) + [split]
+        arrays = arrays + [split]
         key = ("csr", n, k, batch, idx, lanes, PARALLEL_CHUNKS)
         return SparseKernel(fmt, (n, k), batch, func, arrays, key,
                             {"nnz": c.nnz, "index_dtype": idx})  # fmt: skip

@@ -137,10 +137,11 @@ def test_index_width_and_byte_model():
     assert formats.dense_nbytes((64, 4096)) / nm.nbytes() == pytest.approx(16 / 8.5)
 
 
-@pytest.mark.parametrize("gather", ["insert", "vgather"])
+@pytest.mark.parametrize("gather", ["staged", "insert", "vgather"])
 @pytest.mark.parametrize("shape", [(37, 53), (5, 300)])
 def test_csr_b1_gather_variants(shape, gather):
-    """The other activation-gather forms of the batch-1 CSR kernel (vectorised inserts;
+    """The other activation-gather forms of the batch-1 CSR kernel (int16 index folded into
+    each load; vectorised inserts;
     AVX-512 ``vgatherdps``, which falls back to the staged form without AVX-512) compute the
     same thing, tails and empty rows included."""
     rng = np.random.default_rng(6)
@@ -155,6 +156,20 @@ def test_csr_b1_gather_variants(shape, gather):
     x = rng.standard_normal((1, shape[1])).astype(np.float32)
     np.testing.assert_allclose(run_kernel(kern, x, TARGET), x.astype(np.float64) @ w.T,
                                rtol=1e-4, atol=1e-4 * np.sqrt(shape[1]))  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [53, 40000])  # int16 and int32 indices: 4 or 2 per word
+def test_csr_b1_word_gather_padded_rows(k):
+    """The default batch-1 gather reads indices as uint64 words: rows are padded to whole words
+    (explicit zeros), with rows of every length modulo 4 and empty rows."""
+    rng = np.random.default_rng(7)
+    w = masked_weight(rng, (23, k), "csr", 5.0 / k)
+    w[3] = 0.0
+    w[4, :5] = 1.0  # 5 nonzeros at least: one word and a remainder
+    kern = make_kernel(w, "csr", 1)
+    data, indices, indptr, _ = kern.weights
+    assert (indptr % (8 // indices.itemsize) == 0).all() and data.size >= kern.detail["nnz"]
+    check(w, "csr", 1, rng)
 
 
 def test_balanced_row_split_evens_nonzeros():
