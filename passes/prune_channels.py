@@ -113,10 +113,17 @@ def _keep_floor(g: Group, min_keep: float) -> int:
     return max(1, math.ceil(min_keep * g.size))
 
 
-def _round_keep(g: Group, keep: int, round_to: int | None) -> int:
+def _round_keep(pg: PruneGraph, g: Group, keep: int, round_to: int | None) -> int:
+    """``keep`` rounded up so that every tensor the group cuts keeps a multiple of ``round_to``.
+
+    A group of whole attention heads cuts ``heads * head_dim`` channels: only the product must
+    be a multiple, so ``keep * granularity`` is rounded. Every other group rounds its own count,
+    including a per-head dimension (granularity = heads): when heads are pruned as well, only a
+    rounded head_dim keeps ``heads_kept * head_dim_kept`` a multiple.
+    """
     if not round_to:
         return keep
-    q = round_to // math.gcd(round_to, max(g.granularity, 1))
+    q = round_to // math.gcd(round_to, max(g.granularity, 1)) if is_head_group(pg, g) else round_to
     if q <= 1:
         return keep
     return min(g.size, math.ceil(keep / q) * q)
@@ -185,7 +192,7 @@ def select(pg: PruneGraph, cfg: PruneConfig, scores: dict[int, np.ndarray],
     by_id = {g.id: g for g in groups}
     for gid, k in n_remove.items():
         g = by_id[gid]
-        keep = _round_keep(g, g.size - k, cfg.round_to)
+        keep = _round_keep(pg, g, g.size - k, cfg.round_to)
         k = g.size - keep
         if k > 0:
             order = np.argsort(scores[gid], kind="stable")

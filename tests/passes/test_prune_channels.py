@@ -171,6 +171,17 @@ def test_options_do_exactly_what_they_say():
     assert 0.5 <= res.report.params_ratio <= 0.6
 
 
+def test_round_to_holds_when_heads_and_head_dim_are_both_pruned():
+    # 4 heads x head_dim 16 at 30%: one head and 4 head dims go. Rounding head_dim to an even
+    # count (its granularity is 4 heads) would keep 3 x 12 = 36 channels, not a multiple of 8.
+    model, x = models.get("hf_bert_tiny")
+    res = gp.prune(model, x, ratio=0.3, round_to=8)
+    shapes = {n: tuple(p.shape) for n, p in res.model.named_parameters() if p.dim() == 2
+              and ".encoder." in n}  # fmt: skip
+    assert shapes["model.encoder.layer.0.attention.self.query.weight"][0] < 64  # heads were cut
+    assert all(d % 8 == 0 for s in shapes.values() for d in s), shapes
+
+
 def test_global_scope_protects_against_layer_collapse():
     model, x = models.get("resnet_tiny")
     res = gp.prune(model, x, ratio=0.6, scope="global", min_keep=0.3)
