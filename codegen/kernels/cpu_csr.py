@@ -14,7 +14,8 @@ vector accumulators take ``lanes`` values (one contiguous load) times ``lanes`` 
 activations each, then a vector remainder, a scalar tail and one horizontal sum per row.
 ``gather`` picks how the activations are gathered (4096², 90%, one thread, AMD EPYC Zen 5 VM,
 best of 9 under load: int16 ``staged`` 0.56 ms, int16 ``insert`` 0.65, ``vgather`` 0.71; on a
-quieter machine, best of 10: ``word`` 0.316-0.322 ms, ``staged`` 0.338-0.353):
+quieter machine, best of 10: ``word`` 0.305-0.312 ms (0.316-0.322 with 16-lane vectors),
+``staged`` 0.338-0.353):
 
 * ``"word"`` (default): the row's indices are read as ``uint64`` words (4 int16 or 2 int32
   indices per load) and split with shifts and masks in general registers; each activation is a
@@ -101,8 +102,8 @@ def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nn
     """PrimFunc ``(XT[K,B], data[nnz], indices[nnz], indptr[N+1], split[chunks+1], YT[N,B])``.
 
     At batch 1 with ``gather="word"`` the arrays must come through :func:`pad_rows` with
-    ``word_indices(index_dtype)``. ``unroll`` defaults to the measured best (1 for ``word``,
-    2 for the others)."""
+    ``word_indices(index_dtype)``. ``unroll`` defaults to the measured best (4 vectors of at
+    most 8 lanes for ``word``, 2 of ``lanes`` for the others)."""
     nnz = _nnz_var() if nnz is None else max(nnz, 1)  # zero-length buffers are not allowed
     if batch == 1:
         if gather not in GATHERS:
@@ -111,7 +112,11 @@ def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nn
             gather = "staged"
         if gather == "word" and lanes % word_indices(index_dtype):
             gather = "staged"
-        unroll = unroll or (1 if gather == "word" else 2)
+        if gather == "word":
+            # 8-lane vectors: one vinsertf128 joins two 4-lane inserts, where 16 lanes also
+            # need a vinsertf64x4 per vector (3-12% faster on the benchmark shapes)
+            lanes, unroll = min(lanes, 8), unroll or 4
+        unroll = unroll or 2
         return _csr_b1(n, k, nnz, index_dtype, lanes, chunks, unroll, gather)
     p = plan_batch(batch, lanes, 4)
 
