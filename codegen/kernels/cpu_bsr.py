@@ -18,6 +18,7 @@ from graphprune.codegen.kernels.cpu_common import (
     ACC_SCOPE,
     KERNEL_ATTRS,
     _nnz_var,
+    batch_tiles,
     even_chunks,
     plan_batch,
 )
@@ -75,6 +76,8 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
                     for l in T.vectorized(width):
                         y[ib * r + rr, base + a * width + l] = acc[(rr * nacc + a) * width + l]
 
+    tiles = batch_tiles(p, tile)
+
     @T.prim_func
     def bsr_spmm(
         x: T.Buffer((k, batch), "float32"),
@@ -88,13 +91,7 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
             acc = T.decl_buffer((r * p.acc * p.lanes,), "float32", scope=ACC_SCOPE)
             for rb in range(T.min(rows, nbr - t * rows)):
                 ib: T.let = t * rows + rb
-                for bo in range(p.full):
-                    tile(x, data, indices, indptr, y, acc, ib, bo * p.full_width, p.acc, p.lanes)
-                for bv in range(p.vec):
-                    tile(x, data, indices, indptr, y, acc, ib, p.vec_base + bv * p.lanes, 1,
-                         p.lanes)  # fmt: skip
-                if p.tail > 0:
-                    tile(x, data, indices, indptr, y, acc, ib, p.tail_base, 1, p.tail)
+                tiles(x, data, indices, indptr, y, acc, ib)
 
     return bsr_spmm
 

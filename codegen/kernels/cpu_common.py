@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from tvm.script import tirx as T
 
 __all__ = [
-    "BatchPlan", "plan_batch", "simd_lanes", "KERNEL_ATTRS", "PARALLEL_CHUNKS", "ACC_SCOPE",
-    "balanced_row_split", "even_chunks",
+    "BatchPlan", "plan_batch", "batch_tiles", "simd_lanes", "KERNEL_ATTRS", "PARALLEL_CHUNKS",
+    "ACC_SCOPE", "balanced_row_split", "even_chunks",
 ]  # fmt: skip
 
 # Our kernels are scheduled by construction: the schedule pass must leave them alone.
@@ -83,6 +84,23 @@ class BatchPlan:
     @property
     def tail_base(self) -> int:
         return self.vec_base + self.vec * self.lanes
+
+
+def batch_tiles(p: BatchPlan, chunk):
+    """A TVMScript macro ``tiles(*args)`` that runs the macro ``chunk(*args, base, nacc,
+    width)`` over ``p``'s column tiles: ``p.full`` tiles of ``p.acc`` vectors, ``p.vec`` tiles
+    of one vector, then the tail (emitted only when there is one)."""
+
+    @T.macro
+    def tiles(*args):
+        for bo in range(p.full):
+            chunk(*args, bo * p.full_width, p.acc, p.lanes)
+        for bv in range(p.vec):
+            chunk(*args, p.vec_base + bv * p.lanes, 1, p.lanes)
+        if p.tail > 0:
+            chunk(*args, p.tail_base, 1, p.tail)
+
+    return tiles
 
 
 def plan_batch(batch: int, lanes: int, max_acc: int) -> BatchPlan:

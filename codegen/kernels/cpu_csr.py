@@ -63,7 +63,13 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS, _nnz_var, plan_batch
+from graphprune.codegen.kernels.cpu_common import (
+    ACC_SCOPE,
+    KERNEL_ATTRS,
+    _nnz_var,
+    batch_tiles,
+    plan_batch,
+)
 
 __all__ = ["csr_kernel", "GATHERS", "pad_rows", "word_indices"]
 
@@ -137,6 +143,8 @@ def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nn
             for l in T.vectorized(width):
                 y[i, base + a * width + l] = acc[a * width + l]
 
+    tiles = batch_tiles(p, chunk)
+
     @T.prim_func
     def csr_spmm(
         x: T.Buffer((k, batch), "float32"),
@@ -153,13 +161,7 @@ def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nn
             # TVM computed every chunk after the first from chunk 0's rows (wrong results)
             for r in range(split[t + 1] - split[t]):
                 i: T.let = split[t] + r
-                for bo in range(p.full):
-                    chunk(x, data, indices, indptr, y, acc, i, bo * p.full_width, p.acc, p.lanes)
-                for bv in range(p.vec):
-                    chunk(x, data, indices, indptr, y, acc, i, p.vec_base + bv * p.lanes, 1,
-                          p.lanes)  # fmt: skip
-                if p.tail > 0:
-                    chunk(x, data, indices, indptr, y, acc, i, p.tail_base, 1, p.tail)
+                tiles(x, data, indices, indptr, y, acc, i)
 
     return csr_spmm
 

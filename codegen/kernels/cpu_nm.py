@@ -21,7 +21,13 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS, even_chunks, plan_batch
+from graphprune.codegen.kernels.cpu_common import (
+    ACC_SCOPE,
+    KERNEL_ATTRS,
+    batch_tiles,
+    even_chunks,
+    plan_batch,
+)
 
 __all__ = ["nm_kernel"]
 
@@ -59,6 +65,8 @@ def nm_kernel(n: int, k: int, batch: int, nm: tuple[int, int], kept: int, lanes:
             for l in T.vectorized(width):
                 y[i, base + a * width + l] = acc[a * width + l]
 
+    tiles = batch_tiles(p, chunk)
+
     @T.prim_func
     def nm_spmm(
         x: T.Buffer((k, batch), "float32"),
@@ -71,12 +79,7 @@ def nm_kernel(n: int, k: int, batch: int, nm: tuple[int, int], kept: int, lanes:
             acc = T.decl_buffer((p.acc * p.lanes,), "float32", scope=ACC_SCOPE)
             for r in range(T.min(rows, n - c * rows)):
                 i: T.let = c * rows + r
-                for bo in range(p.full):
-                    chunk(x, values, packed, y, acc, i, bo * p.full_width, p.acc, p.lanes)
-                for bv in range(p.vec):
-                    chunk(x, values, packed, y, acc, i, p.vec_base + bv * p.lanes, 1, p.lanes)
-                if p.tail > 0:
-                    chunk(x, values, packed, y, acc, i, p.tail_base, 1, p.tail)
+                tiles(x, values, packed, y, acc, i)
 
     return nm_spmm
 
@@ -92,7 +95,6 @@ def _nm_b1_permute(n, k, keep_n, m, bits, per_word, words, kept, mask):
     window = 16 // keep_n * m  # activations one vector of kept values spans (<= 32)
     nvec = min(kept // 16, k // window)  # vectors whose window lies inside K
     unroll = 2
-    chunks, rows = even_chunks(n)
     lane = T.Ramp(0, 1, 16)
     # lane l sits in group l // keep_n of the window, which starts at column (l // keep_n) * m
     lane_base = (lane >> T.Broadcast(shift, 16)) * T.Broadcast(m, 16)
@@ -124,6 +126,73 @@ def _nm_b1_permute(n, k, keep_n, m, bits, per_word, words, kept, mask):
             i, T.Ramp(v * 16, 1, 16)
         ] * picked(xf, packed, i, v)
 
+    @T.macro
+    def row(acc, total, xf, values, packed, i):
+        for l in T.vectorized(unroll * 16):
+            acc[l] = T.float32(0)
+        for s in range(nvec // unroll):
+            for a in T.unroll(unroll):
+                fma(acc, a, xf, values, packed, i, s * unroll + a)
+        for v in range(nvec // unroll * unroll, nvec):
+            fma(acc, 0, xf, values, packed, i, v)
+        # tree sum (unroll == 2: 32 -> 16 -> 8 -> 4 -> 2 -> 1), 5 dependent adds per row
+        # where a chain over the lanes was 32: at ~400 cycles of streaming per row that
+        # chain was not hidden
+        for l in T.vectorized(16):
+            acc[l] = acc[l] + acc[16 + l]
+        for l in T.vectorized(8):
+            acc[l] = acc[l] + acc[8 + l]
+        for l in T.vectorized(4):
+            acc[l] = acc[l] + acc[4 + l]
+        for l in T.vectorized(2):
+            acc[l] = acc[l] + acc[2 + l]
+        total[0] = acc[0] + acc[1]
+        for t in range(nvec * 16, kept):
+            total[0] = total[0] + values[i, t] * xf[
+                _scalar_col(packed, i, t, keep_n, m, bits, per_word, mask, k)
+            ]
+
+    return _spmv_rows(n, k, kept, words, unroll * 16, row)
+
+
+def _nm_b1(n, k, keep_n, m, bits, per_word, words, kept, mask):
+    # The group base of lane l is (l // keep_n) * m; per_word is a multiple of keep_n, so it
+    # splits off the word's base. For power-of-two keep_n a shift keeps it a vector op (a
+    # floordiv of a ramp scalarises the whole decode).
+    shift = keep_n.bit_length() - 1
+    pow2 = keep_n == 1 << shift
+
+    def lane_base(l):
+        return ((l >> shift) if pow2 else (l // keep_n)) * m
+
+    @T.macro
+    def row(acc, total, xf, values, packed, i):
+        for l in T.vectorized(per_word):
+            acc[l] = T.float32(0)
+        for w in range(words):
+            for l in T.vectorized(per_word):
+                acc[l] = acc[l] + values[i, w * per_word + l] * xf[
+                    T.min(
+                        (w * per_word // keep_n) * m
+                        + lane_base(l)
+                        + T.Cast("int32", (packed[i, w] >> T.Cast("uint32", bits * l))
+                                 & T.uint32(mask)),
+                        k - 1,
+                    )
+                ]  # fmt: skip
+        total[0] = T.float32(0)
+        for l in range(per_word):
+            total[0] = total[0] + acc[l]
+
+    return _spmv_rows(n, k, kept, words, per_word, row)
+
+
+def _spmv_rows(n, k, kept, words, acc_width, row):
+    """The batch-1 kernels' frame: rows in equal parallel tasks, each task's register
+    accumulators (``acc_width`` lanes and a scalar ``total``) handed to the macro
+    ``row(acc, total, xf, values, packed, i)``, which leaves row ``i``'s result in ``total``."""
+    chunks, rows = even_chunks(n)
+
     @T.prim_func
     def nm_spmv(
         x: T.Buffer((k, 1), "float32"),
@@ -134,82 +203,11 @@ def _nm_b1_permute(n, k, keep_n, m, bits, per_word, words, kept, mask):
         T.func_attr(KERNEL_ATTRS)
         xf = T.decl_buffer((k,), "float32", data=x.data)
         for c in T.parallel(chunks):
-            acc = T.decl_buffer((unroll * 16,), "float32", scope=ACC_SCOPE)
+            acc = T.decl_buffer((acc_width,), "float32", scope=ACC_SCOPE)
             total = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
             for r in range(T.min(rows, n - c * rows)):
                 i: T.let = c * rows + r
-                for l in T.vectorized(unroll * 16):
-                    acc[l] = T.float32(0)
-                for s in range(nvec // unroll):
-                    for a in T.unroll(unroll):
-                        fma(acc, a, xf, values, packed, i, s * unroll + a)
-                for v in range(nvec // unroll * unroll, nvec):
-                    fma(acc, 0, xf, values, packed, i, v)
-                # tree sum (unroll == 2: 32 -> 16 -> 8 -> 4 -> 2 -> 1), 5 dependent adds per row
-                # where a chain over the lanes was 32: at ~400 cycles of streaming per row that
-                # chain was not hidden
-                for l in T.vectorized(16):
-                    acc[l] = acc[l] + acc[16 + l]
-                for l in T.vectorized(8):
-                    acc[l] = acc[l] + acc[8 + l]
-                for l in T.vectorized(4):
-                    acc[l] = acc[l] + acc[4 + l]
-                for l in T.vectorized(2):
-                    acc[l] = acc[l] + acc[2 + l]
-                total[0] = acc[0] + acc[1]
-                for t in range(nvec * 16, kept):
-                    total[0] = total[0] + values[i, t] * xf[
-                        _scalar_col(packed, i, t, keep_n, m, bits, per_word, mask, k)
-                    ]
-                y[i, 0] = total[0]
-
-    return nm_spmv
-
-
-def _nm_b1(n, k, keep_n, m, bits, per_word, words, kept, mask):
-    # The group base of lane l is (l // keep_n) * m; per_word is a multiple of keep_n, so it
-    # splits off the word's base. For power-of-two keep_n a shift keeps it a vector op (a
-    # floordiv of a ramp scalarises the whole decode).
-    shift = keep_n.bit_length() - 1
-    pow2 = keep_n == 1 << shift
-    chunks, rows = even_chunks(n)
-
-    def lane_base(l):
-        return ((l >> shift) if pow2 else (l // keep_n)) * m
-
-    @T.prim_func
-    def nm_spmv(
-        x: T.Buffer((k, 1), "float32"),
-        values: T.Buffer((n, kept), "float32"),
-        packed: T.Buffer((n, words), "uint32"),
-        y: T.Buffer((n, 1), "float32"),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        for c in T.parallel(chunks):
-            acc = T.decl_buffer((per_word,), "float32", scope=ACC_SCOPE)
-            total = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
-            for r in range(T.min(rows, n - c * rows)):
-                i: T.let = c * rows + r
-                for l in T.vectorized(per_word):
-                    acc[l] = T.float32(0)
-                for w in range(words):
-                    for l in T.vectorized(per_word):
-                        acc[l] = acc[l] + values[i, w * per_word + l] * x[
-                            T.min(
-                                (w * per_word // keep_n) * m
-                                + lane_base(l)
-                                + T.Cast(
-                                    "int32",
-                                    (packed[i, w] >> T.Cast("uint32", bits * l))
-                                    & T.uint32(mask),
-                                ),
-                                k - 1,
-                            ),
-                            0,
-                        ]
-                total[0] = T.float32(0)
-                for l in range(per_word):
-                    total[0] = total[0] + acc[l]
+                row(acc, total, xf, values, packed, i)
                 y[i, 0] = total[0]
 
     return nm_spmv
