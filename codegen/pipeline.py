@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphprune.codegen.cpu_rules import Contraction, Injective
+from graphprune.codegen.cpu_rules import Contraction, Injective, vector_lanes
+from graphprune.codegen.pad_channels import pad_channels
 from graphprune.codegen.frontend import LoweredModel
 from graphprune.errors import CodegenUnsupported, ConfigError
 
@@ -527,7 +528,7 @@ def build(
             seq.append(relax.transform.ConvertLayout(layouts))
         if is_cpu and schedule == "ours":
             seq += [_decompose_gelu(), relax.transform.FastMathTransform(), _divide_by_weights(),
-                    _fold_affine_epilogues()]  # fmt: skip
+                    _fold_affine_epilogues(), pad_channels(vector_lanes(target))]  # fmt: skip
         seq.append(relax.transform.LiftTransformParams())
         mod = tvm.transform.Sequential(seq)(mod)
         if "main_transform_params" in [gv.name_hint for gv in mod.get_global_vars()]:

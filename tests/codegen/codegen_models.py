@@ -59,3 +59,23 @@ def seeded(cls, *args, seed: int = 0):
             mod.running_mean.uniform_(-0.5, 0.5)
             mod.running_var.uniform_(0.5, 2.0)
     return m
+
+
+class OddChannels(nn.Module):
+    """Pruned-MobileNet-like widths that waste 16-lane vectors (12 and 72 channels): 1x1
+    projection + BN into a residual add, 1x1 expansion, depthwise 3x3, ReLU, pool, Linear."""
+
+    def __init__(self, cin: int = 12, mid: int = 72):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin))
+        self.expand = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid),
+                                    nn.ReLU())  # fmt: skip
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False),
+                                nn.BatchNorm2d(mid), nn.ReLU())  # fmt: skip
+        self.project = nn.Sequential(nn.Conv2d(mid, cin, 1, bias=False), nn.BatchNorm2d(cin))
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.project(self.dw(self.expand(y)))
+        return self.fc(y.mean((2, 3)))

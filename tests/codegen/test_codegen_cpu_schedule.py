@@ -105,3 +105,34 @@ def test_batch_norm_epilogue_folds_to_one_multiply_and_one_add():
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
     assert on_activation == ["relax.add", "relax.multiply", "relax.add", "relax.nn.relu"]
+
+
+@pytest.mark.parametrize(
+    "channels, wide", [(12, 16), (24, 32), (72, 80), (8, None), (48, None), (100, 112)]
+)
+def test_padded_width(channels, wide):
+    from graphprune.codegen.pad_channels import padded_width
+
+    assert padded_width(channels, 16) == wide
+
+
+def test_odd_channel_counts_are_padded_and_match_torch(tmp_path):
+    """12 and 72 channels run on 16-lane vectors (zero filters / zero rows added at build time)
+    and the outputs still equal PyTorch's; a width with full vectors is left alone."""
+    from graphprune.codegen.cpu_rules import vector_lanes
+    from graphprune.codegen.target import make_target
+
+    from codegen_models import OddChannels
+
+    model = seeded(OddChannels)
+    x = (torch.randn(1, 3, 16, 16),)
+    ref = torch_outputs(model, x)
+    assert np.abs(ref[0] - model.fc.bias.detach().numpy()).max() > 1e-2  # not bias alone
+    art = codegen.compile(model, x, out_dir=tmp_path / "odd")
+    assert_matches(art(*x), ref)
+    widths = {tuple(k["spatial"])[-1] for k in art.manifest["kernels"].values() if "spatial" in k}
+    if vector_lanes(make_target("llvm")) == 16:
+        assert {16, 80} <= widths and not {12, 72} & widths
+    wide = codegen.compile(seeded(OddChannels, 16, 64), x, out_dir=tmp_path / "even")
+    assert {16, 64} <= {tuple(k["spatial"])[-1] for k in wide.manifest["kernels"].values()
+                        if "spatial" in k}  # fmt: skip
