@@ -6,20 +6,21 @@ Linear, both measured exactly as ``kernels="auto"`` measures them (the whole com
 through :mod:`graphprune.codegen.pipeline`, transposes and VM call included); what ``auto``
 keeps; PyTorch dense (``F.linear``), PyTorch CSR (``to_sparse_csr`` matmul), scipy CSR; and the
 byte-model bound (dense weight bytes / compressed weight bytes). Times in ms, best of repeats.
-After the table, the issue's goals with the measured ratios.
+After each table, the issue's goals with the measured ratios. TVM and torch use ``--threads``
+threads (default: every core this process may run on), pinned to those cores; the goal rows are
+measured again with each ``--goal-threads`` count (default 1).
 
-Two cache states, applied identically to every column (``--cache``, default both):
+Two cache states, applied identically to every column (``--cache``, default both), each with
+its own table and goal lines:
 
 * ``warm``: back-to-back calls; weights that fit the caches stay there between calls (a 4096²
   fp32 weight is 67 MB, but at batch 1 a 10 MB sparse one fits the 32 MiB L3);
 * ``cold``: before each timed call a buffer of ``--evict-mb`` (default 4× the L3) is read on
-  every thread (not timed), so the weights come from DRAM, as in a model whose other
-  layers evict them and as the byte model assumes; each call is timed alone with
-  ``perf_counter_ns`` (one Python call, a few µs, included for every column), best of
-  ``--cold-repeat``. ``auto keeps`` in the cold table is the format ``auto`` picks (from its warm
-  measurement) at its cold time. TVM and torch use ``--threads``
-threads (default: every core this process may run on), pinned to those cores; the goal rows are
-measured again with each ``--goal-threads`` count (default 1).
+  every thread (not timed), so the weights come from DRAM, as in a model whose other layers
+  evict them and as the byte model assumes; each call is timed alone with ``perf_counter_ns``
+  (one Python call, a few µs, included for every column), best of ``--cold-repeat``, the
+  columns taking turns call by call. ``auto keeps`` in the cold table is the format ``auto``
+  picks (from its warm measurement) at its cold time.
 
     python benchmarks/bench_kernels.py --quick    # 2 shapes, batch 1/16: ~3 min on 2 cores
     python benchmarks/bench_kernels.py            # the issue's full grid: ~15 min on 2 cores
@@ -147,16 +148,20 @@ def evict() -> None:
     _EVICT[0].sum()
 
 
-def cold_ms(fn, repeat):
-    """Cold: caches evicted before each call, each call timed alone; best of ``repeat``."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        evict()
-        t0 = time.perf_counter_ns()
+def cold_ms(fns: dict, repeat: int) -> dict:
+    """Cold: caches evicted before each call, each call timed alone; best of ``repeat`` per
+    column. The columns take turns (one call each per round), so a burst of load from other
+    jobs lands on all of them rather than on one column's calls."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter_ns() - t0)
-    return min(times) / 1e6
+    times = {c: [] for c in fns}
+    for _ in range(repeat):
+        for c, fn in fns.items():
+            evict()
+            t0 = time.perf_counter_ns()
+            fn()
+            times[c].append(time.perf_counter_ns() - t0)
+    return {c: min(t) / 1e6 for c, t in times.items()}
 
 
 def timings(fns: dict) -> dict:
@@ -166,7 +171,7 @@ def timings(fns: dict) -> dict:
         if mode == "warm":
             out[mode] = {c: f() for c, f in fns["warm"].items()}
         else:
-            out[mode] = {c: cold_ms(f, ARGS.cold_repeat) for c, f in fns["call"].items()}
+            out[mode] = cold_ms(fns["call"], ARGS.cold_repeat)
     return out
 
 
@@ -400,7 +405,8 @@ def main() -> int:
         f"Times in ms. **Warm**: best of {ARGS.repeat} rounds of back-to-back calls, weights "
         "cache-resident where they fit. **Cold**: before each call a "
         f"{EVICT_BYTES // 2**20} MiB buffer is read on every thread (not timed), "
-        f"each call timed alone, best of {ARGS.cold_repeat}: weights stream from DRAM, as "
+        f"each call timed alone, best of {ARGS.cold_repeat} (the columns take turns call by "
+        "call): weights stream from DRAM, as "
         "between the layers of a model and as the byte model assumes. Both apply to every "
         "column. `ours` and `our dense` are the whole compiled "
         "Linear as `kernels=\"auto\"` measures it (transposes and VM call included; `our dense` "
