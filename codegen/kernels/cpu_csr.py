@@ -33,6 +33,9 @@ Tried and dropped (same shape and conditions, CSR ``staged`` 0.35 ms on a quiete
 
 * ``word`` with the activations staged through a memory buffer and read back as one vector
   (no inserts): 0.56-0.69 ms, the wide load waits for its 16 narrow stores (no forwarding).
+* ``word`` with every 2nd, 3rd or 4th 8-lane vector gathered by ``vgatherdps`` instead (to
+  spread the work over the gather unit and the shuffle ports): 0.33-0.39 ms against 0.31.
+* rows padded to 8 nonzeros (no scalar tail at all) instead of 4: within 1-3%, not kept.
 * scalar FMAs with 4-16 independent accumulators (one index load, one activation load, one
   memory-operand ``vfmadd231ss`` per nonzero; written with ``llvm.x86.avx512.vfmadd.f32``
   because LLVM's SLP vectoriser turns plain scalar FMAs back into ``vgatherdps``): 0.49-0.51
