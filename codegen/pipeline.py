@@ -126,6 +126,44 @@ def _relax_pipeline(target, schedule: str, report: dict):
     return _pipeline
 
 
+def _clip_as_min_max():
+    """``clip(x, lo, hi)`` (ReLU6) as ``minimum(maximum(x, lo), hi)``: Relax's ``clip`` has no
+    layout rule, so ``ConvertLayout`` kept it in NCHW and wrapped every ReLU6 of an NHWC
+    MobileNet in two transposes (two extra kernels and memory passes per block); the binary
+    ops follow the layout of their tensor argument. Runs before ``ConvertLayout`` (CPU)."""
+    import tvm
+    from tvm import relax, tirx
+
+    @relax.expr_functor.mutator
+    class _Clip(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") != "relax.clip" or len(call.args) != 3:
+                return call
+            x, lo, hi = call.args
+            bounds = []
+            for b in (lo, hi):  # a FloatImm, or a PrimValue holding one
+                v = b if isinstance(b, (tirx.FloatImm, tirx.IntImm)) else getattr(b, "value", None)
+                if not isinstance(v, (tirx.FloatImm, tirx.IntImm)):
+                    return call
+                bounds.append(float(v.value))
+            if not isinstance(x.ty, relax.TensorType) or not str(x.ty.dtype).startswith("float"):
+                return call
+            dtype = str(x.ty.dtype)
+            low = relax.op.maximum(x, relax.const(bounds[0], dtype))
+            return relax.op.minimum(self.builder_.emit(low), relax.const(bounds[1], dtype))
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphPruneClipAsMinMax")
+    def _pass(mod, _ctx):
+        rewriter = _Clip(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
 def _decompose_gelu():
     """``gelu(x)`` as ``x * (0.5 + 0.5 * erf(x / sqrt(2)))`` (``gelu_tanh`` likewise with tanh),
     so ``FastMathTransform`` can swap the libm ``erf``/``tanh``/``exp`` calls, which LLVM leaves
@@ -525,7 +563,7 @@ def build(
                 "relax.nn.conv2d": ["NHWC", "HWIO"],
                 "relax.nn.conv2d_transpose": ["NCHW", "IOHW"],
             }
-            seq.append(relax.transform.ConvertLayout(layouts))
+            seq += [_clip_as_min_max(), relax.transform.ConvertLayout(layouts)]
         if is_cpu and schedule == "ours":
             seq += [_decompose_gelu(), relax.transform.FastMathTransform(), _divide_by_weights(),
                     _fold_affine_epilogues(), pad_channels(vector_lanes(target))]  # fmt: skip

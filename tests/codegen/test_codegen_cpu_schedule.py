@@ -136,3 +136,30 @@ def test_odd_channel_counts_are_padded_and_match_torch(tmp_path):
     wide = codegen.compile(seeded(OddChannels, 16, 64), x, out_dir=tmp_path / "even")
     assert {16, 64} <= {tuple(k["spatial"])[-1] for k in wide.manifest["kernels"].values()
                         if "spatial" in k}  # fmt: skip
+
+
+def test_pruned_mobilenet_matches_torch(tmp_path):
+    """A real 50% structured pruning of the zoo's MobileNetV2 (widths 24 -> 12, 144 -> 72, ...:
+    the channel-padding pass widens some groups) still equals PyTorch."""
+    import graphprune as gp
+    from graphprune import models
+
+    model, inputs = models.get("mobilenetv2_tiny")
+    pruned = gp.prune(model.eval(), inputs, ratio=0.5, criterion="l2").model.eval()
+    ref = torch_outputs(pruned, inputs)
+    art = codegen.compile(pruned, inputs, out_dir=tmp_path / "mbv2")
+    assert_matches(art(*inputs), ref)
+
+
+def test_relu6_stays_in_the_conv_epilogue(tmp_path):
+    """ReLU6 (``clip``) has no layout rule in Relax: it used to stay NCHW between two
+    transposes per block. As ``minimum(maximum(x, 0), 6)`` it follows NHWC and fuses into the
+    conv before it."""
+    from graphprune import models
+
+    model, inputs = models.get("mobilenetv2_tiny")
+    art = codegen.compile(model.eval(), inputs, out_dir=tmp_path / "mbv2")
+    assert_matches(art(*inputs), torch_outputs(model, inputs))
+    names = list(art.manifest["kernels"])
+    assert not [n for n in names if "clip" in n], names
+    assert sum("transpose" in n for n in names) <= 2, names  # the input's NCHW -> NHWC, the last
