@@ -12,6 +12,7 @@ encoder rows (dense and pruned) run at batch 2; the CNNs at batch 1.
     python benchmarks/bench_codegen.py            # ResNet-50 / MobileNetV2 / BERT-base sizes
     python benchmarks/bench_codegen.py --quick    # small sizes, a couple of minutes on 2 cores
     python benchmarks/bench_codegen.py --stock    # adds TVM's stock (unscheduled) pipeline
+    python benchmarks/bench_codegen.py --tune 64  # adds a MetaSchedule-tuned column (64 trials)
 
 A model whose build exceeds ``--build-budget`` seconds is retried at the next smaller size.
 """
@@ -37,6 +38,10 @@ def _args():
     p.add_argument("--stock", action="store_true",
                    help="also time TVM's stock pipeline (unscheduled: minutes per full-size "
                         "model, which would push the default run past 15 minutes)")  # fmt: skip
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="also compile with compile(tune=True, trials=TRIALS) per model and "
+                        "variant, each with a fresh tuning database (so every row pays its "
+                        "own search; off by default: minutes per model)")  # fmt: skip
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     p.add_argument("--only", nargs="*", help="model names to run (default: all)")
     return p.parse_args()
@@ -222,6 +227,16 @@ def run_one(name, factories, variant, tmp):
             stock = codegen.compile(model, inputs, out_dir=Path(tmp) / f"{name}-{variant}-stock",
                                     schedule="stock")  # fmt: skip
             row["stock"] = latency_ms(lambda: stock(*x), max(3, ARGS.repeat // 5))
+        if ARGS.tune > 0:
+            t = time.perf_counter()
+            tuned = codegen.compile(
+                model, inputs, out_dir=Path(tmp) / f"{name}-{variant}-tuned", tune=True,
+                trials=ARGS.tune, tuning_dir=Path(tmp) / f"{name}-{variant}-db",
+            )  # fmt: skip
+            row["tune_s"] = time.perf_counter() - t
+            row["tuned"] = latency_ms(lambda: tuned(*x), ARGS.repeat)
+            row["tuned_err"] = float(np.abs(tuned(*x) - ref).max())
+            row["tuned_kernels"] = len(tuned.manifest["tuning"]["metaschedule"])
         return row
     raise AssertionError("unreachable")
 
@@ -236,7 +251,10 @@ def table(rows) -> str:
     head = ("| model | variant | input | MMACs | torch eager ms | TVM stock ms | TVM ours ms "
             "| torch/ours | pruned/dense latency | pruned/dense MACs | MAC ratio / latency ratio "
             "| build s | max abs err |")  # fmt: skip
-    lines = [head, "|" + "---|" * 13]
+    tuned = any("tuned" in r for r in rows)
+    if tuned:
+        head += " TVM tuned ms | torch/tuned | kernels tuned | tune s | tuned max abs err |"
+    lines = [head, "|" + "---|" * (18 if tuned else 13)]
     dense = {r["model"]: r for r in rows if r["variant"] == "dense"}
     for r in rows:
         d = dense.get(r["model"])
@@ -250,6 +268,12 @@ def table(rows) -> str:
             f"| {r['torch']:.2f} | {stock} | {r['ours']:.2f} | {r['torch'] / r['ours']:.2f} "
             f"| {lat} | {mac} | {track} | {r['build_s']:.0f} | {r['max_err']:.1e} |"
         )
+        if tuned:
+            lines[-1] += (
+                f" {r['tuned']:.2f} | {r['torch'] / r['tuned']:.2f} | {r['tuned_kernels']} "
+                f"| {r['tune_s']:.0f} | {r['tuned_err']:.1e} |" if "tuned" in r
+                else " — | — | — | — | — |"
+            )
     return "\n".join(lines)
 
 
@@ -311,7 +335,8 @@ def main() -> int:
             f"{machine()}, torch {torch.__version__}; load average (1/5/15 min) {LOAD0} at the "
             f"start, {load} at the end (the 2 cores are shared with other jobs). CNNs batch 1, "
             f"encoder batch 2; median of {ARGS.repeat} runs; whole run {(time.time() - T0) / 60:.0f} "
-            f"min{'' if ARGS.stock else ' (stock TVM column: run with --stock)'}. "
+            f"min{'' if ARGS.stock else ' (stock TVM column: run with --stock)'}"
+            f"{f'; tuned column: {ARGS.tune} MetaSchedule trials per row, fresh database' if ARGS.tune else ''}. "
             f"torch/ours > 1 means the compiled "
             f"module is faster than PyTorch eager on the same weights. \"50% pruned\" is "
             f"`graphprune.prune(ratio=0.5, criterion=\"l2\")` of the dense model; MAC ratio / "
