@@ -279,6 +279,14 @@ def goals(rows: list[dict], threads: int, mode: str) -> str:
            "`auto` decides on warm timings; here it is charged the cold time of its pick")
     lines.append(f"- `auto` never slower than our dense ({mode} cache): {len(rows) - len(slower)} "
                  f"of {len(rows)} rows ({how})")  # fmt: skip
+    if mode != "warm":
+        missed = [r for r in rows
+                  if r["auto_fmt"] == "dense" and r[mode]["ours"] < r[mode]["dense"]]  # fmt: skip
+        named = "; ".join(f"{r['shape'][0]}×{r['shape'][1]} b{r['batch']} {r['pattern']} "
+                          f"({r['fmt']} {r[mode]['ours']:.3f} vs dense "
+                          f"{r[mode]['dense']:.3f})" for r in missed)  # fmt: skip
+        lines.append(f"- rows where `auto`'s warm decision (dense) left a faster sparse kernel "
+                     f"unused in the {mode} cache: {len(missed)}" + (f": {named}" if missed else ""))
     return "\n".join(lines)
 
 
