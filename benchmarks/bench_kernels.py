@@ -286,7 +286,8 @@ def goals(rows: list[dict], threads: int, mode: str) -> str:
                           f"({r['fmt']} {r[mode]['ours']:.3f} vs dense "
                           f"{r[mode]['dense']:.3f})" for r in missed)  # fmt: skip
         lines.append(f"- rows where `auto`'s warm decision (dense) left a faster sparse kernel "
-                     f"unused in the {mode} cache: {len(missed)}" + (f": {named}" if missed else ""))
+                     f"unused in the {mode} cache: {len(missed)}"
+                     + (f": {named}" if missed else ""))  # fmt: skip
     return "\n".join(lines)
 
 
