@@ -36,6 +36,9 @@ Tried and dropped (same shape and conditions, CSR ``staged`` 0.35 ms on a quiete
 * ``word`` with every 2nd, 3rd or 4th 8-lane vector gathered by ``vgatherdps`` instead (to
   spread the work over the gather unit and the shuffle ports): 0.33-0.39 ms against 0.31.
 * rows padded to 8 nonzeros (no scalar tail at all) instead of 4: within 1-3%, not kept.
+* ``word`` with each lane filled by a merge-masked ``vbroadcastss`` from memory (no shuffle
+  port; the masks are opaque to LLVM through ``lane == l + indptr[0]``, else it folds them back
+  to ``vinsertps``): 0.47-0.52 ms against 0.39-0.41 in the same (loaded) run.
 * scalar FMAs with 4-16 independent accumulators (one index load, one activation load, one
   memory-operand ``vfmadd231ss`` per nonzero; written with ``llvm.x86.avx512.vfmadd.f32``
   because LLVM's SLP vectoriser turns plain scalar FMAs back into ``vgatherdps``): 0.49-0.51
