@@ -110,5 +110,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     }
     if built.tuning is not None:
         info["tuning"] = built.tuning
+    if built.padded_channels:  # kernels run these widths; the model's MACs are unchanged
+        info["padded_channels"] = built.padded_channels
     path = write_artifact(Path(out_dir), built.executable, built.weights, info)
     return load(path)

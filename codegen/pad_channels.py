@@ -28,8 +28,10 @@ from __future__ import annotations
 __all__ = ["pad_channels", "padded_width"]
 
 _BINARY = ("add", "subtract", "multiply", "divide", "maximum", "minimum")
+# Unary ops that are finite on finite inputs (padded channels must never become inf/nan:
+# their readers multiply them by zero, and 0 * nan is nan).
 _UNARY = ("nn.relu", "negative", "sigmoid", "tanh", "erf", "clip", "nn.silu", "nn.gelu",
-          "nn.gelu_tanh", "nn.leakyrelu")  # fmt: skip  (finite on finite inputs)
+          "nn.gelu_tanh", "nn.leakyrelu")  # fmt: skip
 
 
 def padded_width(channels: int, lanes: int) -> int | None:
@@ -149,15 +151,15 @@ def _analyse(main, lanes: int):
                     groups.mark_bad(v)
                 continue
             if not isinstance(val, relax.Call):
-                spoil(val) if isinstance(val, relax.Var) else None
+                if isinstance(val, relax.Var):
+                    spoil(val)
                 groups.mark_bad(v)
                 continue
             args = list(val.args)
             if all(is_const(a) or isinstance(a, relax.ShapeExpr) for a in args):
                 const.add(v)
                 continue
-            name = getattr(val.op, "name", "")
-            name = name[len("relax."):] if name.startswith("relax.") else name
+            name = getattr(val.op, "name", "").removeprefix("relax.")
             out = _shape(v)
             groups.find(v)
             if out is None or not out or str(v.ty.dtype) not in ("float32", "float16"):
@@ -198,10 +200,9 @@ def _analyse(main, lanes: int):
                 else:
                     spoil(v, x)
             elif name == "mean":
-                axes = [int(i) % len(_shape(args[0])) for i in (val.attrs.axis or [])]
-                if axes and len(_shape(args[0]) or ()) - 1 not in axes and (
-                    _shape(args[0]) or (0,)
-                )[-1] == c:
+                xs = _shape(args[0]) or (0,)
+                axes = [int(i) % len(xs) for i in (val.attrs.axis or [])]
+                if axes and len(xs) - 1 not in axes and xs[-1] == c:  # over H, W: keeps C
                     groups.union(v, args[0])
                 else:
                     spoil(v, args[0])
@@ -240,7 +241,9 @@ def _analyse(main, lanes: int):
         cost = {}
         for n in (width, wide):  # MACs per vector op, before and after padding
             cost[n] = sum(p * n * k / _lanes(n, lanes) for v in vs for p, k in writes.get(v, []))
-            cost[n] += sum(p * n * t / _lanes(n, lanes) for v in vs for p, t in depthwise.get(v, []))
+            cost[n] += sum(
+                p * n * t / _lanes(n, lanes) for v in vs for p, t in depthwise.get(v, [])
+            )
             cost[n] += sum(p * n * d / _lanes(d, lanes) for v in vs for p, d in reads.get(v, []))
         # Readers pay the padded rows at their own vector width: widening a group that many
         # convs read (the 24 channels of a dense MobileNetV2 stage) can cost more than it saves.
@@ -264,8 +267,11 @@ def _lanes(channels: int, lanes: int) -> int:
     return vec
 
 
-def pad_channels(lanes: int):
-    """The Relax pass (see the module docstring); ``lanes`` = fp32 SIMD lanes of the target."""
+def pad_channels(lanes: int, report: list | None = None):
+    """The Relax pass (see the module docstring); ``lanes`` = fp32 SIMD lanes of the target.
+
+    ``report`` (optional) receives one ``{"channels", "padded_to", "tensors"}`` dict per padded
+    group, for the manifest: the kernels then show the padded widths, not the model's."""
     import tvm
     from tvm import relax
 
@@ -326,7 +332,7 @@ def pad_channels(lanes: int):
             c = _shape(v)[-1]
             if name == "relax.reshape":
                 return relax.op.reshape(args[0], list(_shape(v)[:-1]) + [mine])
-            short = name[len("relax."):]
+            short = name.removeprefix("relax.")
             if short in _BINARY:
                 new = []
                 for i, (o, a) in enumerate(zip(old_args, args)):
@@ -353,6 +359,15 @@ def pad_channels(lanes: int):
     def _pass(mod, _ctx):
         main = mod["main"]
         plan, const = _analyse(main, lanes)
+        if report is not None:
+            groups: dict = {}
+            for v, wide in plan.items():
+                key = (_shape(v)[-1], wide)
+                groups[key] = groups.get(key, 0) + 1
+            report.extend(
+                {"channels": c, "padded_to": w, "tensors": n}
+                for (c, w), n in sorted(groups.items())
+            )
         if not plan:
             return mod
         rewriter = _Pad(mod, plan, const)

@@ -14,7 +14,11 @@ Ordering (each step's precondition is the previous one's result):
    strided. On CUDA it runs (dlight's matmul rule handles NT).
    CPU with our schedule also rewrites, before lifting: ``gelu`` into ``erf`` arithmetic and
    ``FastMathTransform`` (vectorisable ``erf``/``exp``/``tanh``), and ``x / w`` with a
-   weight-only ``w`` (BN) into ``x * (1 / w)``.
+   weight-only ``w`` (BN) into ``x * (1 / w)``; BN epilogues fold to one multiply-add, and
+   channel groups whose width wastes the vector are padded with zero weights
+   (:mod:`.pad_channels`; the manifest lists them under ``padded_channels``). Before
+   ``ConvertLayout``, ``clip`` (ReLU6) becomes ``minimum(maximum(...))``, which has a layout
+   rule.
 4. Legalize, fuse (stock passes), then **schedule**: our rules (CPU) or ``dlight`` (CUDA) or
    nothing (``schedule="stock"``, the baseline of the benchmark). With ``tune=True`` (CPU)
    MetaSchedule first schedules the kernels its database has faster records for
@@ -48,6 +52,7 @@ class Built:
     weights: list[np.ndarray]
     kernels: dict[str, dict] = field(default_factory=dict)
     tuning: dict | None = None  # TuningReport.to_json() when tuned
+    padded_channels: list[dict] = field(default_factory=list)  # see pad_channels.pad_channels
 
 
 def _cpu_rules(target):
@@ -553,6 +558,7 @@ def build(
     mod = lowered.mod
     weights = list(lowered.params)
     is_cpu = target.kind.name == "llvm"
+    padded: list[dict] = []
     if schedule != "stock":
         step("optimising (decompose BN, layout, lift weight transforms)")
         seq = [relax.transform.DecomposeOpsForInference()]
@@ -566,7 +572,8 @@ def build(
             seq += [_clip_as_min_max(), relax.transform.ConvertLayout(layouts)]
         if is_cpu and schedule == "ours":
             seq += [_decompose_gelu(), relax.transform.FastMathTransform(), _divide_by_weights(),
-                    _fold_affine_epilogues(), pad_channels(vector_lanes(target))]  # fmt: skip
+                    _fold_affine_epilogues(),
+                    pad_channels(vector_lanes(target), padded)]  # fmt: skip
         seq.append(relax.transform.LiftTransformParams())
         mod = tvm.transform.Sequential(seq)(mod)
         if "main_transform_params" in [gv.name_hint for gv in mod.get_global_vars()]:
@@ -588,4 +595,4 @@ def build(
     except Exception as e:
         raise CodegenUnsupported(f"TVM failed to build the model for {target}: {e}") from e
     summary = tuning.get("summary") if tuning else None
-    return Built(exe, weights, report, summary.to_json() if summary else None)
+    return Built(exe, weights, report, summary.to_json() if summary else None, padded)

@@ -119,10 +119,10 @@ def test_padded_width(channels, wide):
 def test_odd_channel_counts_are_padded_and_match_torch(tmp_path):
     """12 and 72 channels run on 16-lane vectors (zero filters / zero rows added at build time)
     and the outputs still equal PyTorch's; a width with full vectors is left alone."""
+    from codegen_models import OddChannels
+
     from graphprune.codegen.cpu_rules import vector_lanes
     from graphprune.codegen.target import make_target
-
-    from codegen_models import OddChannels
 
     model = seeded(OddChannels)
     x = (torch.randn(1, 3, 16, 16),)
@@ -133,9 +133,12 @@ def test_odd_channel_counts_are_padded_and_match_torch(tmp_path):
     widths = {tuple(k["spatial"])[-1] for k in art.manifest["kernels"].values() if "spatial" in k}
     if vector_lanes(make_target("llvm")) == 16:
         assert {16, 80} <= widths and not {12, 72} & widths
+        padded = {(g["channels"], g["padded_to"]) for g in art.manifest["padded_channels"]}
+        assert padded == {(12, 16), (72, 80)}
     wide = codegen.compile(seeded(OddChannels, 16, 64), x, out_dir=tmp_path / "even")
     assert {16, 64} <= {tuple(k["spatial"])[-1] for k in wide.manifest["kernels"].values()
                         if "spatial" in k}  # fmt: skip
+    assert "padded_channels" not in wide.manifest
 
 
 def test_pruned_mobilenet_matches_torch(tmp_path):
