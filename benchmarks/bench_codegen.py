@@ -178,12 +178,21 @@ def latency_ms(fn, repeat) -> float:
 
 
 def seeded(factory, width):
+    """The model with deterministic weights and BN statistics measured on its example input:
+    with default init and made-up statistics the activations of the deep CNNs shrank ~3x per
+    layer (MobileNetV2's features were ~1e-8, its output the Linear bias), so the max abs err
+    column compared a bias with itself."""
     torch.manual_seed(0)
     model, inputs = factory(width)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if bns:
+        model.train()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass sets the statistics exactly
+        with torch.no_grad():
+            model(*inputs)
     model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
     return model, inputs
 
 
