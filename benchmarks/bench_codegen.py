@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import re
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from record import cpu_name  # noqa: E402 - benchmarks/ is on sys.path
+from record import cpu_name, write_section  # noqa: E402 - benchmarks/ is on sys.path
 from graphprune import codegen  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
@@ -177,6 +176,21 @@ def latency_ms(fn, repeat) -> float:
     return float(np.median(times) * 1e3)
 
 
+def interleaved_ms(calls: dict, repeat: int) -> dict:
+    """Median ms of each callable, timed in turns (one call each per round): a burst of load
+    from other jobs on the shared cores lands on every column instead of on one row."""
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    times = {k: [] for k in calls}
+    for _ in range(repeat):
+        for k, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+
+
 def seeded(factory, width):
     """The model with deterministic weights and BN statistics measured on its example input:
     with default init and made-up statistics the activations of the deep CNNs shrank ~3x per
@@ -221,7 +235,6 @@ def run_one(name, factories, variant, tmp):
         row = {"model": name, "variant": variant, "shape": "x".join(map(str, inputs[0].shape)),
                "macs": macs(model, inputs), "dense_macs": dense_macs}  # fmt: skip
         with torch.no_grad():
-            row["torch"] = latency_ms(lambda: model(*inputs), ARGS.repeat)
             ref = model(*inputs).numpy()
         t = time.perf_counter()
         art = codegen.compile(model, inputs, out_dir=Path(tmp) / f"{name}-{variant}")
@@ -230,8 +243,8 @@ def run_one(name, factories, variant, tmp):
             print(f"  {name}: build took {row['build_s']:.0f}s > budget, trying a smaller size")
             continue
         x = [i.numpy() for i in inputs]
-        row["ours"] = latency_ms(lambda: art(*x), ARGS.repeat)
         row["max_err"] = float(np.abs(art(*x) - ref).max())
+        row["calls"] = {"torch": torch.no_grad()(lambda: model(*inputs)), "ours": lambda: art(*x)}
         if ARGS.stock:
             stock = codegen.compile(model, inputs, out_dir=Path(tmp) / f"{name}-{variant}-stock",
                                     schedule="stock")  # fmt: skip
@@ -306,16 +319,6 @@ def goals(rows) -> str:
     )
 
 
-def write_section(text: str) -> None:
-    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-    title = "## Codegen (TVM, CPU)"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"{re.escape(title)}\n.*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda _: text.rstrip("\n") + "\n", old) if pattern.search(old) else (
-        old.rstrip("\n") + "\n\n" + text)  # fmt: skip
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 LOAD0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
 T0 = time.time()
 
@@ -327,8 +330,11 @@ def main() -> int:
         for name, factories in suite.items():
             if ARGS.only and name not in ARGS.only:
                 continue
-            for variant in ("dense", "50% pruned"):
-                row = run_one(name, factories, variant, tmp)
+            pair = [run_one(name, factories, v, tmp) for v in ("dense", "50% pruned")]
+            ms = interleaved_ms({(i, c): fn for i, r in enumerate(pair)
+                                 for c, fn in r.pop("calls").items()}, ARGS.repeat)  # fmt: skip
+            for i, row in enumerate(pair):
+                row["torch"], row["ours"] = ms[i, "torch"], ms[i, "ours"]
                 rows.append(row)
                 print(f"  {name} {row['variant']}: torch {row['torch']:.2f} ms, "
                       f"ours {row['ours']:.2f} ms, build {row['build_s']:.0f} s", flush=True)  # fmt: skip
@@ -339,11 +345,10 @@ def main() -> int:
         date = dt.date.today().isoformat()
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         section = (
-            f"## Codegen (TVM, CPU)\n\n"
             f"`python benchmarks/bench_codegen.py{' --quick' if ARGS.quick else ''}` on {date}, "
             f"{machine()}, torch {torch.__version__}; load average (1/5/15 min) {LOAD0} at the "
             f"start, {load} at the end (the 2 cores are shared with other jobs). CNNs batch 1, "
-            f"encoder batch 2; median of {ARGS.repeat} runs; whole run {(time.time() - T0) / 60:.0f} "
+            f"encoder batch 2; median of {ARGS.repeat} runs, torch and ours, dense and pruned timed in turns (one call each per round); whole run {(time.time() - T0) / 60:.0f} "
             f"min{'' if ARGS.stock else ' (stock TVM column: run with --stock)'}"
             f"{f'; tuned column: {ARGS.tune} MetaSchedule trials per row, fresh database' if ARGS.tune else ''}. "
             f"torch/ours > 1 means the compiled "
@@ -352,7 +357,7 @@ def main() -> int:
             f"latency ratio >= 0.8 means latency tracks the MAC reduction.\n\n{result}\n\n"
             f"Goals on this run:\n{goals(rows)}"
         )
-        write_section(section)
+        write_section("Codegen (TVM, CPU)", section)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,10 @@ class Artifact:
         except Exception as e:  # TVM / numpy raise their own types for corrupt files
             raise ArtifactError(f"cannot load artifact {self.path}: {e}") from e
         self._main = self._vm[manifest.get("entry", "main")]
+        # One VM runs one call at a time (its registers are shared): calls take this lock, and
+        # reuse input buffers allocated on the first call.
+        self._lock = threading.Lock()
+        self._args: list | None = None
 
     @property
     def inputs(self) -> list[dict]:
@@ -102,14 +107,25 @@ class Artifact:
                 )
 
     def __call__(self, *inputs):
-        """Run the model; returns one array, or a tuple when the model has several outputs."""
+        """Run the model; returns one array, or a tuple when the model has several outputs.
+
+        Safe to call from several threads: calls run one at a time (the TVM VM behind an
+        artifact is not reentrant; concurrent calls crashed the process before).
+        """
         import tvm
 
         arrays = [_to_numpy(x) for x in inputs]
         self._check(arrays)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
-        result = self._main(*args, *self._weights)
-        outs = [o.numpy() for o in _flatten(result)]
+        with self._lock:
+            # Inputs are copied into buffers allocated on the first call, not into a fresh
+            # device tensor (allocation and page faults) on every call.
+            if self._args is None:
+                self._args = [tvm.runtime.empty(a.shape, str(a.dtype), self._device)
+                              for a in arrays]  # fmt: skip
+            for buf, a in zip(self._args, arrays):
+                buf.copyfrom(np.ascontiguousarray(a))
+            result = self._main(*self._args, *self._weights)
+            outs = [o.numpy() for o in _flatten(result)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __repr__(self) -> str:

@@ -38,6 +38,23 @@ def copy_of(compiled, tmp_path):
     return dst
 
 
+def test_calls_reuse_input_buffers_without_mixing_inputs(compiled):
+    # Inputs are copied into buffers kept per thread: each call must see its own input,
+    # in sequence and from concurrent threads.
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, inputs, art = compiled
+    xs = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        refs = [model(x).numpy() for x in xs]
+    for x, ref in zip(xs + xs[::-1], refs + refs[::-1]):
+        np.testing.assert_allclose(art(x), ref, rtol=1e-4, atol=1e-4)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: art(xs[i % 4]), range(32)))
+    for i, out in enumerate(outs):
+        np.testing.assert_allclose(out, refs[i % 4], rtol=1e-4, atol=1e-4)
+
+
 def test_manifest_describes_the_artifact(compiled):
     _, inputs, art = compiled
     man = art.manifest
