@@ -176,18 +176,20 @@ def latency_ms(fn, repeat) -> float:
     return float(np.median(times) * 1e3)
 
 
-def interleaved_ms(calls: dict, repeat: int) -> dict:
-    """Median ms of each callable, timed in turns (one call each per round): a burst of load
-    from other jobs on the shared cores lands on every column instead of on one row."""
-    for fn in calls.values():
-        for _ in range(3):
-            fn()
+def interleaved_ms(calls: dict, repeat: int, rounds: int = 5) -> dict:
+    """Median ms of each callable over ``repeat`` calls, taken in ``rounds`` turns: each turn
+    runs one untimed call (caches warm again after the other columns) and then its share of
+    back-to-back timed calls. A burst of load from other jobs on the shared cores lands on
+    every column, while each column is still measured warm, as a deployed model runs."""
     times = {k: [] for k in calls}
-    for _ in range(repeat):
+    per = max(1, -(-repeat // rounds))
+    for _ in range(rounds):
         for k, fn in calls.items():
-            t = time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t)
+            for _ in range(per):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
     return {k: float(np.median(v) * 1e3) for k, v in times.items()}
 
 
@@ -348,7 +350,7 @@ def main() -> int:
             f"`python benchmarks/bench_codegen.py{' --quick' if ARGS.quick else ''}` on {date}, "
             f"{machine()}, torch {torch.__version__}; load average (1/5/15 min) {LOAD0} at the "
             f"start, {load} at the end (the 2 cores are shared with other jobs). CNNs batch 1, "
-            f"encoder batch 2; median of {ARGS.repeat} runs, torch and ours, dense and pruned timed in turns (one call each per round); whole run {(time.time() - T0) / 60:.0f} "
+            f"encoder batch 2; median of {ARGS.repeat} runs, taken in 5 turns over torch and ours, dense and pruned (each turn: one warm-up call, then back-to-back timed calls); whole run {(time.time() - T0) / 60:.0f} "
             f"min{'' if ARGS.stock else ' (stock TVM column: run with --stock)'}"
             f"{f'; tuned column: {ARGS.tune} MetaSchedule trials per row, fresh database' if ARGS.tune else ''}. "
             f"torch/ours > 1 means the compiled "

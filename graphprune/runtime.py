@@ -80,10 +80,9 @@ class Artifact:
         except Exception as e:  # TVM / numpy raise their own types for corrupt files
             raise ArtifactError(f"cannot load artifact {self.path}: {e}") from e
         self._main = self._vm[manifest.get("entry", "main")]
-        # One VM runs one call at a time (its registers are shared): calls take this lock, and
-        # reuse input buffers allocated on the first call.
+        # One VM runs one call at a time (its registers are shared): calls take this lock.
         self._lock = threading.Lock()
-        self._args: list | None = None
+        self._buffers: list = [None] * len(manifest["inputs"])
 
     @property
     def inputs(self) -> list[dict]:
@@ -106,6 +105,24 @@ class Artifact:
                     f"static shapes, recompile with matching example_inputs"
                 )
 
+    def _device_input(self, i: int, a: np.ndarray):
+        """Input ``i`` as a TVM tensor: the array itself (DLPack, no copy) when it is on the CPU,
+        C-contiguous and 64-byte aligned as TVM's kernels assume (torch tensors and their numpy
+        views are); otherwise a copy into a buffer allocated on the first call, not a fresh
+        tensor (allocation and page faults) on every call."""
+        import tvm
+
+        if self._device.dlpack_device_type() == 1 and a.flags.c_contiguous and (
+                a.ctypes.data % 64 == 0):  # fmt: skip
+            try:
+                return tvm.runtime.from_dlpack(a)
+            except (BufferError, TypeError, ValueError):  # read-only arrays cannot be exported
+                pass
+        if self._buffers[i] is None:
+            self._buffers[i] = tvm.runtime.empty(a.shape, str(a.dtype), self._device)
+        self._buffers[i].copyfrom(np.ascontiguousarray(a))
+        return self._buffers[i]
+
     def __call__(self, *inputs):
         """Run the model; returns one array, or a tuple when the model has several outputs.
 
@@ -117,14 +134,8 @@ class Artifact:
         arrays = [_to_numpy(x) for x in inputs]
         self._check(arrays)
         with self._lock:
-            # Inputs are copied into buffers allocated on the first call, not into a fresh
-            # device tensor (allocation and page faults) on every call.
-            if self._args is None:
-                self._args = [tvm.runtime.empty(a.shape, str(a.dtype), self._device)
-                              for a in arrays]  # fmt: skip
-            for buf, a in zip(self._args, arrays):
-                buf.copyfrom(np.ascontiguousarray(a))
-            result = self._main(*self._args, *self._weights)
+            args = [self._device_input(i, a) for i, a in enumerate(arrays)]
+            result = self._main(*args, *self._weights)
             outs = [o.numpy() for o in _flatten(result)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 

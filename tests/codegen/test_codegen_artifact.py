@@ -48,7 +48,13 @@ def test_calls_reuse_input_buffers_without_mixing_inputs(compiled):
     with torch.no_grad():
         refs = [model(x).numpy() for x in xs]
     for x, ref in zip(xs + xs[::-1], refs + refs[::-1]):
-        np.testing.assert_allclose(art(x), ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(art(x), ref, rtol=1e-4, atol=1e-4)  # aligned: no copy
+        odd = np.empty(x.numel() + 1, np.float32)[1:].reshape(x.shape)  # misaligned: copied
+        odd[...] = x.numpy()
+        np.testing.assert_allclose(art(odd), ref, rtol=1e-4, atol=1e-4)
+        frozen = x.numpy().copy()
+        frozen.flags.writeable = False  # DLPack cannot export it: copied
+        np.testing.assert_allclose(art(frozen), ref, rtol=1e-4, atol=1e-4)
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda i: art(xs[i % 4]), range(32)))
     for i, out in enumerate(outs):
