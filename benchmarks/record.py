@@ -24,7 +24,8 @@ def _replace(path: str, text: str) -> None:
 def write_section(title: str, body: str, path: str = PATH) -> None:
     text = _read(path)
     block = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    # A section ends at the next heading or at the next marked block's start marker.
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |^<!-- |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: block + "\n", text)
     else:
