@@ -15,8 +15,8 @@ its own table and goal lines:
 
 * ``warm``: back-to-back calls; weights that fit the caches stay there between calls (a 4096²
   fp32 weight is 67 MB, but at batch 1 a 10 MB sparse one fits the 32 MiB L3);
-* ``cold``: before each timed call a buffer of ``--evict-mb`` (default 4× the L3) is read on
-  every thread (not timed), so the weights come from DRAM, as in a model whose other layers
+* ``cold``: before each timed call a buffer of ``--evict-mb`` (default 4× the L3) is read by
+  the calling thread (not timed), so the weights come from DRAM, as in a model whose other layers
   evict them and as the byte model assumes; each call is timed alone with ``perf_counter_ns``
   (one Python call, a few µs, included for every column), best of ``--cold-repeat``, the
   columns taking turns call by call. ``auto keeps`` in the cold table is the format ``auto``
@@ -139,12 +139,14 @@ _EVICT: list[torch.Tensor] = []
 
 
 def evict() -> None:
-    """Read ``EVICT_BYTES`` (written once, at allocation) on every torch thread: what the timed
-    call reads next (weights, activations) comes from DRAM; each core's private L2 is swept by
-    its own thread. A read sweep leaves the caches clean: writing the buffer each time would
-    charge the timed call with writing those dirty lines back."""
+    """Read ``EVICT_BYTES`` (written once, at allocation) on the calling thread: what the timed
+    call reads next (weights, activations) comes from DRAM. A read sweep leaves the caches clean
+    (writing the buffer each time would charge the timed call with writing those dirty lines
+    back). One thread, numpy: sweeping on torch's OpenMP threads left them spinning into the
+    timed TVM call at 2 threads (erratic cold rows); the other cores' private L2 (1 MB each
+    here) is not swept."""
     if not _EVICT:
-        _EVICT.append(torch.ones(EVICT_BYTES // 4, dtype=torch.float32))
+        _EVICT.append(np.ones(EVICT_BYTES // 4, dtype=np.float32))
     _EVICT[0].sum()
 
 
@@ -413,7 +415,7 @@ def main() -> int:
         "rows suffer most).\n\n"
         f"Times in ms. **Warm**: best of {ARGS.repeat} rounds of back-to-back calls, weights "
         "cache-resident where they fit. **Cold**: before each call a "
-        f"{EVICT_BYTES // 2**20} MiB buffer is read on every thread (not timed), "
+        f"{EVICT_BYTES // 2**20} MiB buffer is read by the calling thread (not timed; the other core's private L2 is not swept), "
         f"each call timed alone, best of {ARGS.cold_repeat} (the columns take turns call by "
         "call): weights stream from DRAM, as "
         "between the layers of a model and as the byte model assumes. Both apply to every "
