@@ -19,7 +19,6 @@ pure-TVM snippet in ``codegen/README_SNIPPET.md``.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from graphprune.errors import ArtifactError
+from graphprune.runtime import file_sha256, manifest_digest
 
 __all__ = [
     "FORMAT",
@@ -47,20 +47,6 @@ FORMAT_VERSION = 1
 LIBRARY = "model.so"
 WEIGHTS = "weights.npz"
 MANIFEST = "manifest.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON, ``self_sha256`` left out."""
-    body = {k: v for k, v in manifest.items() if k != "self_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _versions() -> dict:

@@ -23,7 +23,8 @@ _FORMAT = "graphprune-artifact"  # kept in step with codegen.artifact (no codege
 _SUPPORTED_VERSIONS = (1,)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks (the writer, ``codegen.artifact``, uses this too)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -31,7 +32,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _digest(manifest: dict) -> str:
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, ``self_sha256`` left out."""
     body = {k: v for k, v in manifest.items() if k != "self_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -129,7 +131,6 @@ class Artifact:
         Safe to call from several threads: calls run one at a time (the TVM VM behind an
         artifact is not reentrant; concurrent calls crashed the process before).
         """
-        import tvm
 
         arrays = [_to_numpy(x) for x in inputs]
         self._check(arrays)
@@ -182,7 +183,7 @@ def load(path) -> Artifact:
             f"{manifest_path}: format_version {manifest.get('format_version')} is not supported "
             f"by this graphprune (supports {_SUPPORTED_VERSIONS}); recompile the model"
         )
-    if manifest.get("self_sha256") != _digest(manifest):
+    if manifest.get("self_sha256") != manifest_digest(manifest):
         raise ArtifactError(
             f"{manifest_path} was modified after it was written (its digest does not match); "
             f"recompile the model instead of editing the manifest"
@@ -197,7 +198,7 @@ def load(path) -> Artifact:
             raise ArtifactError(f"{manifest_path}: file name {name!r} leaves the artifact")
         if not f.is_file():
             raise ArtifactError(f"artifact {path} is incomplete: {name} is missing")
-        actual = _sha256(f)
+        actual = file_sha256(f)
         if actual != expected:
             raise ArtifactError(
                 f"artifact {path}: {name} is corrupt, truncated or tampered with "
