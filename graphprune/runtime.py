@@ -131,7 +131,6 @@ class Artifact:
         Safe to call from several threads: calls run one at a time (the TVM VM behind an
         artifact is not reentrant; concurrent calls crashed the process before).
         """
-
         arrays = [_to_numpy(x) for x in inputs]
         self._check(arrays)
         with self._lock:
