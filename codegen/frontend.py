@@ -62,7 +62,7 @@ def _finish(mod, frontend: str, input_names: list[str] | None = None) -> Lowered
     mod, detached = relax.frontend.detach_params(mod)
     params = [p.numpy() for p in detached.get("main", [])]
     main = mod["main"]
-    num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+    num_input = num_inputs(main)
     if len(main.params) - num_input != len(params):
         raise CodegenUnsupported(
             f"{frontend}: {len(main.params) - num_input} weight inputs but {len(params)} values"
@@ -75,6 +75,28 @@ def _finish(mod, frontend: str, input_names: list[str] | None = None) -> Lowered
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     outputs = [_tensor_type_spec(f"output{i}", t) for i, t in enumerate(fields)]
     return LoweredModel(mod, params, inputs, outputs, frontend)
+
+
+def num_inputs(main) -> int:
+    """How many leading parameters of a Relax ``main`` are model inputs (the rest are weights)."""
+    return int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+
+
+def each_function_pass(name: str, mutator):
+    """A module pass running ``mutator(mod)`` (a ``PyExprMutator`` class) over every Relax
+    function of the module."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, _ctx):
+        rewriter = mutator(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
 
 
 def _torch_cumsum_dtype():
@@ -102,15 +124,7 @@ def _torch_cumsum_dtype():
                 return call
             return relax.op.cumsum(x, call.attrs.axis, "int64", call.attrs.exclusive)
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphPruneTorchCumsumDtype")
-    def _pass(mod, _ctx):
-        rewriter = _Cumsum(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return _pass
+    return each_function_pass("GraphPruneTorchCumsumDtype", _Cumsum)
 
 
 def _float_sdpa_masks(program):

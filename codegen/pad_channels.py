@@ -25,6 +25,8 @@ anything else (model outputs, reductions over channels, transposes) leaves the g
 
 from __future__ import annotations
 
+from graphprune.codegen.frontend import num_inputs
+
 __all__ = ["pad_channels", "padded_width"]
 
 _BINARY = ("add", "subtract", "multiply", "divide", "maximum", "minimum")
@@ -96,7 +98,7 @@ def _analyse(main, lanes: int):
     """Return ``{var: padded channels}`` for every activation of a paddable group."""
     from tvm import relax
 
-    num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+    num_input = num_inputs(main)
     const = set(main.params[num_input:])  # depends on weights only
     groups = _Groups()
     producers = set()  # vars written by a conv2d with groups=1 (zero output filters)

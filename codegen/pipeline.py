@@ -36,7 +36,7 @@ import numpy as np
 
 from graphprune.codegen.cpu_rules import Contraction, Injective, vector_lanes
 from graphprune.codegen.pad_channels import pad_channels
-from graphprune.codegen.frontend import LoweredModel
+from graphprune.codegen.frontend import LoweredModel, each_function_pass, num_inputs
 from graphprune.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["Built", "build", "SCHEDULES"]
@@ -136,7 +136,6 @@ def _clip_as_min_max():
     layout rule, so ``ConvertLayout`` kept it in NCHW and wrapped every ReLU6 of an NHWC
     MobileNet in two transposes (two extra kernels and memory passes per block); the binary
     ops follow the layout of their tensor argument. Runs before ``ConvertLayout`` (CPU)."""
-    import tvm
     from tvm import relax, tirx
 
     @relax.expr_functor.mutator
@@ -158,22 +157,13 @@ def _clip_as_min_max():
             low = relax.op.maximum(x, relax.const(bounds[0], dtype))
             return relax.op.minimum(self.builder_.emit(low), relax.const(bounds[1], dtype))
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphPruneClipAsMinMax")
-    def _pass(mod, _ctx):
-        rewriter = _Clip(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return _pass
+    return each_function_pass("GraphPruneClipAsMinMax", _Clip)
 
 
 def _decompose_gelu():
     """``gelu(x)`` as ``x * (0.5 + 0.5 * erf(x / sqrt(2)))`` (``gelu_tanh`` likewise with tanh),
     so ``FastMathTransform`` can swap the libm ``erf``/``tanh``/``exp`` calls, which LLVM leaves
     scalar, for TOPI's vectorisable polynomials (float32 error ~1e-7, inside our 1e-4 tests)."""
-    import tvm
     from tvm import relax
 
     @relax.expr_functor.mutator
@@ -198,15 +188,7 @@ def _decompose_gelu():
             half = relax.op.add(c(0.5), relax.op.multiply(c(0.5), inner))
             return relax.op.multiply(x, half)
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphPruneDecomposeGelu")
-    def _pass(mod, _ctx):
-        rewriter = _Gelu(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return _pass
+    return each_function_pass("GraphPruneDecomposeGelu", _Gelu)
 
 
 def _divide_by_weights():
@@ -224,7 +206,7 @@ def _divide_by_weights():
     @tvm.transform.module_pass(opt_level=0, name="GraphPruneDivideByWeights")
     def _pass(mod, _ctx):
         main = mod["main"]
-        num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+        num_input = num_inputs(main)
         const = set(main.params[num_input:])  # vars whose value depends on weights only
         rewrites = {}
         for block in main.body.blocks:
@@ -356,7 +338,7 @@ def _fold_affine_epilogues():
     @tvm.transform.module_pass(opt_level=0, name="GraphPruneFoldAffineEpilogues")
     def _pass(mod, _ctx):
         main = mod["main"]
-        num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+        num_input = num_inputs(main)
         rewriter = _Fold(mod, list(main.params[num_input:]))
         rewriter.builder_.update_func(mod.get_global_var("main"), rewriter.visit_expr(main))
         return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
@@ -461,7 +443,7 @@ def _mark_weight_buffers():
     @tvm.transform.module_pass(opt_level=0, name="GraphPruneMarkWeightBuffers")
     def _pass(mod, _ctx):
         main = mod["main"]
-        num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+        num_input = num_inputs(main)
         weights = {p for p in main.params[num_input:]}
         call_tir = tvm.ir.Op.get("relax.call_tir")
         free: dict[str, set[int]] = {}

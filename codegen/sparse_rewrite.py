@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.codegen.frontend import IOSpec, LoweredModel
+from graphprune.codegen.frontend import IOSpec, LoweredModel, num_inputs
 from graphprune.codegen.kernels import formats
 from graphprune.codegen.kernels.cpu_common import simd_lanes
 from graphprune.codegen.kernels.dispatch import make_kernel
@@ -243,7 +243,7 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int):
 
     mod = lowered.mod
     main = mod["main"]
-    num_input = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+    num_input = num_inputs(main)
     weight_of = {p: v for p, v in zip(main.params[num_input:], lowered.params)}
     new_params: list = []
     new_values: list[np.ndarray] = []
