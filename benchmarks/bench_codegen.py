@@ -176,7 +176,10 @@ def latency_ms(fn, repeat) -> float:
     return float(np.median(times) * 1e3)
 
 
-def interleaved_ms(calls: dict, repeat: int, rounds: int = 5) -> dict:
+TURNS = 5
+
+
+def interleaved_ms(calls: dict, repeat: int, rounds: int = TURNS) -> dict:
     """Median ms of each callable over ``repeat`` calls, taken in ``rounds`` turns: each turn
     runs one untimed call (caches warm again after the other columns) and then its share of
     back-to-back timed calls. A burst of load from other jobs on the shared cores lands on
@@ -271,6 +274,12 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, mcpu={detect_mcpu()}, {ARGS.threads} thread(s)"
 
 
+def tracking(r: dict, d: dict) -> float:
+    """How far latency follows the MAC reduction of row ``r`` against its dense row ``d``:
+    (pruned/dense MACs) / (pruned/dense latency); 1.0 is a perfect match."""
+    return (r["macs"] / d["macs"]) / (r["ours"] / d["ours"])
+
+
 def table(rows) -> str:
     head = ("| model | variant | input | MMACs | torch eager ms | TVM stock ms | TVM ours ms "
             "| torch/ours | pruned/dense latency | pruned/dense MACs | MAC ratio / latency ratio "
@@ -285,7 +294,7 @@ def table(rows) -> str:
         lat = mac = track = ""
         if d and r is not d:
             lat_r, mac_r = r["ours"] / d["ours"], r["macs"] / d["macs"]
-            lat, mac, track = f"{lat_r:.2f}", f"{mac_r:.2f}", f"{mac_r / lat_r:.2f}"
+            lat, mac, track = f"{lat_r:.2f}", f"{mac_r:.2f}", f"{tracking(r, d):.2f}"
         stock = f"{r['stock']:.2f}" if "stock" in r else "—"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['shape']} | {r['macs'] / 1e6:.0f} "
@@ -310,7 +319,7 @@ def goals(rows) -> str:
     for r in rows:
         d = dense.get(r["model"])
         if d and r is not d:
-            track = (r["macs"] / d["macs"]) / (r["ours"] / d["ours"])
+            track = tracking(r, d)
             if track < 0.8:
                 lagging.append(f"{r['model']} {r['variant']} ({track:.2f})")
     return (
@@ -346,13 +355,16 @@ def main() -> int:
     if not ARGS.no_write:
         date = dt.date.today().isoformat()
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        tuned = (f"; tuned column: {ARGS.tune} MetaSchedule trials per row, fresh database"
+                 if ARGS.tune else "")
         section = (
             f"`python benchmarks/bench_codegen.py{' --quick' if ARGS.quick else ''}` on {date}, "
             f"{machine()}, torch {torch.__version__}; load average (1/5/15 min) {LOAD0} at the "
             f"start, {load} at the end (the 2 cores are shared with other jobs). CNNs batch 1, "
-            f"encoder batch 2; median of {ARGS.repeat} runs, taken in 5 turns over torch and ours, dense and pruned (each turn: one warm-up call, then back-to-back timed calls); whole run {(time.time() - T0) / 60:.0f} "
-            f"min{'' if ARGS.stock else ' (stock TVM column: run with --stock)'}"
-            f"{f'; tuned column: {ARGS.tune} MetaSchedule trials per row, fresh database' if ARGS.tune else ''}. "
+            f"encoder batch 2; median of {ARGS.repeat} runs, taken in {TURNS} turns over torch "
+            f"and ours, dense and pruned (each turn: one warm-up call, then back-to-back timed "
+            f"calls); whole run {(time.time() - T0) / 60:.0f} "
+            f"min{'' if ARGS.stock else ' (stock TVM column: run with --stock)'}{tuned}. "
             f"torch/ours > 1 means the compiled "
             f"module is faster than PyTorch eager on the same weights. \"50% pruned\" is "
             f"`graphprune.prune(ratio=0.5, criterion=\"l2\")` of the dense model; MAC ratio / "

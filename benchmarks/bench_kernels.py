@@ -69,6 +69,7 @@ from graphprune.codegen.sparse_rewrite import (  # noqa: E402
     _Candidate,
     _compile_probe,
     _single_linear,
+    _warm_ms,
 )
 from graphprune.codegen.target import make_target  # noqa: E402
 
@@ -135,7 +136,7 @@ def l3_bytes() -> int:
 
 
 EVICT_BYTES = (ARGS.evict_mb or 0) * 2**20 or 4 * l3_bytes()
-_EVICT: list[torch.Tensor] = []
+_EVICT: list[np.ndarray] = []
 
 
 def evict() -> None:
@@ -180,12 +181,9 @@ def timings(fns: dict) -> dict:
 def our_layer(w, batch, cand):
     """Warm time (``kernels="auto"``'s own measurement) and a one-call closure of our compiled
     Linear (dense when ``cand`` is None)."""
-    import tvm
-
     vm, args = _compile_probe(_single_linear(w, batch), cand, TARGET, LANES)
-    ev = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=ARGS.repeat, min_repeat_ms=20)
     main = vm["main"]
-    return (lambda: 1e3 * float(min(ev(*args).results))), (lambda: main(*args))
+    return (lambda: _warm_ms(vm, args, ARGS.repeat)), (lambda: main(*args))
 
 
 def sparse_bytes(w, cand, batch):

@@ -187,9 +187,15 @@ def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes:
     """Milliseconds of a one-layer model through the full pipeline (dense, or rewritten to
     ``cand``): transposes, im2col, VM call overhead and all, so the comparison is what the
     artifact will run. Repeated calls: the weights stay cache-resident where they fit."""
+    vm, args = _compile_probe(lowered, cand, target, lanes)
+    return _warm_ms(vm, args, repeat)
+
+
+def _warm_ms(vm, args, repeat: int = 3) -> float:
+    """``auto``'s measurement of a compiled probe: the best of ``repeat`` means of back-to-back
+    calls of ``main`` (at least 5 calls and 20 ms each), in milliseconds."""
     import tvm
 
-    vm, args = _compile_probe(lowered, cand, target, lanes)
     ev = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=repeat, min_repeat_ms=20)
     return 1e3 * float(min(ev(*args).results))
 
