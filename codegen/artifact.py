@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from graphprune.errors import ArtifactError
-from graphprune.runtime import file_sha256, manifest_digest
+from graphprune.runtime import FORMAT, FORMAT_VERSION, file_sha256, manifest_digest
 
 __all__ = [
     "FORMAT",
@@ -42,8 +42,6 @@ __all__ = [
     "write_artifact",
 ]
 
-FORMAT = "graphprune-artifact"
-FORMAT_VERSION = 1
 LIBRARY = "model.so"
 WEIGHTS = "weights.npz"
 MANIFEST = "manifest.json"

@@ -360,5 +360,6 @@ def _interrupted() -> int:
     print("graphprune: interrupted; nothing was left half-written", file=sys.stderr)
     return 130
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,10 @@ from graphprune.errors import ArtifactError
 
 __all__ = ["Artifact", "load"]
 
-_FORMAT = "graphprune-artifact"  # kept in step with codegen.artifact (no codegen import here)
-_SUPPORTED_VERSIONS = (1,)
+FORMAT = "graphprune-artifact"  # codegen.artifact writes these, this module checks them
+FORMAT_VERSION = 1
+_SUPPORTED_VERSIONS = (FORMAT_VERSION,)
+_DLPACK_CPU = 1  # DLPack's kDLCPU
 
 
 def file_sha256(path: Path) -> str:
@@ -114,7 +116,7 @@ class Artifact:
         tensor (allocation and page faults) on every call."""
         import tvm
 
-        if self._device.dlpack_device_type() == 1 and a.flags.c_contiguous and (
+        if self._device.dlpack_device_type() == _DLPACK_CPU and a.flags.c_contiguous and (
                 a.ctypes.data % 64 == 0):  # fmt: skip
             try:
                 return tvm.runtime.from_dlpack(a)
@@ -175,7 +177,7 @@ def load(path) -> Artifact:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{manifest_path} is unreadable or truncated: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path} is not a graphprune artifact manifest")
     if manifest.get("format_version") not in _SUPPORTED_VERSIONS:
         raise ArtifactError(
