@@ -3,7 +3,7 @@
 Per Linear shape ``in×out`` (weight ``[out, in]``), batch and sparsity pattern: our sparse kernel
 for the pattern's format (unstructured → CSR, 2:4 → N:M, block → BSR) and our scheduled dense
 Linear, both measured exactly as ``kernels="auto"`` measures them (the whole compiled Linear
-through :mod:`graphprune.codegen.pipeline`, transposes and VM call included); what ``auto``
+through :mod:`graphprune.codegen.build`, transposes and VM call included); what ``auto``
 keeps; PyTorch dense (``F.linear``), PyTorch CSR (``to_sparse_csr`` matmul), scipy CSR; and the
 byte-model bound (dense weight bytes / compressed weight bytes). Times in ms, best of repeats.
 After each table, the issue's goals with the measured ratios. TVM and torch use ``--threads``

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.errors import ArtifactError
+from graphprune.ir.errors import ArtifactError
 from graphprune.runtime import FORMAT, FORMAT_VERSION, file_sha256, manifest_digest
 
 __all__ = [

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from graphprune.codegen.artifact import write_artifact
-from graphprune.codegen.frontend import lower
-from graphprune.codegen.pipeline import build
+from graphprune.codegen.lower import lower
+from graphprune.codegen.build import build
 from graphprune.codegen.target import make_target, target_to_dict
-from graphprune.errors import ConfigError
+from graphprune.ir.errors import ConfigError
 
 __all__ = ["compile"]
 

@@ -3,7 +3,7 @@ injective loop nests, in the style of ``tvm.s_tir.dlight`` (a rule matches a Pri
 a schedule, or ``None`` to let the next rule try).
 
 Runs after ``FuseOps``/``FuseTIR`` on the legalized module, before the VM lowering passes (see
-:mod:`graphprune.codegen.pipeline`). Preconditions set up by the pipeline:
+:mod:`graphprune.codegen.build`). Preconditions set up by the pipeline:
 
 * weights arrive already transposed (``LiftTransformParams`` moved ``permute_dims(W)`` out of the
   model), so a Linear is a plain ``X[m, k] @ Wt[k, n]``;

@@ -12,7 +12,7 @@ that every reader multiplies by zero, so the model's outputs are unchanged; what
 the padded MACs, which the wider vectors more than repay (only where :func:`padded_width`
 says so).
 
-Runs in :func:`graphprune.codegen.pipeline.build` on CPU with our schedule, after
+Runs in :func:`graphprune.codegen.build.build` on CPU with our schedule, after
 ``ConvertLayout`` (channels are the last axis) and the epilogue folding, before
 ``LiftTransformParams``, which then precomputes the padded weights (they ship padded).
 
@@ -25,7 +25,7 @@ anything else (model outputs, reductions over channels, transposes) leaves the g
 
 from __future__ import annotations
 
-from graphprune.codegen.frontend import num_inputs
+from graphprune.codegen.lower import num_inputs
 
 __all__ = ["pad_channels", "padded_width"]
 

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.codegen.frontend import IOSpec, LoweredModel, num_inputs
+from graphprune.codegen.lower import IOSpec, LoweredModel, num_inputs
 from graphprune.codegen.kernels import formats
 from graphprune.codegen.kernels.cpu_common import simd_lanes
 from graphprune.codegen.kernels.dispatch import make_kernel
 from graphprune.codegen.kernels.relax_layers import MatrixLayer, match_conv2d, match_linear
-from graphprune.errors import CodegenUnsupported, ConfigError
+from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["KERNEL_CHOICES", "rewrite_sparse", "detect_block", "detect_nm", "default_cache_path"]
 
@@ -171,7 +171,7 @@ def _compile_probe(lowered: LoweredModel, cand: _Candidate | None, target, lanes
     import tvm
     from tvm import relax
 
-    from graphprune.codegen.pipeline import build
+    from graphprune.codegen.build import build
 
     if cand is not None:
         lowered, _ = _rewrite(lowered, lambda _n, _layer: (cand, {}), lanes)
@@ -319,10 +319,10 @@ def rewrite_sparse(lowered: LoweredModel, target, kernels: str = "auto",
     Parameters
     ----------
     lowered : LoweredModel
-        From :func:`graphprune.codegen.frontend.lower` (weights as parameters, values known).
+        From :func:`graphprune.codegen.lower.lower` (weights as parameters, values known).
     target : tvm.target.Target
         Only ``llvm`` targets are rewritten (the CUDA 2:4 kernel is standalone, see
-        :mod:`graphprune.codegen.kernels.cuda_sparse24`).
+        :mod:`graphprune.codegen.experimental.cuda_sparse24`).
     kernels : {"auto", "dense", "csr", "bsr", "nm"}
     cache_path : path, optional
         The ``auto`` decision cache (default :func:`default_cache_path`); ``False`` for none.

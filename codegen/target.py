@@ -12,7 +12,7 @@ import os
 import platform
 from pathlib import Path
 
-from graphprune.errors import ConfigError
+from graphprune.ir.errors import ConfigError
 
 __all__ = ["detect_mcpu", "make_target", "target_to_dict"]
 

@@ -1,6 +1,6 @@
 """MetaSchedule tuning for ``compile(tune=True, trials=N)``, with a database kept on disk.
 
-Runs inside :func:`graphprune.codegen.pipeline._schedule_cpu`, after legalize/fuse and the
+Runs inside :func:`graphprune.codegen.build._schedule_cpu`, after legalize/fuse and the
 marking of weight buffers, before our rules; the PrimFuncs it schedules are marked
 ``tirx.is_scheduled`` so the rules skip them. Per kernel (one distinct PrimFunc):
 
@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graphprune.errors import CodegenUnsupported, ConfigError
+from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["TuningReport", "default_tuning_dir", "tune_and_apply"]
 

@@ -3,8 +3,8 @@
 capture (torch.export / ONNX) → dependency groups → pruning passes → write-back / TVM codegen.
 """
 
-from graphprune.api import capture, explain
-from graphprune.errors import (
+from graphprune.api.graph import capture, explain
+from graphprune.ir.errors import (
     ArtifactError,
     CaptureError,
     CodegenUnsupported,
@@ -16,9 +16,9 @@ from graphprune.errors import (
     VerificationError,
 )
 from graphprune.ir import OpNode, PruneGraph, Value
-from graphprune.pruning import PruneReport, PruneResult, prune
-from graphprune.remove import remove_channels
-from graphprune.schedule import prune_iteratively, rewind, sensitivity
+from graphprune.api.structured import PruneReport, PruneResult, prune
+from graphprune.api.remove import remove_channels
+from graphprune.api.iterative import prune_iteratively, rewind, sensitivity
 
 __version__ = "0.1.0"
 
@@ -31,12 +31,12 @@ def compile(*args, **kwargs):  # noqa: A001 - the compile step is the product's 
 
 
 def sparsify(model_or_onnx, example_inputs=None, *args, graph=None, **kwargs):
-    """Unstructured / N:M / block sparsity masks; see :func:`graphprune.passes.sparsify.sparsify`.
+    """Unstructured / N:M / block sparsity masks; see :func:`graphprune.passes.sparsity.sparsify.sparsify`.
 
     With ``graph=`` (a :class:`PruneGraph` of the same model) the masks are also recorded in
     ``graph.masks`` for codegen.
     """
-    from graphprune.passes.sparsify import sparsify as _sparsify
+    from graphprune.passes.sparsity.sparsify import sparsify as _sparsify
 
     res = _sparsify(model_or_onnx, example_inputs, *args, **kwargs)
     if graph is not None:
@@ -50,15 +50,15 @@ def sparsify(model_or_onnx, example_inputs=None, *args, graph=None, **kwargs):
 
 def run(recipe, **kwargs):
     """Run a recipe end to end (prune → sparsify → compile → verify → report); see
-    :func:`graphprune.pipeline.run`."""
-    from graphprune.pipeline import run as _run
+    :func:`graphprune.app.pipeline.run`."""
+    from graphprune.app.pipeline import run as _run
 
     return _run(recipe, **kwargs)
 
 
 def prune_exported(ep, example_inputs=None, **prune_kwargs):
-    """Prune a ``torch.export.ExportedProgram``; see :func:`graphprune.integration.prune_exported`."""
-    from graphprune.integration import prune_exported as _prune_exported
+    """Prune a ``torch.export.ExportedProgram``; see :func:`graphprune.api.integration.prune_exported`."""
+    from graphprune.api.integration import prune_exported as _prune_exported
 
     return _prune_exported(ep, example_inputs, **prune_kwargs)
 

@@ -3,7 +3,7 @@
 Needs only ``tvm`` and ``numpy``: torch tensors are accepted as inputs by duck typing, torch is
 never imported. :func:`load` verifies the manifest's own digest and the sha256 of every file
 before handing anything to TVM, so a tampered or truncated artifact is refused with an
-:class:`~graphprune.errors.ArtifactError` instead of crashing in the loader.
+:class:`~graphprune.ir.errors.ArtifactError` instead of crashing in the loader.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.errors import ArtifactError
+from graphprune.ir.errors import ArtifactError
 
 __all__ = ["Artifact", "load"]
 

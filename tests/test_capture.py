@@ -12,6 +12,7 @@ import torch.nn as nn
 from helpers import export_onnx
 
 import graphprune as gp
+from graphprune.passes.coupling import build_coupling
 
 
 def mlp() -> tuple[nn.Module, tuple]:
@@ -67,7 +68,7 @@ def test_torch_and_onnx_frontends_give_the_same_kinds():
     assert kinds(pt) == kinds(ox) == ["activation", "conv", "linear", "pool", "reshape"]
     # The same groups, found from either side: conv out-channels couple with the fc in-features.
     for pg in (pt, ox):
-        (g,) = [g for g in pg.groups() if g.prunable]
+        (g,) = [g for g in build_coupling(pg).groups if g.prunable]
         assert g.size == 8
         assert {(m.param, m.axis, m.block) for m in g.params} >= {
             ("conv.weight", 0, 1), ("conv.bias", 0, 1), ("fc.weight", 1, 4)}
@@ -89,7 +90,7 @@ def test_user_model_is_never_modified():
     model, x = mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pg = gp.capture(model, x)
-    small = gp.remove_channels(pg, {pg.groups()[0].id: [0, 1, 2]})
+    small = gp.remove_channels(pg, {build_coupling(pg).groups[0].id: [0, 1, 2]})
     assert small(*x).shape == (2, 2)
     assert small.get_submodule("0").weight.shape == (5, 4)
     after = model.state_dict()
@@ -138,7 +139,7 @@ def test_not_a_model():
 
 def test_removing_a_frozen_group_says_why():
     pg = gp.capture(*mlp())
-    frozen = next(g for g in pg.groups() if g.frozen_reason)
+    frozen = next(g for g in build_coupling(pg).groups if g.frozen_reason)
     with pytest.raises(gp.ConfigError, match="frozen: reaches model"):
         gp.remove_channels(pg, {frozen.id: [0]})
     with pytest.raises(gp.ConfigError, match="keep at least one"):

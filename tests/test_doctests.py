@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["graphprune.api", "graphprune.remove", "graphprune.pruning", "graphprune.schedule",
-           "graphprune.ir", "graphprune.passes.coupling", "graphprune.models.digits"]  # fmt: skip
+MODULES = ["graphprune.api.graph", "graphprune.api.remove", "graphprune.api.structured", "graphprune.api.iterative",
+           "graphprune.ir.graph", "graphprune.passes.coupling.analysis", "graphprune.models.digits"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODULES)

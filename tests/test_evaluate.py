@@ -1,4 +1,4 @@
-"""graphprune.evaluate: hand-computed tiny cases, then orderings on real trained weights.
+"""graphprune.app.evaluate: hand-computed tiny cases, then orderings on real trained weights.
 
 1. Hand computation: perplexity of a uniform model is the vocabulary size, of a fixed unigram model
    ``exp`` of the mean ``-log p``; sliding windows score every token once; KL of identical models
@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
-from graphprune import evaluate as ev
-from graphprune.errors import ConfigError
-from graphprune.passes.sparsify import sparsify
+from graphprune.app import evaluate as ev
+from graphprune.ir.errors import ConfigError
+from graphprune.passes.sparsity.sparsify import sparsify
 
 
 class Uniform(torch.nn.Module):

@@ -17,7 +17,8 @@ from helpers import export_onnx
 
 import graphprune as gp
 from graphprune import models
-from graphprune.oracle import choose_indices, run_oracle
+from graphprune.testing.oracle import choose_indices, run_oracle
+from graphprune.passes.coupling import build_coupling
 
 # name: (prunable groups via torch.export, prunable exact groups via ONNX)
 EXPECTED = {
@@ -48,7 +49,7 @@ def test_expected_covers_the_zoo():
 def test_torch_oracle_on_every_group(name):
     model, inputs = models.get(name)
     pg = gp.capture(model, inputs)
-    groups = [g for g in pg.groups() if g.prunable]
+    groups = [g for g in build_coupling(pg).groups if g.prunable]
     assert len(groups) == EXPECTED[name][0], gp.explain(pg)
     for g in groups:
         run_oracle(pg, g.id).assert_close(atol=2e-5, rtol=1e-4)
@@ -58,7 +59,7 @@ def test_torch_oracle_on_every_group(name):
 def test_onnx_oracle_on_every_exact_group(name):
     model, inputs = models.get(name)
     pg = gp.capture(export_onnx(model, inputs))
-    groups = [g for g in pg.groups() if g.prunable and g.exact]
+    groups = [g for g in build_coupling(pg).groups if g.prunable and g.exact]
     assert len(groups) == EXPECTED[name][1], gp.explain(pg)
     for g in groups:
         run_oracle(pg, g.id).assert_close(atol=2e-5, rtol=1e-4)
@@ -70,7 +71,7 @@ def test_torch_oracle_with_every_group_pruned_at_once(name):
     model, inputs = models.get(name)
     pg = gp.capture(model, inputs)
     rng = np.random.default_rng(0)
-    removal = {g.id: choose_indices(g.size, rng, 0.4) for g in pg.groups() if g.prunable}
+    removal = {g.id: choose_indices(g.size, rng, 0.4) for g in build_coupling(pg).groups if g.prunable}
     run_oracle(pg, removal).assert_close(atol=5e-5, rtol=1e-4)
 
 
@@ -79,6 +80,6 @@ def test_onnx_oracle_with_every_exact_group_pruned_at_once(name):
     model, inputs = models.get(name)
     pg = gp.capture(export_onnx(model, inputs))
     rng = np.random.default_rng(0)
-    removal = {g.id: choose_indices(g.size, rng, 0.4) for g in pg.groups()
+    removal = {g.id: choose_indices(g.size, rng, 0.4) for g in build_coupling(pg).groups
                if g.prunable and g.exact}  # fmt: skip
     run_oracle(pg, removal).assert_close(atol=5e-5, rtol=1e-4)

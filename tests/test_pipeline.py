@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import graphprune as gp
-import graphprune.integration as integration_mod
-from graphprune import models, pipeline
-from graphprune.errors import ConfigError, VerificationError
+import graphprune.api.integration as integration_mod
+from graphprune import models
+from graphprune.app import pipeline
+from graphprune.ir.errors import ConfigError, VerificationError
 
 RECIPE = {
     "model": "resnet_tiny",

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-import graphprune.recipe as recipe_mod
-from graphprune.errors import ConfigError
-from graphprune.recipe import load_recipe
+import graphprune.app.recipe as recipe_mod
+from graphprune.ir.errors import ConfigError
+from graphprune.app.recipe import load_recipe
 
 BASE = {"model": "resnet_tiny", "out": "build/x"}
 

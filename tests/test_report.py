@@ -10,8 +10,8 @@ import tempfile
 import pytest
 
 import graphprune as gp
-from graphprune.errors import ArtifactError
-from graphprune.report import render, write_report
+from graphprune.ir.errors import ArtifactError
+from graphprune.app.report import render, write_report
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

@@ -17,7 +17,7 @@ from graphprune.codegen.kernels.cpu_bsr import bsr_kernel
 from graphprune.codegen.kernels.cpu_common import PARALLEL_CHUNKS, balanced_row_split
 from graphprune.codegen.kernels.cpu_csr import csr_kernel, pad_rows, word_indices
 from graphprune.codegen.kernels.cpu_nm import nm_kernel
-from graphprune.errors import CodegenUnsupported, ConfigError
+from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["FORMATS", "SparseKernel", "make_kernel", "build_kernel", "run_kernel", "time_kernel"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphprune.codegen.frontend import IOSpec, LoweredModel
+from graphprune.codegen.lower import IOSpec, LoweredModel
 
 __all__ = ["MatrixLayer", "match_linear", "match_conv2d"]
 

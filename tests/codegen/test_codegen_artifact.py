@@ -16,7 +16,7 @@ from codegen_helpers import assert_matches, torch_outputs
 from codegen_models import ConvBlock, seeded
 
 from graphprune import codegen
-from graphprune.errors import ArtifactError
+from graphprune.ir.errors import ArtifactError
 from graphprune.runtime import load
 
 SNIPPET = Path(__file__).parents[2] / "codegen" / "README_SNIPPET.md"

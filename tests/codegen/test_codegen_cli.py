@@ -7,9 +7,9 @@ import torch
 from codegen_helpers import assert_matches, torch_outputs
 from codegen_models import ConvBlock, seeded
 
-from graphprune.codegen.cli import compile_main
+from graphprune.app.cli_compile import compile_main
 from graphprune.codegen.target import detect_mcpu, make_target
-from graphprune.errors import ConfigError
+from graphprune.ir.errors import ConfigError
 from graphprune.runtime import load
 
 

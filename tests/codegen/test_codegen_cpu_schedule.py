@@ -86,8 +86,8 @@ def test_batch_norm_epilogue_folds_to_one_multiply_and_one_add():
     import tvm
     from tvm import relax
 
-    from graphprune.codegen.frontend import lower
-    from graphprune.codegen.pipeline import _divide_by_weights, _fold_affine_epilogues
+    from graphprune.codegen.lower import lower
+    from graphprune.codegen.build import _divide_by_weights, _fold_affine_epilogues
 
     model = seeded(ConvBlock)
     lowered = lower(nn.Sequential(model.stem, model.bn, nn.ReLU()), (torch.randn(1, 3, 8, 8),))

@@ -13,8 +13,8 @@ import pytest
 import torch
 from codegen_models import Attention, ConvBlock, seeded
 
-from graphprune.codegen.frontend import lower_torch
-from graphprune.codegen.pipeline import build
+from graphprune.codegen.lower import lower_torch
+from graphprune.codegen.build import build
 from graphprune.codegen.target import make_target
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

@@ -15,7 +15,7 @@ import torch
 from codegen_helpers import assert_matches, torch_outputs
 
 from graphprune import codegen
-from graphprune.errors import ConfigError
+from graphprune.ir.errors import ConfigError
 
 
 def _records(db) -> int:

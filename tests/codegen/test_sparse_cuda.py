@@ -7,10 +7,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from graphprune.codegen.kernels.cuda_sparse24 import (
+from graphprune.codegen.experimental.cuda_sparse24 import (
     compress_24_for_mma_sp, decompress_24, nvcc_compile, run_sparse24,
 )  # fmt: skip
-from graphprune.errors import CodegenUnsupported
+from graphprune.ir.errors import CodegenUnsupported
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 

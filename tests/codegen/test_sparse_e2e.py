@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from graphprune.codegen import compiler
-from graphprune.passes.sparsify import sparsify
+from graphprune.passes.sparsity.sparsify import sparsify
 
 
 def _sparse_records(art) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from graphprune.codegen.kernels.cpu_common import PARALLEL_CHUNKS, balanced_row_
 from graphprune.codegen.kernels.cpu_csr import csr_kernel
 from graphprune.codegen.kernels.dispatch import SparseKernel, make_kernel, run_kernel
 from graphprune.codegen.target import make_target
-from graphprune.errors import CodegenUnsupported
+from graphprune.ir.errors import CodegenUnsupported
 
 TARGET = make_target("llvm")
 # Odd sizes and tails: not multiples of the block, the group, or the 16 SIMD lanes.

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from graphprune.codegen import compiler
-from graphprune.codegen.frontend import lower
+from graphprune.codegen.lower import lower
 from graphprune.codegen.sparse_rewrite import detect_block, detect_nm, rewrite_sparse
 from graphprune.codegen.target import make_target
-from graphprune.errors import ConfigError
+from graphprune.ir.errors import ConfigError
 
 TARGET = make_target("llvm")
 
@@ -54,7 +54,7 @@ def run_lowered(lowered):
     import tvm
     from tvm import relax
 
-    from graphprune.codegen.pipeline import build
+    from graphprune.codegen.build import build
 
     built = build(lowered, TARGET)
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
@@ -119,7 +119,7 @@ def test_compile_auto_vit_tiny_matches_masked_model(tmp_path, monkeypatch):
     decisions and their timings are in the manifest and in the on-disk cache, and a second
     compile reuses the cache."""
     import graphprune.models as zoo
-    from graphprune.passes.sparsify import sparsify
+    from graphprune.passes.sparsity.sparsify import sparsify
 
     cache = tmp_path / "kernel_cache.json"
     monkeypatch.setenv("GRAPHPRUNE_KERNEL_CACHE", str(cache))

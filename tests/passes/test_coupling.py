@@ -12,15 +12,16 @@ import torch.nn as nn
 
 import graphprune as gp
 from graphprune import models
-from graphprune.oracle import run_oracle
+from graphprune.testing.oracle import run_oracle
+from graphprune.passes.coupling import build_coupling
 
 
 def prunable(pg: gp.PruneGraph) -> list[set[tuple[str, int, int]]]:
-    return [{(m.param, m.axis, m.block) for m in g.params} for g in pg.groups() if g.prunable]
+    return [{(m.param, m.axis, m.block) for m in g.params} for g in build_coupling(pg).groups if g.prunable]
 
 
 def oracle_all(pg: gp.PruneGraph) -> None:
-    for g in pg.groups():
+    for g in build_coupling(pg).groups:
         if g.prunable:
             run_oracle(pg, g.id).assert_close(atol=1e-5, rtol=1e-5)
 
@@ -60,7 +61,7 @@ def test_cat_offsets_each_input_into_the_consumer():
     groups = prunable(pg)
     assert {("a.weight", 0, 1), ("c.weight", 1, 1)} <= groups[0]
     assert {("b.weight", 0, 1), ("c.weight", 1, 1)} <= groups[1]
-    assert [g.size for g in pg.groups() if g.prunable] == [4, 6]
+    assert [g.size for g in build_coupling(pg).groups if g.prunable] == [4, 6]
     oracle_all(pg)
 
 
@@ -77,7 +78,7 @@ class Grouped(nn.Module):
 
 def test_grouped_conv_splits_into_whole_groups_and_per_group_channels():
     pg = gp.capture(Grouped(4).eval(), (torch.randn(2, 3, 4, 4),))
-    sizes = sorted((g.size, g.granularity) for g in pg.groups() if g.prunable)
+    sizes = sorted((g.size, g.granularity) for g in build_coupling(pg).groups if g.prunable)
     # 4 conv groups (each removes 2 input channels of g), 2 in-channels per group (each removes 4:
     # one per group), 2 out-channels per group of g.
     assert sizes == [(2, 4), (2, 4), (4, 2)]
@@ -86,7 +87,7 @@ def test_grouped_conv_splits_into_whole_groups_and_per_group_channels():
 
 def test_depthwise_conv_couples_input_and_output_channels():
     pg = gp.capture(Grouped(8).eval(), (torch.randn(2, 3, 4, 4),))
-    (g,) = [g for g in pg.groups() if g.prunable]
+    (g,) = [g for g in build_coupling(pg).groups if g.prunable]
     assert {("a.weight", 0, 1), ("g.weight", 0, 1), ("c.weight", 1, 1)} <= {
         (m.param, m.axis, m.block) for m in g.params}
     oracle_all(pg)
@@ -106,7 +107,7 @@ class Shuffle(nn.Module):
 
 def test_channel_shuffle_maps_indices_through_the_transpose():
     pg = gp.capture(Shuffle().eval(), (torch.randn(2, 3, 4, 4),))
-    assert sorted(g.size for g in pg.groups() if g.prunable) == [2, 4]
+    assert sorted(g.size for g in build_coupling(pg).groups if g.prunable) == [2, 4]
     oracle_all(pg)
 
 
@@ -122,11 +123,11 @@ class Chunked(nn.Module):
 
 def test_chunk_removes_the_same_channel_from_every_chunk():
     pg = gp.capture(Chunked().eval(), (torch.randn(2, 4),))
-    (g,) = [g for g in pg.groups() if g.prunable]
+    (g,) = [g for g in build_coupling(pg).groups if g.prunable]
     assert g.size == 4
     assert {(m.param, m.axis, m.block) for m in g.params} == {
         ("a.weight", 0, 2), ("a.bias", 0, 2), ("c.weight", 1, 1)}
-    frozen = [g for g in pg.groups() if g.frozen_reason and "number of chunks" in g.frozen_reason]
+    frozen = [g for g in build_coupling(pg).groups if g.frozen_reason and "number of chunks" in g.frozen_reason]
     assert frozen and frozen[0].size == 2
     oracle_all(pg)
 
@@ -142,8 +143,8 @@ class Opaque(nn.Module):
 
 def test_an_op_without_a_rule_freezes_what_flows_through_it():
     pg = gp.capture(Opaque().eval(), (torch.randn(2, 4),))
-    assert not [g for g in pg.groups() if g.prunable]
-    reasons = " ".join(g.frozen_reason for g in pg.groups())
+    assert not [g for g in build_coupling(pg).groups if g.prunable]
+    reasons = " ".join(g.frozen_reason for g in build_coupling(pg).groups)
     assert "not in the coupling table at cumsum (aten.cumsum.default)" in reasons
 
 
@@ -151,7 +152,7 @@ def test_gqa_keeps_query_heads_with_their_kv_group():
     model, x = models.get("hf_llama_tiny")
     pg = gp.capture(model, x)
     by_q = {}
-    for g in pg.groups():
+    for g in build_coupling(pg).groups:
         for m in g.params:
             if m.param == "model.model.layers.0.self_attn.q_proj.weight" and m.axis == 0:
                 by_q[(g.size, m.block, g.prunable)] = g
@@ -170,16 +171,16 @@ def test_gqa_keeps_query_heads_with_their_kv_group():
 def test_vit_heads_are_groups_of_whole_heads():
     model, x = models.get("vit_tiny")
     pg = gp.capture(model, x)
-    heads = [g for g in pg.groups() if g.prunable and g.size == 4]
+    heads = [g for g in build_coupling(pg).groups if g.prunable and g.size == 4]
     assert heads and all(g.granularity == 48 for g in heads)  # q, k, v rows of one head: 3 x 16
-    cls = [g for g in pg.groups() if g.frozen_reason and "indexed by position" in g.frozen_reason]
+    cls = [g for g in build_coupling(pg).groups if g.frozen_reason and "indexed by position" in g.frozen_reason]
     assert cls  # the class token position is read with x[:, 0]
 
 
 def test_tied_embedding_and_head_share_one_group():
     model, x = models.get("llama_tiny_tied")
     pg = gp.capture(model, x)
-    hidden = next(g for g in pg.groups() if any(m.param == "lm_head.weight" and m.axis == 1
+    hidden = next(g for g in build_coupling(pg).groups if any(m.param == "lm_head.weight" and m.axis == 1
                                                  for m in g.params))  # fmt: skip
     assert hidden.prunable and not hidden.exact  # RMSNorm statistics run over it
     # One parameter for both uses: the embedding's columns and the head's in-features.
@@ -192,5 +193,5 @@ def test_explain_prints_every_group(name):
     model, x = models.get(name)
     pg = gp.capture(model, x)
     text = gp.explain(pg)
-    assert f"{len(pg.groups())} groups" in text
+    assert f"{len(build_coupling(pg).groups)} groups" in text
     assert "frozen" in text and "prunable" in text

@@ -12,8 +12,8 @@ from helpers import export_onnx
 
 import graphprune as gp
 from graphprune import models
-from graphprune.oracle_onnx import random_inputs, run_onnx
-from graphprune.passes.drop_blocks import find_blocks
+from graphprune.testing.oracle_onnx import random_inputs, run_onnx
+from graphprune.passes.prune.drop_blocks import find_blocks
 
 # model: (block count, a parameter of the branch's last op → zeroing it zeroes the branch)
 CASES = {

@@ -14,9 +14,10 @@ from helpers import export_onnx
 
 import graphprune as gp
 from graphprune import models
-from graphprune.oracle import choose_indices, dead_positions, dead_reference, get_tensor
-from graphprune.oracle_onnx import random_inputs, run_onnx
-from graphprune.passes.removal import plan_removal
+from graphprune.testing.oracle import choose_indices, dead_positions, dead_reference, get_tensor
+from graphprune.testing.oracle_onnx import random_inputs, run_onnx
+from graphprune.passes.prune.plan import plan_removal
+from graphprune.passes.coupling import build_coupling
 
 
 class MLP(nn.Module):
@@ -60,8 +61,8 @@ def test_magnitude_criteria_remove_the_smallest_channels(criterion):
 def test_l1_and_l2_equal_their_formulas():
     m = MLP().eval()
     pg = gp.capture(m, X)
-    (g,) = [g for g in pg.groups() if g.prunable]
-    from graphprune.passes import criteria
+    (g,) = [g for g in build_coupling(pg).groups if g.prunable]
+    from graphprune.passes.prune import criteria
 
     ctx = criteria.CriterionContext(pg)
     w1, b1, w2 = m.fc1.weight.detach(), m.fc1.bias.detach(), m.fc2.weight.detach()
@@ -76,8 +77,8 @@ def test_taylor_and_hessian_equal_their_formulas():
     m = MLP().eval()
     calib = [(torch.randn(2, 4),), (torch.randn(2, 4),)]
     pg = gp.capture(m, X)
-    (g,) = [g for g in pg.groups() if g.prunable]
-    from graphprune.passes import criteria
+    (g,) = [g for g in build_coupling(pg).groups if g.prunable]
+    from graphprune.passes.prune import criteria
 
     ctx = criteria.CriterionContext(pg, calib)
     gw = torch.zeros(6, dtype=torch.float64)
@@ -104,15 +105,15 @@ def test_apoz_and_activation_find_the_silent_channel():
     calib = [(torch.randn(8, 4),)]
     for crit in ("apoz", "activation"):
         res = gp.prune(m, X, ratio=0.2, criterion=crit, calib=calib)
-        assert res.selection.removal == {res.graph.groups()[0].id: [2]}
+        assert res.selection.removal == {build_coupling(res.graph).groups[0].id: [2]}
 
 
 def test_wanda_scores_weights_times_input_norms():
     m = mlp_with_known_norms()
     calib = [(torch.randn(8, 4),)]
     pg = gp.capture(m, X)
-    (g,) = [g for g in pg.groups() if g.prunable]
-    from graphprune.passes import criteria
+    (g,) = [g for g in build_coupling(pg).groups if g.prunable]
+    from graphprune.passes.prune import criteria
 
     h = torch.relu(m.fc1(calib[0][0])).detach()
     want = m.fc2.weight.detach().abs().sum(0) * h.norm(dim=0)
@@ -141,7 +142,7 @@ def test_random_is_seeded_and_custom_callables_work():
 def test_options_do_exactly_what_they_say():
     model, x = models.get("resnet_tiny")
     pg = gp.capture(model, x)
-    sizes = {g.id: g.size for g in pg.groups() if g.prunable}
+    sizes = {g.id: g.size for g in build_coupling(pg).groups if g.prunable}
     # local ratio: floor(0.5 * size) from every group
     res = gp.prune(model, x, ratio=0.5, graph=pg)
     assert {gid: len(i) for gid, i in res.selection.removal.items()} == {
@@ -157,11 +158,11 @@ def test_options_do_exactly_what_they_say():
             assert p.shape[0] % 8 == 0, name
     # ignore: no group touching stages.3 is pruned
     res = gp.prune(model, x, ratio=0.5, ignore=["stages.3*"], graph=pg)
-    touched = {m.param for gid in res.selection.removal for m in pg.groups()[gid].params}
+    touched = {m.param for gid in res.selection.removal for m in build_coupling(pg).groups[gid].params}
     assert not any(n.startswith("stages.3") for n in touched)
     # ratios: an override for one layer's group
     res = gp.prune(model, x, ratio=0.5, ratios={"stages.0.0.body.0": 0.25}, graph=pg)
-    g0 = next(g for g in pg.groups() if any(m.param == "stages.0.0.body.0.weight" and m.axis == 0
+    g0 = next(g for g in build_coupling(pg).groups if any(m.param == "stages.0.0.body.0.weight" and m.axis == 0
                                             for m in g.params))  # fmt: skip
     assert len(res.selection.removal[g0.id]) == g0.size // 4
     # target_macs: reached, and close to the target
@@ -186,7 +187,7 @@ def test_global_scope_protects_against_layer_collapse():
     model, x = models.get("resnet_tiny")
     res = gp.prune(model, x, ratio=0.6, scope="global", min_keep=0.3)
     for gid, idx in res.selection.removal.items():
-        g = res.graph.groups()[gid]
+        g = build_coupling(res.graph).groups[gid]
         assert g.size - len(idx) >= math.ceil(0.3 * g.size)
 
 
@@ -233,7 +234,7 @@ def kill(model: nn.Module, pg: gp.PruneGraph, removal: dict[int, list[int]]) -> 
     plan = plan_removal(pg, removal)
     with torch.no_grad():
         for gid in removal:
-            for m in pg.groups()[gid].params:
+            for m in build_coupling(pg).groups[gid].params:
                 t = get_tensor(dead_model, m.param)
                 if isinstance(t, nn.Parameter):  # buffers (BN statistics) stay as they are
                     t.index_fill_(m.axis, torch.from_numpy(dead_positions(plan, m.value, m.axis,
@@ -252,7 +253,7 @@ def test_prune_finds_and_removes_dead_channels(name):
     pg = gp.capture(model, x)
     rng = np.random.default_rng(0)
     removal = {g.id: choose_indices(g.size, rng, 0.5)[: g.size // 2]
-               for g in pg.groups() if g.prunable}  # fmt: skip
+               for g in build_coupling(pg).groups if g.prunable}  # fmt: skip
     dead = kill(model, pg, removal)
     res = gp.prune(dead, x, ratio=0.5, criterion="l1", min_keep=0.0)
     assert res.selection.removal == {gid: idx for gid, idx in removal.items() if idx}
@@ -276,14 +277,14 @@ def test_prune_onnx_finds_and_removes_dead_channels(name):
     the pruned file passes onnx.checker and computes what the dead one does (onnxruntime)."""
     import onnx
 
-    from graphprune.oracle_onnx import dead_reference_onnx
+    from graphprune.testing.oracle_onnx import dead_reference_onnx
 
     model, x = models.get(name)
     pg = gp.capture(export_onnx(model, x))
-    assert all(g.exact for g in pg.groups() if g.prunable)  # these models have no statistics
+    assert all(g.exact for g in build_coupling(pg).groups if g.prunable)  # these models have no statistics
     rng = np.random.default_rng(1)
     removal = {g.id: choose_indices(g.size, rng, 0.5)[: g.size // 2]
-               for g in pg.groups() if g.prunable}  # fmt: skip
+               for g in build_coupling(pg).groups if g.prunable}  # fmt: skip
     dead = dead_reference_onnx(pg, removal)
     res = gp.prune(dead, ratio=0.5, criterion="l1", min_keep=0.0)
     assert res.selection.removal == {gid: idx for gid, idx in removal.items() if idx}
@@ -321,7 +322,7 @@ def test_globs_match_the_other_names_of_tied_weights():
     # the tied tensor counts once, as in model.parameters()
     assert gp.passes.cost.count(pg).params == sum(p.numel() for p in model.parameters())
     # the model width (embedding columns = head's reduction axis = up's input) is prunable ...
-    hidden = next(g for g in pg.groups() if any(m.param == "down.weight" and m.axis == 0
+    hidden = next(g for g in build_coupling(pg).groups if any(m.param == "down.weight" and m.axis == 0
                                                 for m in g.params))  # fmt: skip
     assert hidden.prunable
     # ... and either name of the tied tensor excludes it, or overrides its ratio

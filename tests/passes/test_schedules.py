@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import graphprune as gp
 from graphprune import models
-from graphprune.schedule import kept_indices, schedule_fractions
+from graphprune.api.iterative import kept_indices, schedule_fractions
 
 
 def test_schedules_reach_the_ratio():

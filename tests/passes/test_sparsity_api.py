@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.errors import ConfigError, GraphPruneError
-from graphprune.passes.sparsify import sparsify
-from graphprune.passes.sparsity_patterns import prune_count
+from graphprune.ir.errors import ConfigError, GraphPruneError
+from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.passes.sparsity.patterns import prune_count
 
 
 class _Block(nn.Module):

@@ -15,8 +15,8 @@ import torch
 
 from graphprune.models.cnn import DigitsCNN
 from graphprune.models.digits import accuracy, digits_split, fit
-from graphprune.passes.sparsify import sparsify
-from graphprune.passes.sparsity_schedule import sparsify_gradually
+from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.passes.sparsity.gradual import sparsify_gradually
 
 pytest.importorskip("sklearn.datasets")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.passes.sparsify import sparsify
-from graphprune.passes.sparsity_methods import sparsegpt_prune
-from graphprune.passes.sparsity_patterns import NM, Unstructured, prune_count
+from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.passes.sparsity.methods import sparsegpt_prune
+from graphprune.passes.sparsity.patterns import NM, Unstructured, prune_count
 
 
 def _lin(in_f=64, out_f=32, seed=0):

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphprune.errors import ConfigError
-from graphprune.passes.sparsify import sparsify
-from graphprune.passes.sparsity_patterns import (
+from graphprune.ir.errors import ConfigError
+from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.passes.sparsity.patterns import (
     NM,
     Block,
     Unstructured,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.errors import ConfigError
-from graphprune.passes.sparsify import sparsify
-from graphprune.passes.sparsity_methods import _inverse_cholesky, sparsegpt_prune
-from graphprune.passes.sparsity_patterns import NM, Unstructured, prune_count
-from graphprune.passes.sparsity_refine import dsnot_refine, outlier_ratio, owl_sparsities
+from graphprune.ir.errors import ConfigError
+from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.passes.sparsity.methods import _inverse_cholesky, sparsegpt_prune
+from graphprune.passes.sparsity.patterns import NM, Unstructured, prune_count
+from graphprune.passes.sparsity.refine import dsnot_refine, outlier_ratio, owl_sparsities
 
 
 def _reference_sparsegpt(w, H, pattern, sparsity, blocksize=128, percdamp=0.01, fixed_keep=None):

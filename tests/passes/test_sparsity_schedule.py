@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.errors import ConfigError
-from graphprune.passes.sparsify import sparsify
-from graphprune.passes.sparsity_schedule import keep_masks, schedule_sparsity, sparsify_gradually
+from graphprune.ir.errors import ConfigError
+from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.passes.sparsity.gradual import keep_masks, schedule_sparsity, sparsify_gradually
 
 
 def _mlp():

@@ -1,0 +1,231 @@
+"""``gp.prune``: structured pruning as one call, for torch modules and ONNX models alike.
+
+capture → coupling groups → criterion scores → selection (scope, overrides, targets) →
+removal plan → write-back (module form, or GraphModule, or ONNX) → report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from graphprune.api.graph import capture
+from graphprune.ir.errors import ConfigError
+from graphprune.ir import PruneGraph
+from graphprune.passes import cost as cost_model
+from graphprune.passes.prune.channels import PruneConfig, Selection, run
+from graphprune.ir.plan import RemovalPlan
+from graphprune.passes.prune.plan import plan_removal
+from graphprune.passes.coupling import build_coupling
+
+
+@dataclass
+class LayerRow:
+    param: str
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+
+
+@dataclass
+class PruneReport:
+    """What was removed and what it saved. ``form`` says what ``result.model`` is."""
+
+    form: str
+    criterion: str
+    scope: str
+    ratio: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layers: list[LayerRow] = field(default_factory=list)
+    macs_per_op: list[tuple[str, int, int]] = field(default_factory=list)
+    removed: dict[int, tuple[int, int, str]] = field(default_factory=dict)
+    frozen: dict[int, str] = field(default_factory=dict)
+    excluded: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / max(self.macs_before, 1)
+
+    def to_text(self, max_rows: int = 40) -> str:
+        out = [
+            f"structured pruning: criterion={self.criterion} scope={self.scope} "
+            f"ratio={self.ratio:.3f} -> {self.form}",
+            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%}); "
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.1%})",
+            f"groups pruned: {len(self.removed)}; frozen: {len(self.frozen)}; "
+            f"excluded: {len(self.excluded)}",
+        ]
+        for gid, (k, n, desc) in list(self.removed.items())[:max_rows]:
+            out.append(f"  group {gid:>3}: removed {k:>4}/{n:<4} {desc}")
+        changed = [r for r in self.layers if r.before != r.after]
+        out.append(f"layers changed: {len(changed)}")
+        for r in changed[:max_rows]:
+            out.append(f"  {r.param}: {list(r.before)} -> {list(r.after)}")
+        for op, b, a in self.macs_per_op[:max_rows]:
+            if a != b:
+                out.append(f"  MACs {op}: {b:,} -> {a:,}")
+        for gid, why in list(self.frozen.items())[:max_rows]:
+            out.append(f"  frozen group {gid}: {why}")
+        for gid, why in self.excluded.items():
+            out.append(f"  excluded group {gid}: {why}")
+        out += [f"note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+@dataclass
+class PruneResult:
+    model: Any
+    report: PruneReport
+    graph: PruneGraph
+    plan: RemovalPlan
+    selection: Selection
+    blocks: list = field(default_factory=list)
+    block_scores: Any = None
+    dropped: list = field(default_factory=list)
+
+
+def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
+          criterion: str | Callable = "l2", scope: str = "local", *,
+          target_macs: float | None = None, target_params: float | None = None,
+          ratios: dict[str, float] | None = None, ignore: list[str] | None = None,
+          round_to: int | None = None, min_keep: float = 0.1, heads: bool = True,
+          calib: Any = None, loss_fn: Callable | None = None, inplace: bool = False,
+          seed: int = 0, graph: PruneGraph | None = None, drop_blocks: int = 0,
+          depth_unit: str = "branch") -> PruneResult:  # fmt: skip
+    """Remove coupled channels, neurons and heads; return a smaller model and a report.
+
+    Parameters
+    ----------
+    model_or_onnx : torch.nn.Module, onnx.ModelProto or path
+    example_inputs : tuple of tensors (torch only; batch >= 2)
+    ratio : fraction of the prunable group indices to remove (ignored when a target is given)
+    criterion : ``l1``, ``l2``, ``random``, ``fpgm``, ``bn_scale``, ``taylor``, ``hessian``,
+        ``activation``, ``apoz``, ``wanda`` or a callable ``fn(ctx, group) -> scores``
+    scope : ``local`` (every group loses ``ratio``) or ``global`` (ranked across groups)
+    target_macs, target_params : reach this fraction of the original by search instead
+    ratios : per-layer overrides ``{"glob": ratio}`` (matched against parameter/module names)
+    ignore : globs of layers never to prune
+    round_to : keep channel counts multiples of this
+    min_keep : never shrink a group below this fraction
+    heads : prune whole attention heads (with GQA a kv head goes with its query heads)
+    calib : iterable of batches (tuples of input tensors, optionally followed by targets) for
+        data-driven criteria; ``loss_fn(output, batch)`` for gradient criteria sees the whole
+        batch (default loss: half the mean squared output)
+    inplace : modify the user's module (torch, module form only)
+    drop_blocks : depth pruning instead: remove this many residual branches (y = x + f(x)),
+        ranked by ``criterion="block_influence"`` (needs ``calib``), a dict
+        ``{block name: score}`` or a callable ``(graph, blocks) -> scores`` (lowest go first)
+    depth_unit : ``"branch"`` (each residual branch is a block) or ``"layer"`` (branches chained
+        inside one numbered container, a transformer layer's attention and MLP, go together;
+        Block Influence is then measured across the whole layer, as in ShortGPT)
+
+    Examples
+    --------
+    >>> import torch, graphprune as gp
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> res = gp.prune(m, (torch.randn(2, 8),), ratio=0.5)
+    >>> res.model[0].out_features, res.report.form
+    (8, 'module')
+    """
+    if drop_blocks:
+        if inplace:
+            raise ConfigError("depth pruning returns a new model; inplace=True is not supported")
+        pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+        return _prune_depth(pg, drop_blocks, criterion, calib, depth_unit)
+    cfg = PruneConfig(ratio, criterion, scope, target_macs, target_params, ratios, ignore, round_to,
+                      min_keep, heads, calib, loss_fn, seed)  # fmt: skip
+    cfg.validate()
+    pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+    sel = run(pg, cfg)
+    plan = plan_removal(pg, sel.removal)
+    model, form = _write_back(model_or_onnx, pg, plan, inplace)
+    report = _report(pg, plan, sel, cfg, form)
+    return PruneResult(model, report, pg, plan, sel)
+
+
+def _write_back(model: Any, pg: PruneGraph, plan: RemovalPlan, inplace: bool) -> tuple[Any, str]:
+    if pg.frontend == "onnx":
+        if inplace:
+            raise ConfigError("inplace=True is for torch modules; an ONNX model is returned anew")
+        from graphprune.frontends.onnx.writeback import apply_plan_onnx
+
+        return apply_plan_onnx(pg, plan), "onnx"
+    from graphprune.frontends.torch.module_form import module_form
+    from graphprune.frontends.torch.graph_module import apply_plan_torch
+
+    gm = apply_plan_torch(pg, plan)
+    mod = module_form(model, pg, plan, gm, inplace=inplace)
+    if mod is not None:
+        return mod, "module"
+    if inplace:
+        raise ConfigError(
+            f"{type(model).__name__} cannot be pruned in place: its forward hard-codes sizes "
+            "(a reshape to a fixed number of heads or width). Use inplace=False and the returned "
+            "torch.fx.GraphModule."
+        )
+    return gm, "graph_module"
+
+
+def _report(pg: PruneGraph, plan: RemovalPlan, sel: Selection, cfg: PruneConfig,
+            form: str) -> PruneReport:  # fmt: skip
+    before, after = cost_model.count(pg), cost_model.count(pg, plan.new_shapes)
+    rows, seen = [], set()
+    for p in pg.params():
+        name = pg.value(p).param
+        if name in seen:
+            continue
+        seen.add(name)
+        rows.append(LayerRow(name, tuple(pg.value(p).shape), tuple(plan.new_shapes.get(p, pg.value(p).shape))))
+    groups = build_coupling(pg).groups
+    crit = cfg.criterion if isinstance(cfg.criterion, str) else getattr(cfg.criterion, "__name__", "custom")
+    notes = list(sel.notes)
+    approx = [g.id for g in groups if g.id in sel.removal and not g.exact]
+    if approx:
+        notes.append(f"groups {approx} feed normalisation statistics (LayerNorm/RMSNorm/mean): "
+                     "removing them changes those statistics")  # fmt: skip
+    if form == "graph_module":
+        notes.append("the model's forward hard-codes sizes, so a torch.fx.GraphModule with "
+                     "rewritten shapes is returned (it runs without graphprune)")  # fmt: skip
+    return PruneReport(
+        form, crit, cfg.scope, sel.ratio_used, before.params, after.params, before.macs,
+        after.macs, rows,
+        [(o, before.per_op[o], after.per_op.get(o, 0)) for o in before.per_op],
+        {gid: (len(idx), groups[gid].size, groups[gid].describe()) for gid, idx in sel.removal.items()},
+        {g.id: g.frozen_reason for g in groups if g.frozen_reason},
+        sel.excluded, notes,
+    )  # fmt: skip
+
+
+def _prune_depth(pg: PruneGraph, k: int, criterion: Any, calib: Any, unit: str) -> PruneResult:
+    from graphprune.passes.prune import drop_blocks as depth
+
+    if unit not in ("branch", "layer"):
+        raise ConfigError(f"depth_unit={unit!r}: use 'branch' or 'layer'")
+    blocks = depth.find_blocks(pg) if unit == "branch" else depth.find_layers(pg)
+    if not blocks:
+        raise ConfigError(f"{pg.name} has no identity residual blocks (y = x + f(x)) to drop")
+    scores = depth.scores_for(pg, blocks, criterion, calib)
+    dropped = depth.choose(blocks, scores, k)
+    model = depth.drop_torch(pg, dropped) if pg.frontend == "torch" else depth.drop_onnx(pg, dropped)
+    base = cost_model.count(pg)
+    macs, params = depth.block_cost(pg, dropped)
+    crit = criterion if isinstance(criterion, str) else "custom"
+    notes = ["blocks (lower score goes first): " + ", ".join(
+        f"{b.name}={s:.4f}" for b, s in zip(blocks, scores))]  # fmt: skip
+    report = PruneReport(
+        "graph_module" if pg.frontend == "torch" else "onnx", crit, "depth", k / len(blocks),
+        base.params, base.params - params, base.macs, base.macs - macs,
+        removed={b.id: (1, 1, f"block {b.name} ({len(b.ops)} ops)") for b in dropped},
+        notes=notes,
+    )
+    sel = Selection({}, {}, ratio_used=k / len(blocks), notes=notes)
+    result = PruneResult(model, report, pg, plan_removal(pg, {}), sel)
+    result.blocks, result.block_scores, result.dropped = blocks, scores, dropped
+    return result

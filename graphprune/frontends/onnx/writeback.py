@@ -1,0 +1,149 @@
+"""Write a :class:`~passes.removal.RemovalPlan` back to ONNX with onnx-graphsurgeon.
+
+Initializers are sliced, tensor shapes updated, and argument inputs rewritten per op_type
+(``ARG_REWRITES``: Reshape/Expand target shapes, Split sizes, Slice bounds, Conv ``group``,
+GroupNormalization ``num_groups``). Argument constants are replaced by fresh ones, never edited
+in place, because exporters share them between nodes. The result passes ``onnx.checker`` and a
+strict shape inference whose shapes must equal the plan's, or :class:`VerificationError` names
+the node at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphprune.ir.errors import VerificationError
+from graphprune.ir import PruneGraph
+from graphprune.ir.plan import RemovalPlan, slice_array
+
+
+class _Ctx:
+    def __init__(self, pg: PruneGraph, plan: RemovalPlan):
+        self.pg, self.plan = pg, plan
+        self.counter = 0
+
+    def shape(self, t: gs.Tensor) -> tuple[int, ...]:
+        if t.name in self.plan.new_shapes:
+            return self.plan.new_shapes[t.name]
+        return tuple(self.pg.value(t.name).shape) if t.name in self.pg.nx else tuple(t.shape)
+
+    def const(self, node: gs.Node, i: int, values: np.ndarray) -> None:
+        self.counter += 1
+        node.inputs[i] = gs.Constant(f"{node.name}_arg{i}_{self.counter}", np.asarray(values))
+
+
+def _rw_target_shape(c: _Ctx, n: gs.Node) -> None:
+    if n.outputs[0].name in c.plan.new_shapes:
+        c.const(n, 1, np.array(c.shape(n.outputs[0]), dtype=np.int64))
+
+
+def _rw_split(c: _Ctx, n: gs.Node) -> None:
+    if len(n.inputs) > 1 and n.inputs[1].name:
+        axis = c.pg.op(n.name).attrs["axis"]
+        c.const(n, 1, np.array([c.shape(o)[axis] for o in n.outputs], dtype=np.int64))
+
+
+def _rw_slice(c: _Ctx, n: gs.Node) -> None:
+    a = c.pg.op(n.name).attrs
+    if c.pg.op(n.name).kind != "slice" or a.get("step", 1) != 1:
+        return
+    k = c.plan.kept(n.inputs[0].name, a["axis"])
+    if k is None:
+        return
+    start, end = int(np.searchsorted(k, a["start"])), int(np.searchsorted(k, a["end"]))
+    r = len(c.shape(n.inputs[0]))
+    c.const(n, 1, np.array([start], dtype=np.int64))
+    c.const(n, 2, np.array([end], dtype=np.int64))
+    c.const(n, 3, np.array([a["axis"]], dtype=np.int64)) if len(n.inputs) > 3 else n.inputs.append(
+        gs.Constant(f"{n.name}_axes", np.array([a["axis"] % r], dtype=np.int64)))
+    if len(n.inputs) > 4:
+        c.const(n, 4, np.array([1], dtype=np.int64))
+
+
+def _rw_groups(c: _Ctx, n: gs.Node) -> None:
+    size = c.plan.op_size(n.name, "groups")
+    if size is not None:
+        key = "group" if n.op in ("Conv", "ConvTranspose") else "num_groups"
+        n.attrs[key] = size
+
+
+ARG_REWRITES: dict[str, Callable[[_Ctx, gs.Node], None]] = {
+    "Reshape": _rw_target_shape, "Expand": _rw_target_shape, "Split": _rw_split,
+    "Slice": _rw_slice, "Conv": _rw_groups, "ConvTranspose": _rw_groups,
+    "GroupNormalization": _rw_groups,
+}  # fmt: skip
+
+
+def map_constants(graph: gs.Graph, pg: PruneGraph,
+                  fn: Callable[[str, np.ndarray], np.ndarray | None]) -> None:  # fmt: skip
+    """Replace each constant *use* whose IR value ``fn`` maps to a new array.
+
+    A constant with a single use keeps its name; a shared one gets a fresh constant per changed
+    use, so the other users keep the original.
+    """
+    uses = pg.source["const_uses"]
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            counts[t.name] = counts.get(t.name, 0) + 1
+    for n in graph.nodes:
+        for i, t in enumerate(n.inputs):
+            vid = uses.get((n.name, i))
+            if vid is None:
+                continue
+            from graphprune.frontends.onnx.capture import _const
+
+            new = fn(vid, np.array(_const(n, i)))
+            if new is None:
+                continue
+            new = np.ascontiguousarray(new)
+            if counts.get(t.name, 0) == 1 and isinstance(t, gs.Constant):
+                t.values = new
+            else:
+                n.inputs[i] = gs.Constant(f"{t.name}.{n.name}.{i}", new)
+
+
+def apply_plan_onnx(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> onnx.ModelProto:
+    """A new ONNX model computing ``pg``'s model with the plan's channels removed."""
+    graph: gs.Graph = pg.source["graph"].copy()
+    c = _Ctx(pg, plan)
+    map_constants(graph, pg, lambda vid, arr: slice_array(arr, vid, plan)
+                  if vid in plan.new_shapes else None)  # fmt: skip
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and name in plan.new_shapes:
+            t.shape = list(plan.new_shapes[name])
+    for n in graph.nodes:
+        rw = ARG_REWRITES.get(n.op)
+        if rw is not None and n.name in pg.nx:
+            rw(c, n)
+    model = gs.export_onnx(graph)
+    model.ir_version = pg.source["model"].ir_version
+    model.ClearField("opset_import")
+    model.opset_import.extend(pg.source["model"].opset_import)
+    if verify:
+        verify_onnx(pg, plan, model)
+    return model
+
+
+def verify_onnx(pg: PruneGraph, plan: RemovalPlan, model: onnx.ModelProto) -> None:
+    """Checker + strict shape inference; every inferred shape must equal the plan's."""
+    try:
+        onnx.checker.check_model(model)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        raise VerificationError(f"the pruned ONNX model is invalid: {str(e)[:500]}") from e
+    producer = {o: n.name for n in inferred.graph.node for o in n.output}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.name not in pg.nx:
+            continue
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        want = plan.new_shapes.get(vi.name, tuple(pg.value(vi.name).shape))
+        if dims and tuple(dims) != tuple(want):
+            raise VerificationError(
+                f"ONNX node {producer.get(vi.name, '?')!r} produces {vi.name!r} with shape "
+                f"{dims} after pruning; the plan expects {list(want)}."
+            )

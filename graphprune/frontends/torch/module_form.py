@@ -1,0 +1,146 @@
+"""Write a removal plan back into a copy of the user's ``nn.Module`` (the "module" form).
+
+Parameters and buffers are replaced by their sliced versions and the attributes of the standard
+layers updated (``in_channels``, ``out_features``, ``num_features``, ``normalized_shape``,
+``groups``, ...). A model whose ``forward`` hard-codes sizes (a reshape to 12 heads) would then
+be wrong, so the module form is accepted only when it reproduces the rewritten ``GraphModule`` on
+the example inputs; otherwise the caller keeps the GraphModule and says so in the report.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from graphprune.ir import PruneGraph
+from graphprune.ir.plan import RemovalPlan, slice_array
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    *path, leaf = name.split(".")
+    return (model.get_submodule(".".join(path)) if path else model), leaf
+
+
+def _groups_of(pg: PruneGraph, plan: RemovalPlan, weight_name: str) -> int | None:
+    for p in pg.params():
+        if pg.value(p).param != weight_name:
+            continue
+        for op, _ in pg.consumers(p):
+            size = plan.op_size(op, "groups")
+            if size is not None:
+                return size
+    return None
+
+
+def _update_attrs(model: nn.Module, pg: PruneGraph, plan: RemovalPlan) -> None:
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.modules.conv._ConvNd):
+            g = _groups_of(pg, plan, prefix + "weight") or m.groups
+            m.groups = g
+            if m.transposed:
+                m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * g
+            else:
+                m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * g
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            ref = m.weight if m.weight is not None else m.running_mean
+            if ref is not None:
+                m.num_features = ref.shape[0]
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+            m.num_channels = m.weight.shape[0]
+            for p in pg.params():
+                if pg.value(p).param == prefix + "weight":
+                    for op, _ in pg.consumers(p):
+                        size = plan.op_size(op, "groups")
+                        if size is not None:
+                            m.num_groups = size
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+
+
+def _load(model: nn.Module, pg: PruneGraph, plan: RemovalPlan) -> set[str]:
+    """Replace every changed parameter/buffer; returns the names replaced."""
+    done: set[str] = set()
+    for v in pg.params():
+        val = pg.value(v)
+        if v not in plan.new_shapes or val.param in done:
+            continue
+        done.add(val.param)
+        arr = slice_array(np.asarray(pg.weights[val.param]), v, plan)
+        owner, leaf = _owner(model, val.param)
+        old = getattr(owner, leaf)
+        new = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = new
+        else:
+            setattr(owner, leaf, new)
+    return done
+
+
+def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, reference: torch.nn.Module,
+                inplace: bool = False) -> nn.Module | None:  # fmt: skip
+    """The pruned model as (a copy of) the user's module, or None when it cannot be trusted."""
+    ties = _ties(model)
+    target = model if inplace else copy.deepcopy(model)
+    trial = copy.deepcopy(model) if inplace else target
+    try:
+        _apply_ties(trial, ties, _load(trial, pg, plan))
+        _update_attrs(trial, pg, plan)
+        args, kwargs = pg.source["args"], pg.source["kwargs"]
+        was_training = trial.training
+        trial.eval()
+        with torch.no_grad():
+            got, want = _flat(trial(*args, **kwargs)), _flat(reference(*args, **kwargs))
+        trial.train(was_training)
+    except Exception:  # noqa: BLE001 - any failure means "use the GraphModule"
+        return None
+    if len(got) != len(want) or any(a.shape != b.shape or not torch.allclose(a, b, atol=1e-5,
+                                                                             rtol=1e-4)
+                                    for a, b in zip(got, want)):  # fmt: skip
+        return None
+    if inplace:
+        _apply_ties(target, ties, _load(target, pg, plan))
+        _update_attrs(target, pg, plan)
+    return target
+
+
+def _ties(model: nn.Module) -> list[list[str]]:
+    seen: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(name)
+    return [names for names in seen.values() if len(names) > 1]
+
+
+def _apply_ties(model: nn.Module, ties: list[list[str]], replaced: set[str]) -> None:
+    """Tied weights were one tensor; point every alias at the one that was replaced."""
+    for names in ties:
+        src = next((n for n in names if n in replaced), None)
+        if src is None:
+            continue
+        owner, leaf = _owner(model, src)
+        new = getattr(owner, leaf)
+        for other in names:
+            o, lf = _owner(model, other)
+            setattr(o, lf, new)
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat(o)]
+    return []

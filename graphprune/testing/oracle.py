@@ -1,0 +1,196 @@
+"""The dead-channel oracle every structural test (and a cautious user) can run.
+
+Make a group's channels provably dead — zero every parameter slice the group touches, producers
+and consumers alike, so the channel is 0 wherever it flows — then remove that group physically
+and check that the smaller model computes what the original computes.
+
+Groups whose index space is *reduced* without weights (LayerNorm/RMSNorm statistics, ``mean``)
+are not exact under removal: there the reference masks those reductions to the kept positions
+(statistics over the surviving channels only), which is what the pruned model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphprune.frontends.torch.capture import _aten_name
+from graphprune.ir.errors import UnsupportedOpError
+from graphprune.ir import PruneGraph
+from graphprune.ir.plan import RemovalPlan
+from graphprune.passes.prune.plan import plan_removal
+from graphprune.passes.coupling import build_coupling
+
+
+@dataclass
+class OracleResult:
+    group: int
+    removed: list[int]
+    reference: list[np.ndarray]
+    pruned: list[np.ndarray]
+    max_abs_diff: float
+
+    def assert_close(self, atol: float = 1e-4, rtol: float = 1e-4) -> None:
+        for i, (a, b) in enumerate(zip(self.reference, self.pruned)):
+            if a.shape != b.shape:
+                raise AssertionError(f"group {self.group}: output {i} shape {b.shape} != {a.shape}")
+            np.testing.assert_allclose(b, a, atol=atol, rtol=rtol,
+                                       err_msg=f"group {self.group}, output {i}")  # fmt: skip
+
+
+def choose_indices(size: int, rng: np.random.Generator, fraction: float = 0.5) -> list[int]:
+    k = min(max(1, int(round(size * fraction))), size - 1)
+    return sorted(rng.choice(size, size=k, replace=False).tolist())
+
+
+def dead_positions(plan: RemovalPlan, value: str, axis: int, size: int) -> np.ndarray:
+    k = plan.kept(value, axis)
+    return np.array([], dtype=np.int64) if k is None else np.setdiff1d(np.arange(size), k)
+
+
+def _flat(out: Any) -> list[np.ndarray]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach().float().numpy()]
+    if isinstance(out, (list, tuple)):
+        return [a for o in out for a in _flat(o)]
+    if isinstance(out, dict):
+        return [a for o in out.values() for a in _flat(o)]
+    return []
+
+
+def _masked_mean_like(fn_name: str):
+    def f(x: torch.Tensor, dims: Any, keep: dict[int, torch.Tensor], *rest: Any, **kw: Any):
+        for ax, idx in keep.items():
+            x = x.index_select(ax, idx)
+        return getattr(torch.ops.aten, fn_name)(x, dims, *rest, **kw)
+
+    return f
+
+
+def _masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *rest, keep=()):
+    idx = torch.tensor(keep, dtype=torch.long)
+    y = torch.zeros_like(x)
+    w = weight.index_select(-1, idx) if weight is not None else None
+    b = bias.index_select(-1, idx) if bias is not None else None
+    y[..., idx] = F.layer_norm(x.index_select(-1, idx), (len(idx),), w, b, eps)
+    return y
+
+
+def _masked_reduce(x, *args, _keep=None, _fn="", **kw):
+    for ax, idx in (_keep or {}).items():
+        x = x.index_select(ax, torch.tensor(idx, dtype=torch.long))
+    packet, overload = _fn.split(".")[1:3]
+    return getattr(getattr(torch.ops.aten, packet), overload)(x, *args, **kw)
+
+
+def _masked_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *rest, keep=(),
+                       new_groups=1):  # fmt: skip
+    idx = torch.tensor(keep, dtype=torch.long)
+    y = torch.zeros_like(x)
+    w = weight.index_select(0, idx) if weight is not None else None
+    b = bias.index_select(0, idx) if bias is not None else None
+    y[:, idx] = F.group_norm(x.index_select(1, idx), new_groups, w, b, eps)
+    return y
+
+
+def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The parameter/buffer/attribute at dotted path ``target`` (tied names resolve too)."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan,
+                     gids: list[int]) -> None:  # fmt: skip
+    ops = {note.split(":")[0] for g in gids for note in plan.coupling.groups[g].reductions}
+    from graphprune.passes.prune.calibration import _node_values
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    vid = _node_values(pg, gm)
+    for op in ops:
+        n = nodes.get(op)
+        if n is None:
+            raise UnsupportedOpError(f"oracle: reduction node {op!r} not found")
+        x = n.args[0]
+        xv = vid[x.name]
+        rank = len(pg.value(xv).shape)
+        name = _aten_name(n.target)
+        if name in ("mean", "sum", "var", "std", "amax", "amin"):
+            keep = {a: plan.kept(xv, a).tolist() for a in range(rank)
+                    if plan.kept(xv, a) is not None and a in pg.op(op).attrs["axes"]}  # fmt: skip
+            n.kwargs = {**n.kwargs, "_keep": keep, "_fn": str(n.target)}
+            n.target = _masked_reduce
+        elif name == "group_norm":
+            keep = plan.kept(xv, 1)
+            n.target = _masked_group_norm
+            n.kwargs = {**n.kwargs, "keep": keep.tolist(), "new_groups": plan.op_size(op, "groups")}
+        elif name == "layer_norm" and len(n.args[1]) == 1:
+            k = plan.kept(xv, rank - 1)
+            n.target = _masked_layer_norm
+            n.kwargs = {**n.kwargs, "keep": k.tolist()}
+        else:
+            raise UnsupportedOpError(f"oracle cannot mask reduction {name} at {op!r}")
+    gm.recompile()
+
+
+def run_oracle(pg: PruneGraph, gid: int | dict[int, Iterable[int]],
+               indices: Iterable[int] | None = None, seed: int = 0) -> OracleResult:  # fmt: skip
+    """Kill the chosen indices in a copy of the model, prune them, compare outputs.
+
+    ``gid`` is one group id (``indices`` default to a random half of it) or a dict
+    ``{group id: indices}`` to remove several groups at once.
+    """
+    if pg.frontend != "torch":
+        from graphprune.testing.oracle_onnx import run_oracle_onnx
+
+        return run_oracle_onnx(pg, gid, indices, seed)
+    from graphprune.frontends.torch.graph_module import apply_plan_torch
+
+    removal = _removal(pg, gid, indices, seed)
+    plan = plan_removal(pg, removal)
+    ref = dead_reference(pg, removal, plan)
+    pruned = apply_plan_torch(pg, plan)
+    args, kwargs = pg.source["args"], pg.source["kwargs"]
+    with torch.no_grad():
+        r = _flat(ref(*args, **kwargs))
+        p = _flat(pruned(*args, **kwargs))
+    diff = max((float(np.abs(a - b).max()) if a.shape == b.shape and a.size else np.inf)
+               for a, b in zip(r, p)) if r else 0.0  # fmt: skip
+    first = next(iter(removal))
+    return OracleResult(first, list(removal[first]), r, p, diff)
+
+
+def dead_reference(pg: PruneGraph, removal: dict[int, list[int]],
+                   plan: RemovalPlan | None = None) -> torch.fx.GraphModule:  # fmt: skip
+    """The captured model with ``removal``'s channels made dead (every member slice zeroed) and
+    reductions over them masked to the kept channels: what pruning them must compute."""
+    plan = plan or plan_removal(pg, removal)
+    ref = copy.deepcopy(pg.source["ep"].module())
+    tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    with torch.no_grad():
+        for g in removal:
+            for m in build_coupling(pg).groups[g].params:
+                t = tensors.get(m.param)
+                if t is None:
+                    t = get_tensor(ref, m.param)
+                dead = dead_positions(plan, m.value, m.axis, t.shape[m.axis])
+                if m.param.endswith("running_var"):
+                    continue  # zeroing a variance would divide by ~sqrt(eps); the channel is dead
+                t.index_fill_(m.axis, torch.from_numpy(dead), 0)
+    if any(build_coupling(pg).groups[g].reductions for g in removal):
+        _mask_reductions(ref, pg, plan, list(removal))
+    return ref
+
+
+def _removal(pg: PruneGraph, gid: Any, indices: Any, seed: int) -> dict[int, list[int]]:
+    if isinstance(gid, dict):
+        return {g: list(i) for g, i in gid.items()}
+    rng = np.random.default_rng(seed + gid)
+    size = build_coupling(pg).groups[gid].size
+    return {gid: list(indices) if indices is not None else choose_indices(size, rng)}

@@ -1,0 +1,160 @@
+"""Calibration statistics for data-driven criteria, gathered on the captured graph.
+
+``activation_stats`` runs the captured program (an ``fx.Interpreter`` over the unlifted
+``ExportedProgram``) on calibration batches and reduces chosen values to per-position statistics
+along one axis (sum of squares, sum of |x|, zero count, count). ``gradient_stats`` runs
+forward/backward with a loss and accumulates per-parameter first- and second-order terms.
+Both read the capture, never the user's module, and leave it untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from graphprune.ir.errors import ConfigError
+from graphprune.ir import PruneGraph
+
+
+@dataclass
+class AxisStats:
+    sq: np.ndarray  # sum of squares per position
+    abs: np.ndarray  # sum of |x| per position
+    zeros: np.ndarray  # count of exact zeros per position
+    n: int  # elements per position seen
+
+    @property
+    def norm(self) -> np.ndarray:
+        return np.sqrt(self.sq)
+
+
+def _batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]:
+    """Calibration batches, split into chunks of the captured batch size (the captured program
+    has static shapes, so each run must see exactly the example inputs' batch size)."""
+    if calib is None:
+        raise ConfigError("this criterion needs calibration data: pass calib=[batch, ...] where "
+                          "each batch is a tuple of input tensors like example_inputs")  # fmt: skip
+    out = []
+    n0 = None
+    if pg is not None and pg.inputs and pg.value(pg.inputs[0]).shape:
+        n0 = pg.value(pg.inputs[0]).shape[0]
+    for b in calib:
+        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        n = b[0].shape[0] if isinstance(b[0], torch.Tensor) and b[0].dim() else None
+        if n0 is None or n == n0:
+            out.append(b)
+            continue
+        if n is None or n % n0:
+            raise ConfigError(f"calibration batch of size {n}: the model was captured with batch "
+                              f"{n0}, so calibration batches must have a multiple of {n0} rows")
+        for i in range(0, n, n0):
+            out.append(tuple(t[i : i + n0] if isinstance(t, torch.Tensor) and t.dim() else t
+                             for t in b))  # fmt: skip
+    if not out:
+        raise ConfigError("calib is empty: pass at least one batch")
+    return out
+
+
+def _node_values(pg: PruneGraph, gm: torch.fx.GraphModule) -> dict[str, str]:
+    vid = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is operator.getitem:
+            vid[n.name] = f"%{n.args[0].name}.{n.args[1]}"
+        elif n.op == "call_function":
+            vid[n.name] = f"%{n.name}"
+        elif n.op == "placeholder":
+            vid[n.name] = n.name
+    return {k: v for k, v in vid.items() if v in pg.nx}
+
+
+def activation_stats(pg: PruneGraph, calib: Iterable,
+                     wanted: set[tuple[str, int]]) -> dict[tuple[str, int], AxisStats]:  # fmt: skip
+    """Per-position statistics of each (value id, axis) in ``wanted`` over ``calib``."""
+    if pg.frontend != "torch":
+        raise ConfigError("data-driven criteria need a torch capture; for ONNX use l1, l2, fpgm, "
+                          "bn_scale or random")  # fmt: skip
+    gm = pg.source["ep"].module()
+    vid = _node_values(pg, gm)
+    axes: dict[str, list[int]] = {}
+    for v, a in wanted:
+        axes.setdefault(v, []).append(a)
+    stats: dict[tuple[str, int], AxisStats] = {}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            v = vid.get(n.name)
+            if v in axes and isinstance(out, torch.Tensor):
+                for ax in axes[v]:
+                    x = out.detach().float()
+                    x = x.movedim(ax, 0).reshape(x.shape[ax], -1)
+                    s = AxisStats(x.pow(2).sum(1).numpy(), x.abs().sum(1).numpy(),
+                                  (x == 0).sum(1).numpy(), x.shape[1])  # fmt: skip
+                    if not np.isfinite(s.sq).all():
+                        raise ConfigError(f"calibration produced NaN/inf at {n.name!r}; check "
+                                          "the calibration batches")  # fmt: skip
+                    o = stats.get((v, ax))
+                    stats[(v, ax)] = s if o is None else AxisStats(
+                        o.sq + s.sq, o.abs + s.abs, o.zeros + s.zeros, o.n + s.n)
+            return out
+
+    n_in = len(pg.inputs)
+    with torch.no_grad():
+        for b in _batches(calib, pg):
+            Probe(gm).run(*b[:n_in])
+    return stats
+
+
+@dataclass
+class GradStats:
+    gw: dict[str, np.ndarray]  # per parameter: sum over batches of (g * w) (same shape)
+    gw_sq: dict[str, np.ndarray]  # per parameter: sum over batches of (g * w)^2
+    fisher: dict[str, np.ndarray]  # per parameter: sum over batches of g^2
+    batches: int
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """Label-free proxy: half the mean squared output (the model's own output scale)."""
+    ts = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)
+          and t.is_floating_point()]  # fmt: skip
+    return sum(0.5 * t.pow(2).mean() for t in ts)
+
+
+def gradient_stats(pg: PruneGraph, calib: Iterable,
+                   loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None) -> GradStats:  # fmt: skip
+    """Gradients of ``loss_fn(output, batch)`` (default: :func:`default_loss`) per parameter."""
+    if pg.frontend != "torch":
+        raise ConfigError("gradient criteria (taylor, hessian) need a torch capture")
+    from graphprune.testing.oracle import get_tensor
+
+    gm = copy.deepcopy(pg.source["ep"].module())
+    # By the names the graph uses (tied weights appear under one name only).
+    params = {n.target: get_tensor(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    params = {k: p for k, p in params.items() if isinstance(p, torch.nn.Parameter)}
+    for p in params.values():
+        p.requires_grad_(True)
+    gw: dict[str, np.ndarray] = {}
+    gw_sq: dict[str, np.ndarray] = {}
+    fisher: dict[str, np.ndarray] = {}
+    n = 0
+    n_in = len(pg.inputs)
+    for b in _batches(calib, pg):
+        gm.zero_grad(set_to_none=True)
+        out = gm(*b[:n_in])  # extra items in a batch (labels) are for loss_fn
+        loss = loss_fn(out, b) if loss_fn is not None else default_loss(out)
+        loss.backward()
+        n += 1
+        for name, p in params.items():
+            if p.grad is None:
+                continue
+            g = p.grad.detach().double().numpy()
+            w = p.detach().double().numpy()
+            gw[name] = gw.get(name, 0) + g * w
+            gw_sq[name] = gw_sq.get(name, 0) + (g * w) ** 2
+            fisher[name] = fisher.get(name, 0) + g**2
+    return GradStats(gw, gw_sq, fisher, n)

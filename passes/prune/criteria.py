@@ -1,0 +1,242 @@
+"""Importance criteria for structured pruning: one small function per criterion.
+
+A criterion maps a group to one score per group index (higher = more important); scores
+aggregate over every coupled member (``Coupling.coords`` gives each member position's group
+index). Criteria needing data read :class:`CriterionContext`, which gathers calibration
+statistics once per pruning call. Register new ones with ``@criterion("name")``; users may
+also pass any callable ``fn(ctx, group) -> np.ndarray``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from graphprune.ir.errors import ConfigError
+from graphprune.ir import PruneGraph
+from graphprune.passes.prune.calibration import AxisStats, GradStats, activation_stats, gradient_stats
+from graphprune.passes.coupling.analysis import Group
+from graphprune.passes.coupling import build_coupling
+
+
+@dataclass
+class CriterionContext:
+    pg: PruneGraph
+    calib: Any = None
+    loss_fn: Callable | None = None
+    seed: int = 0
+    _acts: dict[tuple[str, int], AxisStats] | None = None
+    _grads: GradStats | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def per_position(self, group: Group, member_values: dict[str, np.ndarray]) -> np.ndarray:
+        """Sum per-position arrays of members (value id → array along the member axis)."""
+        cp = build_coupling(self.pg)
+        out = np.zeros(group.size)
+        for m in group.members:
+            arr = member_values.get(m.value)
+            if arr is None:
+                continue
+            coords = cp.coords(cp.axis_var[(m.value, m.axis)], group.var)
+            ok = coords >= 0
+            out += np.bincount(coords[ok], weights=np.asarray(arr, float)[ok], minlength=group.size)
+        return out
+
+    def acts(self) -> dict[tuple[str, int], AxisStats]:
+        if self._acts is None:
+            wanted = set()
+            for g in build_coupling(self.pg).groups:
+                if not g.prunable:
+                    continue
+                for m in g.members:
+                    if m.param is None and self.pg.value(m.value).role in ("activation", "input"):
+                        wanted.add((m.value, m.axis))
+            self._acts = activation_stats(self.pg, self.calib, wanted)
+        return self._acts
+
+    def grads(self) -> GradStats:
+        if self._grads is None:
+            self._grads = gradient_stats(self.pg, self.calib, self.loss_fn)
+        return self._grads
+
+
+Criterion = Callable[[CriterionContext, Group], np.ndarray]
+CRITERIA: dict[str, Criterion] = {}
+NEEDS_CALIB = {"taylor", "hessian", "apoz", "activation", "wanda"}
+
+
+def criterion(name: str) -> Callable[[Criterion], Criterion]:
+    def deco(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        return fn
+
+    return deco
+
+
+def _param_norms(ctx: CriterionContext, group: Group, p: int) -> np.ndarray:
+    vals = {}
+    for m in group.params:
+        w = np.asarray(ctx.pg.weights[m.param], dtype=np.float64)
+        if w.ndim and ctx.pg.value(m.value).trainable:
+            vals[m.value] = (np.abs(np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)) ** p).sum(1)
+    return ctx.per_position(group, vals)
+
+
+@criterion("l1")
+def l1(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """Sum of |w| over every coupled weight slice (Li et al. 2017)."""
+    return _param_norms(ctx, group, 1)
+
+
+@criterion("l2")
+def l2(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """Sum of w² over every coupled weight slice (squared L2 norm of the group slice)."""
+    return _param_norms(ctx, group, 2)
+
+
+@criterion("random")
+def random(ctx: CriterionContext, group: Group) -> np.ndarray:
+    return np.random.default_rng(ctx.seed + group.id).random(group.size)
+
+
+@criterion("fpgm")
+def fpgm(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """Distance to the other filters (He et al. 2019): near the geometric median = replaceable."""
+    cp = build_coupling(ctx.pg)
+    feats = []
+    for m in group.params:
+        w = np.asarray(ctx.pg.weights[m.param], dtype=np.float64)
+        if not w.ndim or not ctx.pg.value(m.value).trainable:
+            continue
+        coords = cp.coords(cp.axis_var[(m.value, m.axis)], group.var)
+        rows = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
+        ok = coords >= 0
+        order = np.argsort(coords[ok], kind="stable")
+        feats.append(rows[ok][order].reshape(group.size, -1))
+    if not feats:
+        ctx.notes.append(f"group {group.id}: no trainable weight, fpgm fell back to l2")
+        return l2(ctx, group)
+    x = np.concatenate(feats, axis=1)
+    sq = (x * x).sum(1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    return d.sum(1)
+
+
+def _bn_scale_members(ctx: CriterionContext, group: Group) -> dict[str, np.ndarray]:
+    vals = {}
+    for m in group.params:
+        for op, slot in ctx.pg.consumers(m.value):
+            if ctx.pg.op(op).kind == "batch_norm" and slot == 1:
+                vals[m.value] = np.abs(np.asarray(ctx.pg.weights[m.param], dtype=np.float64))
+    return vals
+
+
+@criterion("bn_scale")
+def bn_scale(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """|γ| of the BatchNorms in the group (Network Slimming, Liu et al. 2017)."""
+    vals = _bn_scale_members(ctx, group)
+    if not vals:
+        ctx.notes.append(f"group {group.id}: no BatchNorm, bn_scale fell back to l2")
+        return l2(ctx, group)
+    return ctx.per_position(group, vals)
+
+
+def _grad_members(ctx: CriterionContext, group: Group, table: dict[str, np.ndarray],
+                  reduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:  # fmt: skip
+    vals = {}
+    for m in group.params:
+        t = table.get(m.param)
+        if t is None or not np.ndim(t):
+            continue
+        vals[m.value] = reduce(np.moveaxis(t, m.axis, 0).reshape(t.shape[m.axis], -1))
+    return ctx.per_position(group, vals)
+
+
+@criterion("taylor")
+def taylor(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """First-order Taylor |Σ g·w| over the group's weights (Molchanov et al. 2019)."""
+    g = ctx.grads()
+    signed = _grad_members(ctx, group, g.gw, lambda a: a.sum(1))
+    return np.abs(signed) / g.batches
+
+
+@criterion("hessian")
+def hessian(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """OBD saliency ½·H_ii·w² with the Fisher diagonal E[g²] for H_ii (LeCun et al. 1990)."""
+    g = ctx.grads()
+    w2f = {name: 0.5 * g.fisher[name] * np.asarray(ctx.pg.weights[name], float) ** 2 / g.batches
+           for name in g.fisher if name in ctx.pg.weights}  # fmt: skip
+    return _grad_members(ctx, group, w2f, lambda a: a.sum(1))
+
+
+def _value_members(ctx: CriterionContext, group: Group, fn: Callable[[AxisStats], np.ndarray],
+                   only_post_activation: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    acts = ctx.acts()
+    vals = {}
+    for m in group.members:
+        s = acts.get((m.value, m.axis))
+        if s is None or m.param is not None:
+            continue
+        if only_post_activation:
+            prod = ctx.pg.producer(m.value)
+            if prod is None or ctx.pg.op(prod).kind != "activation":
+                continue
+        vals[m.value] = fn(s)
+    return vals
+
+
+@criterion("activation")
+def activation(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """Mean |activation| of the group's channels over calibration data, read after the
+    nonlinearity where the group has one (a pre-ReLU value says little about use)."""
+    fn = lambda s: s.abs / max(s.n, 1)  # noqa: E731
+    vals = _value_members(ctx, group, fn, True) or _value_members(ctx, group, fn)
+    return ctx.per_position(group, vals)
+
+
+@criterion("apoz")
+def apoz(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """1 − average percentage of zeros after the activation (Hu et al. 2016): higher = busier."""
+    vals = _value_members(ctx, group, lambda s: 1.0 - s.zeros / max(s.n, 1), True)
+    if not vals:
+        ctx.notes.append(f"group {group.id}: no activation output, apoz fell back to activation")
+        return activation(ctx, group)
+    return ctx.per_position(group, vals)
+
+
+@criterion("wanda")
+def wanda(ctx: CriterionContext, group: Group) -> np.ndarray:
+    """|W|·‖X‖ (Sun et al. 2023) summed over the group's consumer weights: for every weight
+    member read along its input axis, each weight times the norm of the input channel."""
+    acts = ctx.acts()
+    pg = ctx.pg
+    vals = {}
+    for m in group.params:
+        for op, slot in pg.consumers(m.value):
+            kind = pg.op(op).kind
+            slots = pg.op(op).attrs.get("slots", (0, 1, 2))
+            if kind not in ("linear", "conv") or slot != slots[1]:
+                continue
+            in_axis = 1 if kind == "conv" or pg.op(op).attrs.get("w_layout", "oi") == "oi" else 0
+            x = pg.op_inputs(op)[slots[0]]
+            xs = acts.get((x, 1 if kind == "conv" else len(pg.value(x).shape) - 1))
+            w = np.asarray(pg.weights[m.param], dtype=np.float64)
+            if xs is None or m.axis != in_axis or len(xs.norm) != w.shape[in_axis]:
+                continue
+            rows = np.abs(np.moveaxis(w, in_axis, 0).reshape(w.shape[in_axis], -1)).sum(1)
+            vals[m.value] = vals.get(m.value, 0) + rows * xs.norm
+    if not vals:
+        ctx.notes.append(f"group {group.id}: no consumer weight reads it, wanda fell back to l1")
+        return l1(ctx, group)
+    return ctx.per_position(group, vals)
+
+
+def get(name_or_fn: str | Criterion) -> Criterion:
+    if callable(name_or_fn):
+        return name_or_fn
+    if name_or_fn not in CRITERIA:
+        raise ConfigError(f"unknown criterion {name_or_fn!r}: use one of {', '.join(sorted(CRITERIA))} "
+                          "or pass a callable fn(ctx, group) -> scores")  # fmt: skip
+    return CRITERIA[name_or_fn]
