@@ -53,7 +53,7 @@ def main() -> None:
 
     import graphprune as gp
     from graphprune import models
-    from graphprune.passes.coupling.analysis import build_coupling
+    from graphprune.passes.coupling import build_coupling
 
     try:
         import torch_pruning as tp

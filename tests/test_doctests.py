@@ -5,8 +5,9 @@ import importlib
 
 import pytest
 
-MODULES = ["graphprune.api.graph", "graphprune.api.remove", "graphprune.api.structured", "graphprune.api.iterative",
-           "graphprune.ir.graph", "graphprune.passes.coupling.analysis", "graphprune.models.digits"]  # fmt: skip
+MODULES = ["graphprune.api.graph", "graphprune.api.remove", "graphprune.api.structured",
+           "graphprune.api.iterative", "graphprune.ir.graph", "graphprune.ir.verify",
+           "graphprune.passes.base", "graphprune.passes.coupling.build", "graphprune.models.digits"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,7 +1,9 @@
 """``gp.prune``: structured pruning as one call, for torch modules and ONNX models alike.
 
-capture → coupling groups → criterion scores → selection (scope, overrides, targets) →
-removal plan → write-back (module form, or GraphModule, or ONNX) → report.
+capture → ``BuildCoupling`` (groups) → ``PruneChannels`` (criterion scores, selection: scope,
+overrides, targets) → ``PlanRemoval`` (removal plan), run by ``graphprune.passes.base.run_passes``
+→ write-back (module form, or GraphModule, or ONNX) → report. A failure inside a pass that is
+not one of graphprune's errors surfaces as ``PassError`` naming the pass.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from graphprune.api.graph import capture
-from graphprune.ir.errors import ConfigError
 from graphprune.ir import PruneGraph
-from graphprune.passes import cost as cost_model
-from graphprune.passes.prune.channels import PruneConfig, Selection, run
+from graphprune.ir.errors import ConfigError
 from graphprune.ir.plan import RemovalPlan
-from graphprune.passes.prune.plan import plan_removal
-from graphprune.passes.coupling import build_coupling
+from graphprune.passes import cost as cost_model
+from graphprune.passes.base import run_passes
+from graphprune.passes.coupling import BuildCoupling, build_coupling
+from graphprune.passes.prune.channels import PruneChannels, PruneConfig, Selection
+from graphprune.passes.prune.plan import PlanRemoval, plan_removal
 
 
 @dataclass
@@ -143,8 +146,12 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
                       min_keep, heads, calib, loss_fn, seed)  # fmt: skip
     cfg.validate()
     pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
-    sel = run(pg, cfg)
-    plan = plan_removal(pg, sel.removal)
+    done = run_passes(pg, [
+        (BuildCoupling(), {}),
+        (PruneChannels(), {"config": cfg}),
+        (PlanRemoval(), lambda results: {"removal": results["PruneChannels"].value.removal}),
+    ])  # fmt: skip
+    sel, plan = done["PruneChannels"].value, done["PlanRemoval"].value
     model, form = _write_back(model_or_onnx, pg, plan, inplace)
     report = _report(pg, plan, sel, cfg, form)
     return PruneResult(model, report, pg, plan, sel)

@@ -20,9 +20,10 @@ from graphprune.ir.errors import (
 )
 from graphprune.ir.graph import OP_KINDS, OpNode, PruneGraph, Value
 from graphprune.ir.plan import RemovalPlan, slice_array
+from graphprune.ir.verify import verify
 
 __all__ = [
-    "OP_KINDS", "OpNode", "PruneGraph", "Value", "RemovalPlan", "slice_array",
+    "OP_KINDS", "OpNode", "PruneGraph", "Value", "RemovalPlan", "slice_array", "verify",
     "ArtifactError", "CaptureError", "CodegenUnsupported", "ConfigError", "CouplingError",
     "GraphPruneError", "PassError", "UnsupportedOpError", "VerificationError",
 ]  # fmt: skip

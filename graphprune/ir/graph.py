@@ -12,7 +12,7 @@ every message points at something the user can find. Parameter tensors live in `
 (name → numpy array), referenced by :attr:`Value.param`, so copying a graph is cheap.
 
 Both frontends (``graphprune.capture``) produce the same normalised op kinds (``OP_KINDS``); the
-coupling pass (``graphprune.passes.coupling.analysis``) and every later pass read only this IR.
+coupling pass (``graphprune.passes.coupling``) and every later pass read only this IR.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Inputs: the coupling groups, a criterion's per-index scores and a :class:`PruneConfig`
 (ratio or a MACs/params target, per-layer overrides, ignore globs, ``round_to``, ``min_keep``,
 local or global scope). Output: ``{group id: indices}`` for :func:`plan_removal`. Nothing is
-written back here. Runs after ``BuildCoupling``.
+written back here. Runs after ``BuildCoupling``, before ``PlanRemoval``; :class:`PruneChannels` is
+the pass, :func:`run` the same as a function.
 
 Scopes: *local* removes ``ratio`` of every group; *global* ranks every index of every group by
 its score normalised by the group's mean score and removes the lowest ``ratio`` of all indices,
@@ -19,13 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from graphprune.ir.errors import ConfigError
 from graphprune.ir import PruneGraph
+from graphprune.ir.errors import ConfigError
 from graphprune.passes import cost as cost_model
+from graphprune.passes.base import PassResult
+from graphprune.passes.coupling import Group, build_coupling
 from graphprune.passes.prune import criteria
-from graphprune.passes.coupling.analysis import Group
 from graphprune.passes.prune.plan import plan_removal
-from graphprune.passes.coupling import build_coupling
 
 
 @dataclass
@@ -255,3 +256,21 @@ def run(pg: PruneGraph, cfg: PruneConfig) -> Selection:
             lo = mid
     notes.append(f"target_{metric}={target}: ratio {best[2]:.3f} gives {best[0]:.1%}")
     return Selection(best[1], scores, excluded, best[2], notes)
+
+
+@dataclass(frozen=True)
+class PruneChannels:
+    """:func:`run` as a pass: ``run(pg, config=PruneConfig(...))`` gives ``PassResult(Selection)``.
+
+    Requires ``BuildCoupling``; ``changed`` is True when the selection removes anything. The
+    report holds the ratio used, the number of groups cut and of indices removed.
+    """
+
+    name: str = "PruneChannels"
+    requires: tuple[str, ...] = ("BuildCoupling",)
+
+    def run(self, graph: PruneGraph, *, config: PruneConfig) -> PassResult[Selection]:
+        sel = run(graph, config)
+        removed = sum(len(idx) for idx in sel.removal.values())
+        report = {"ratio": sel.ratio_used, "groups": len(sel.removal), "indices": removed}
+        return PassResult(sel, removed > 0, report)

@@ -17,7 +17,7 @@ import numpy as np
 from graphprune.ir.errors import ConfigError
 from graphprune.ir import PruneGraph
 from graphprune.passes.prune.calibration import AxisStats, GradStats, activation_stats, gradient_stats
-from graphprune.passes.coupling.analysis import Group
+from graphprune.passes.coupling import Group
 from graphprune.passes.coupling import build_coupling
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphprune.ir import PruneGraph
-from graphprune.passes.coupling.analysis import Group
+from graphprune.passes.coupling import Group
 from graphprune.passes.coupling import build_coupling
 
 

@@ -2,18 +2,21 @@
 
 The plan is frontend-independent: for every (value, axis) that changes it holds the kept
 positions (sorted), and the new shape of every value. Writers (``graphprune.frontends.torch.graph_module``,
-``graphprune.frontends.onnx.writeback``) read only the plan and the graph. Runs after ``BuildCoupling``.
+``graphprune.frontends.onnx.writeback``) read only the plan and the graph. Runs after ``BuildCoupling``
+(and usually ``PruneChannels``, which chooses the indices); :class:`PlanRemoval` is the pass.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from graphprune.ir.errors import ConfigError
 from graphprune.ir import PruneGraph
+from graphprune.ir.errors import ConfigError
 from graphprune.ir.plan import RemovalPlan
+from graphprune.passes.base import PassResult
 from graphprune.passes.coupling import build_coupling
 
 
@@ -62,3 +65,21 @@ def plan_removal(pg: PruneGraph, removal: Mapping[int, Iterable[int]]) -> Remova
             plan.op_sizes[(op, attr)] = (
                 int(cp.table.size[cp.table.find(var)]) if k is None else len(k))
     return plan
+
+
+@dataclass(frozen=True)
+class PlanRemoval:
+    """:func:`plan_removal` as a pass: ``run(pg, removal={group id: indices})``.
+
+    Requires ``BuildCoupling``; ``changed`` is True when the plan changes a shape. The report
+    counts the groups cut and the values whose shape changes.
+    """
+
+    name: str = "PlanRemoval"
+    requires: tuple[str, ...] = ("BuildCoupling",)
+
+    def run(self, graph: PruneGraph, *,
+            removal: Mapping[int, Iterable[int]]) -> PassResult[RemovalPlan]:  # fmt: skip
+        plan = plan_removal(graph, removal)
+        report = {"groups": len(plan.removed), "values_resized": len(plan.new_shapes)}
+        return PassResult(plan, bool(plan.new_shapes), report)
