@@ -220,7 +220,7 @@ def _prune_depth(pg: PruneGraph, k: int, criterion: Any, calib: Any, unit: str) 
         raise ConfigError(f"{pg.name} has no identity residual blocks (y = x + f(x)) to drop")
     scores = depth.scores_for(pg, blocks, criterion, calib)
     dropped = depth.choose(blocks, scores, k)
-    model = depth.drop_torch(pg, dropped) if pg.frontend == "torch" else depth.drop_onnx(pg, dropped)
+    model = depth.drop(pg, dropped)
     base = cost_model.count(pg)
     macs, params = depth.block_cost(pg, dropped)
     crit = criterion if isinstance(criterion, str) else "custom"

@@ -11,46 +11,19 @@ are not exact under removal: there the reference masks those reductions to the k
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from graphprune.frontends.torch.capture import _aten_name
+from graphprune.frontends.torch.nodes import aten_name, get_tensor
 from graphprune.ir.errors import UnsupportedOpError
+from graphprune.testing.common import OracleResult, choose_indices, choose_removal, dead_positions
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan
 from graphprune.passes.prune.plan import plan_removal
 from graphprune.passes.coupling import build_coupling
-
-
-@dataclass
-class OracleResult:
-    group: int
-    removed: list[int]
-    reference: list[np.ndarray]
-    pruned: list[np.ndarray]
-    max_abs_diff: float
-
-    def assert_close(self, atol: float = 1e-4, rtol: float = 1e-4) -> None:
-        for i, (a, b) in enumerate(zip(self.reference, self.pruned)):
-            if a.shape != b.shape:
-                raise AssertionError(f"group {self.group}: output {i} shape {b.shape} != {a.shape}")
-            np.testing.assert_allclose(b, a, atol=atol, rtol=rtol,
-                                       err_msg=f"group {self.group}, output {i}")  # fmt: skip
-
-
-def choose_indices(size: int, rng: np.random.Generator, fraction: float = 0.5) -> list[int]:
-    k = min(max(1, int(round(size * fraction))), size - 1)
-    return sorted(rng.choice(size, size=k, replace=False).tolist())
-
-
-def dead_positions(plan: RemovalPlan, value: str, axis: int, size: int) -> np.ndarray:
-    k = plan.kept(value, axis)
-    return np.array([], dtype=np.int64) if k is None else np.setdiff1d(np.arange(size), k)
 
 
 def _flat(out: Any) -> list[np.ndarray]:
@@ -98,21 +71,11 @@ def _masked_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *rest, k
     return y
 
 
-def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    """The parameter/buffer/attribute at dotted path ``target`` (tied names resolve too)."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan,
                      gids: list[int]) -> None:  # fmt: skip
     ops = {note.split(":")[0] for g in gids for note in plan.coupling.groups[g].reductions}
-    from graphprune.passes.prune.calibration import _node_values
-
     nodes = {n.name: n for n in gm.graph.nodes}
-    vid = _node_values(pg, gm)
+    vid = pg.source.value_ids(gm)
     for op in ops:
         n = nodes.get(op)
         if n is None:
@@ -120,7 +83,7 @@ def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan
         x = n.args[0]
         xv = vid[x.name]
         rank = len(pg.value(xv).shape)
-        name = _aten_name(n.target)
+        name = aten_name(n.target)
         if name in ("mean", "sum", "var", "std", "amax", "amin"):
             keep = {a: plan.kept(xv, a).tolist() for a in range(rank)
                     if plan.kept(xv, a) is not None and a in pg.op(op).attrs["axes"]}  # fmt: skip
@@ -150,16 +113,12 @@ def run_oracle(pg: PruneGraph, gid: int | dict[int, Iterable[int]],
         from graphprune.testing.oracle_onnx import run_oracle_onnx
 
         return run_oracle_onnx(pg, gid, indices, seed)
-    from graphprune.frontends.torch.graph_module import apply_plan_torch
-
-    removal = _removal(pg, gid, indices, seed)
+    removal = choose_removal(pg, gid, indices, seed)
     plan = plan_removal(pg, removal)
     ref = dead_reference(pg, removal, plan)
-    pruned = apply_plan_torch(pg, plan)
-    args, kwargs = pg.source["args"], pg.source["kwargs"]
-    with torch.no_grad():
-        r = _flat(ref(*args, **kwargs))
-        p = _flat(pruned(*args, **kwargs))
+    pruned = pg.source.apply_plan(pg, plan)
+    r = _flat(pg.source.run(ref))
+    p = _flat(pg.source.run(pruned))
     diff = max((float(np.abs(a - b).max()) if a.shape == b.shape and a.size else np.inf)
                for a, b in zip(r, p)) if r else 0.0  # fmt: skip
     first = next(iter(removal))
@@ -171,7 +130,7 @@ def dead_reference(pg: PruneGraph, removal: dict[int, list[int]],
     """The captured model with ``removal``'s channels made dead (every member slice zeroed) and
     reductions over them masked to the kept channels: what pruning them must compute."""
     plan = plan or plan_removal(pg, removal)
-    ref = copy.deepcopy(pg.source["ep"].module())
+    ref = pg.source.graph_module()
     tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
     with torch.no_grad():
         for g in removal:
@@ -188,9 +147,5 @@ def dead_reference(pg: PruneGraph, removal: dict[int, list[int]],
     return ref
 
 
-def _removal(pg: PruneGraph, gid: Any, indices: Any, seed: int) -> dict[int, list[int]]:
-    if isinstance(gid, dict):
-        return {g: list(i) for g, i in gid.items()}
-    rng = np.random.default_rng(seed + gid)
-    size = build_coupling(pg).groups[gid].size
-    return {gid: list(indices) if indices is not None else choose_indices(size, rng)}
+__all__ = ["OracleResult", "choose_indices", "choose_removal", "dead_positions", "dead_reference",
+           "get_tensor", "run_oracle"]

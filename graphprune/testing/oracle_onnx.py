@@ -6,9 +6,9 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from graphprune.ir.errors import UnsupportedOpError
+from graphprune.testing.common import OracleResult, choose_removal, dead_positions
 from graphprune.ir import PruneGraph
 from graphprune.passes.prune.plan import plan_removal
 from graphprune.passes.coupling import build_coupling
@@ -43,12 +43,7 @@ def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nd
 
 def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
                     seed: int = 0, feeds: dict[str, np.ndarray] | None = None):  # fmt: skip
-    from graphprune.testing.oracle import OracleResult
-    from graphprune.frontends.onnx.writeback import apply_plan_onnx
-
-    from graphprune.testing.oracle import _removal
-
-    removal = _removal(pg, gid, indices, seed)
+    removal = choose_removal(pg, gid, indices, seed)
     for g in removal:
         group = build_coupling(pg).groups[g]
         if group.reductions:
@@ -58,7 +53,7 @@ def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = No
             )
     plan = plan_removal(pg, removal)
     ref = dead_reference_onnx(pg, removal, plan)
-    pruned = apply_plan_onnx(pg, plan)
+    pruned = pg.source.apply_plan(pg, plan)
     feeds = feeds or random_inputs(pg, seed)
     r, p = run_onnx(ref, feeds), run_onnx(pruned, feeds)
     diff = max(float(np.abs(a - b).max()) if a.shape == b.shape else np.inf for a, b in zip(r, p))
@@ -68,11 +63,10 @@ def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = No
 
 def dead_reference_onnx(pg: PruneGraph, removal: dict[int, list[int]], plan=None) -> onnx.ModelProto:
     """``pg``'s model with ``removal``'s channels made dead (member initializer slices zeroed)."""
-    from graphprune.testing.oracle import dead_positions
     from graphprune.frontends.onnx.writeback import map_constants
 
     plan = plan or plan_removal(pg, removal)
-    ref_graph: gs.Graph = pg.source["graph"].copy()
+    ref_graph = pg.source.graph_copy()
     members: dict[str, list] = {}
     for g in removal:
         for m in build_coupling(pg).groups[g].params:
@@ -90,11 +84,7 @@ def dead_reference_onnx(pg: PruneGraph, removal: dict[int, list[int]], plan=None
         return arr
 
     map_constants(ref_graph, pg, kill)
-    ref = gs.export_onnx(ref_graph)
-    ref.ClearField("opset_import")
-    ref.opset_import.extend(pg.source["model"].opset_import)
-    ref.ir_version = pg.source["model"].ir_version
-    return ref
+    return pg.source.export(ref_graph)
 
 
 def _is_bn_var(pg: PruneGraph, value: str) -> bool:

@@ -9,8 +9,6 @@ Both read the capture, never the user's module, and leave it untouched.
 
 from __future__ import annotations
 
-import copy
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -33,7 +31,7 @@ class AxisStats:
         return np.sqrt(self.sq)
 
 
-def _batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]:
+def calibration_batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]:
     """Calibration batches, split into chunks of the captured batch size (the captured program
     has static shapes, so each run must see exactly the example inputs' batch size)."""
     if calib is None:
@@ -60,53 +58,29 @@ def _batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]:
     return out
 
 
-def _node_values(pg: PruneGraph, gm: torch.fx.GraphModule) -> dict[str, str]:
-    vid = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is operator.getitem:
-            vid[n.name] = f"%{n.args[0].name}.{n.args[1]}"
-        elif n.op == "call_function":
-            vid[n.name] = f"%{n.name}"
-        elif n.op == "placeholder":
-            vid[n.name] = n.name
-    return {k: v for k, v in vid.items() if v in pg.nx}
-
-
 def activation_stats(pg: PruneGraph, calib: Iterable,
                      wanted: set[tuple[str, int]]) -> dict[tuple[str, int], AxisStats]:  # fmt: skip
     """Per-position statistics of each (value id, axis) in ``wanted`` over ``calib``."""
-    if pg.frontend != "torch":
-        raise ConfigError("data-driven criteria need a torch capture; for ONNX use l1, l2, fpgm, "
-                          "bn_scale or random")  # fmt: skip
-    gm = pg.source["ep"].module()
-    vid = _node_values(pg, gm)
     axes: dict[str, list[int]] = {}
     for v, a in wanted:
         axes.setdefault(v, []).append(a)
     stats: dict[tuple[str, int], AxisStats] = {}
 
-    class Probe(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            out = super().run_node(n)
-            v = vid.get(n.name)
-            if v in axes and isinstance(out, torch.Tensor):
-                for ax in axes[v]:
-                    x = out.detach().float()
-                    x = x.movedim(ax, 0).reshape(x.shape[ax], -1)
-                    s = AxisStats(x.pow(2).sum(1).numpy(), x.abs().sum(1).numpy(),
-                                  (x == 0).sum(1).numpy(), x.shape[1])  # fmt: skip
-                    if not np.isfinite(s.sq).all():
-                        raise ConfigError(f"calibration produced NaN/inf at {n.name!r}; check "
-                                          "the calibration batches")  # fmt: skip
-                    o = stats.get((v, ax))
-                    stats[(v, ax)] = s if o is None else AxisStats(
-                        o.sq + s.sq, o.abs + s.abs, o.zeros + s.zeros, o.n + s.n)
-            return out
+    def accumulate(v: str, out: torch.Tensor) -> None:
+        for ax in axes[v]:
+            x = out.detach().float()
+            x = x.movedim(ax, 0).reshape(x.shape[ax], -1)
+            s = AxisStats(x.pow(2).sum(1).numpy(), x.abs().sum(1).numpy(),
+                          (x == 0).sum(1).numpy(), x.shape[1])  # fmt: skip
+            if not np.isfinite(s.sq).all():
+                raise ConfigError(f"calibration produced NaN/inf at {v!r}; check the "
+                                  "calibration batches")  # fmt: skip
+            o = stats.get((v, ax))
+            stats[(v, ax)] = s if o is None else AxisStats(
+                o.sq + s.sq, o.abs + s.abs, o.zeros + s.zeros, o.n + s.n)
 
-    n_in = len(pg.inputs)
-    with torch.no_grad():
-        for b in _batches(calib, pg):
-            Probe(gm).run(*b[:n_in])
+    # A generator, so that a frontend that cannot run data says so before the batches are read.
+    pg.source.observe((b for b in calibration_batches(calib, pg)), axes, accumulate)
     return stats
 
 
@@ -130,11 +104,9 @@ def gradient_stats(pg: PruneGraph, calib: Iterable,
     """Gradients of ``loss_fn(output, batch)`` (default: :func:`default_loss`) per parameter."""
     if pg.frontend != "torch":
         raise ConfigError("gradient criteria (taylor, hessian) need a torch capture")
-    from graphprune.testing.oracle import get_tensor
-
-    gm = copy.deepcopy(pg.source["ep"].module())
+    gm = pg.source.graph_module()
     # By the names the graph uses (tied weights appear under one name only).
-    params = {n.target: get_tensor(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    params = pg.source.parameters(gm)
     params = {k: p for k, p in params.items() if isinstance(p, torch.nn.Parameter)}
     for p in params.values():
         p.requires_grad_(True)
@@ -143,7 +115,7 @@ def gradient_stats(pg: PruneGraph, calib: Iterable,
     fisher: dict[str, np.ndarray] = {}
     n = 0
     n_in = len(pg.inputs)
-    for b in _batches(calib, pg):
+    for b in calibration_batches(calib, pg):
         gm.zero_grad(set_to_none=True)
         out = gm(*b[:n_in])  # extra items in a batch (labels) are for loss_fn
         loss = loss_fn(out, b) if loss_fn is not None else default_loss(out)

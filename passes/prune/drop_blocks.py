@@ -10,7 +10,6 @@ dead ops and their parameters then disappear. Runs after capture; does not use t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -165,114 +164,48 @@ def block_influence(pg: PruneGraph, blocks: list[Block], calib: Any) -> np.ndarr
     """BI = 1 − mean cos(x, x + f(x)) per block over the calibration batches."""
     if pg.frontend != "torch":
         raise ConfigError("block_influence needs a torch capture (it runs calibration data)")
-    from graphprune.passes.prune.calibration import _batches
+    from graphprune.passes.prune.calibration import calibration_batches
 
-    from graphprune.passes.prune.calibration import _node_values
-
-    gm = pg.source["ep"].module()
-    node_of = {v: n for n, v in _node_values(pg, gm).items()}
-    want: dict[str, list[tuple[str, int]]] = {}
-    for b in blocks:
-        want.setdefault(node_of[b.skip], []).append(("x", b.id))
-        want.setdefault(b.add, []).append(("y", b.id))
+    skips = {b.skip for b in blocks}
+    y_of = {pg.op_outputs(b.add)[0]: b.id for b in blocks}
     seen: dict[tuple[str, int], torch.Tensor] = {}
     sums = np.zeros(len(blocks))
     counts = np.zeros(len(blocks))
 
-    class Probe(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            out = super().run_node(n)
-            if n.name in want and isinstance(out, torch.Tensor):
-                for key in want[n.name]:
-                    seen[key] = out
-            return out
+    def record(v: str, t: torch.Tensor) -> None:
+        if v in y_of:
+            seen[("y", y_of[v])] = t
+        for b in blocks:  # several blocks may share one skip input
+            if b.skip == v:
+                seen[("x", b.id)] = t
 
-    with torch.no_grad():
-        for batch in _batches(calib, pg):
+    def batches():
+        for batch in calibration_batches(calib, pg):
             seen.clear()
-            Probe(gm).run(*batch[: len(pg.inputs)])
-            for b in blocks:
-                x, y = seen.get(("x", b.id)), seen.get(("y", b.id))
-                if x is None or y is None:
-                    continue
-                cos = torch.nn.functional.cosine_similarity(_channel_rows(x), _channel_rows(y),
-                                                            dim=-1, eps=1e-8)  # fmt: skip
-                sums[b.id] += float(cos.sum())
-                counts[b.id] += cos.numel()
+            yield batch
+            score()
+
+    def score() -> None:
+        for b in blocks:
+            x, y = seen.get(("x", b.id)), seen.get(("y", b.id))
+            if x is None or y is None:
+                continue
+            cos = torch.nn.functional.cosine_similarity(_channel_rows(x), _channel_rows(y),
+                                                        dim=-1, eps=1e-8)  # fmt: skip
+            sums[b.id] += float(cos.sum())
+            counts[b.id] += cos.numel()
+
+    pg.source.observe(batches(), skips | set(y_of), record)
     if (counts == 0).any():
         missing = [blocks[i].name for i in np.flatnonzero(counts == 0)]
         raise ConfigError(f"block influence could not observe blocks {missing}")
     return 1.0 - sums / counts
 
 
-def drop_torch(pg: PruneGraph, dropped: list[Block]) -> torch.fx.GraphModule:
-    """A GraphModule with each dropped branch removed (its add returns the skip input)."""
-    from graphprune.passes.prune.calibration import _node_values
-
-    gm = copy.deepcopy(pg.source["ep"].module())
-    nodes = {n.name: n for n in gm.graph.nodes}
-    node_of = {v: nodes[n] for n, v in _node_values(pg, gm).items()}
-    dropped = [br for b in dropped for br in b.branches]
-    alias: dict[str, str] = {}  # a dropped add's output → what replaces it (chains resolve)
-    for b in dropped:
-        skip = b.skip
-        while skip in alias:
-            skip = alias[skip]
-        alias[pg.op_outputs(b.add)[0]] = skip
-        nodes[b.add].replace_all_uses_with(node_of[skip])
-    gone = {o for b in dropped for o in b.ops} | {b.add for b in dropped}
-
-    def impure(n: torch.fx.Node) -> bool:
-        # Metadata asserts on a dropped branch's tensors would keep the branch alive.
-        if n.name in gone or any(isinstance(a, torch.fx.Node) and a.name in gone
-                                 for a in n.all_input_nodes):  # fmt: skip
-            return False
-        return n.is_impure()
-
-    gm.graph.eliminate_dead_code(is_impure_node=impure)
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in used:
-            *path, leaf = name.split(".")
-            owner = gm.get_submodule(".".join(path)) if path else gm
-            if leaf in owner._parameters:
-                del owner._parameters[leaf]
-            elif leaf in owner._buffers:
-                del owner._buffers[leaf]
-    gm.recompile()
-    return gm
-
-
-def drop_onnx(pg: PruneGraph, dropped: list[Block]) -> Any:
-    """The ONNX model with each dropped branch removed (checked with onnx.checker)."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
-    graph: gs.Graph = pg.source["graph"].copy()
-    tensors = graph.tensors()
-    by_name = {n.name: n for n in graph.nodes}
-    dropped = [br for b in dropped for br in b.branches]
-    alias: dict[str, str] = {}
-    for b in dropped:
-        add = by_name[b.add]
-        skip_name = b.skip
-        while skip_name in alias:
-            skip_name = alias[skip_name]
-        alias[add.outputs[0].name] = skip_name
-        out, skip = add.outputs[0], tensors[skip_name]
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = skip
-        graph.outputs = [skip if t is out else t for t in graph.outputs]
-        add.outputs.clear()
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph)
-    model.ClearField("opset_import")
-    model.opset_import.extend(pg.source["model"].opset_import)
-    model.ir_version = pg.source["model"].ir_version
-    onnx.checker.check_model(model)
-    return model
+def drop(pg: PruneGraph, dropped: list[Block]) -> Any:
+    """The captured model (in its frontend's form) with each dropped branch removed: its add
+    returns the skip input, and whatever only the branch used disappears."""
+    return pg.source.bypass(pg, {br.add: br.skip for b in dropped for br in b.branches})
 
 
 def choose(blocks: list[Block], scores: np.ndarray, k: int) -> list[Block]:

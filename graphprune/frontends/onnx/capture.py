@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.frontends.onnx.source import OnnxSource
 from graphprune.ir.errors import CaptureError
 from graphprune.ir import OpNode, PruneGraph, Value
 
@@ -37,7 +38,7 @@ _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
            "And": "elementwise", "Or": "elementwise", "Mod": "elementwise", "PRelu": "mul"}  # fmt: skip
 
 
-def _const(node: gs.Node, i: int) -> np.ndarray | None:
+def const_input(node: gs.Node, i: int) -> np.ndarray | None:
     if i >= len(node.inputs):
         return None
     t = node.inputs[i]
@@ -65,14 +66,14 @@ def _gemm(n: gs.Node) -> tuple[str, dict]:
 
 def _split(n: gs.Node) -> tuple[str, dict]:
     axis = _norm_axis(n.attrs.get("axis", 0), _rank(n))
-    sizes = _const(n, 1)
+    sizes = const_input(n, 1)
     uniform = "num_outputs" in n.attrs or sizes is None
     return "split", {"axis": axis, "uniform": uniform}
 
 
 def _slice(n: gs.Node) -> tuple[str, dict]:
-    starts, ends = _const(n, 1), _const(n, 2)
-    axes, steps = _const(n, 3), _const(n, 4)
+    starts, ends = const_input(n, 1), const_input(n, 2)
+    axes, steps = const_input(n, 3), const_input(n, 4)
     shape = n.inputs[0].shape
     if starts is None or ends is None or shape is None:
         return "unknown", {"why": "Slice with computed bounds"}
@@ -92,7 +93,7 @@ def _slice(n: gs.Node) -> tuple[str, dict]:
 
 
 def _gather(n: gs.Node) -> tuple[str, dict]:
-    idx = _const(n, 1)
+    idx = const_input(n, 1)
     axis = _norm_axis(n.attrs.get("axis", 0), _rank(n))
     if isinstance(n.inputs[0], gs.Constant) and axis == 0:
         return "embedding", {}
@@ -106,7 +107,7 @@ def _reduce(op: str) -> Callable[[gs.Node], tuple[str, dict]]:
         r = _rank(n)
         axes = n.attrs.get("axes")
         if axes is None:
-            c = _const(n, 1)
+            c = const_input(n, 1)
             axes = c.tolist() if c is not None else list(range(r))
         return "reduce", {"axes": sorted(_norm_axis(int(a), r) for a in axes),
                           "keepdim": bool(n.attrs.get("keepdims", 1)), "op": op}  # fmt: skip
@@ -190,7 +191,7 @@ def capture_onnx(model_or_path: Any, name: str | None = None) -> PruneGraph:
     graph.cleanup().toposort()
     pg = PruneGraph("onnx", "onnx-graphsurgeon", where)
     const_uses: dict[tuple[str, int], str] = {}
-    pg.source = {"model": model, "graph": graph, "const_uses": const_uses}
+    pg.source = OnnxSource(model, graph, const_uses)
 
     def value_id(t: gs.Tensor) -> str:
         return t.name
@@ -232,7 +233,7 @@ def capture_onnx(model_or_path: Any, name: str | None = None) -> PruneGraph:
         node.name = op_id
         inputs: list[str | None] = []
         for i, t in enumerate(node.inputs):
-            arr = _const(node, i)
+            arr = const_input(node, i)
             if i in arg_slots or t.name == "":
                 inputs.append(None)
             elif arr is not None:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.frontends.onnx.capture import const_input
 from graphprune.ir.errors import VerificationError
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
@@ -85,7 +86,7 @@ def map_constants(graph: gs.Graph, pg: PruneGraph,
     A constant with a single use keeps its name; a shared one gets a fresh constant per changed
     use, so the other users keep the original.
     """
-    uses = pg.source["const_uses"]
+    uses = pg.source.const_uses
     counts: dict[str, int] = {}
     for n in graph.nodes:
         for t in n.inputs:
@@ -95,9 +96,7 @@ def map_constants(graph: gs.Graph, pg: PruneGraph,
             vid = uses.get((n.name, i))
             if vid is None:
                 continue
-            from graphprune.frontends.onnx.capture import _const
-
-            new = fn(vid, np.array(_const(n, i)))
+            new = fn(vid, np.array(const_input(n, i)))
             if new is None:
                 continue
             new = np.ascontiguousarray(new)
@@ -109,7 +108,7 @@ def map_constants(graph: gs.Graph, pg: PruneGraph,
 
 def apply_plan_onnx(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> onnx.ModelProto:
     """A new ONNX model computing ``pg``'s model with the plan's channels removed."""
-    graph: gs.Graph = pg.source["graph"].copy()
+    graph = pg.source.graph_copy()
     c = _Ctx(pg, plan)
     map_constants(graph, pg, lambda vid, arr: slice_array(arr, vid, plan)
                   if vid in plan.new_shapes else None)  # fmt: skip
@@ -120,10 +119,7 @@ def apply_plan_onnx(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> o
         rw = ARG_REWRITES.get(n.op)
         if rw is not None and n.name in pg.nx:
             rw(c, n)
-    model = gs.export_onnx(graph)
-    model.ir_version = pg.source["model"].ir_version
-    model.ClearField("opset_import")
-    model.opset_import.extend(pg.source["model"].opset_import)
+    model = pg.source.export(graph)
     if verify:
         verify_onnx(pg, plan, model)
     return model

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from graphprune.frontends.torch.nodes import aten_name
+from graphprune.frontends.torch.source import TorchSource
 from graphprune.ir.errors import CaptureError
 from graphprune.ir import OpNode, PruneGraph, Value
 
@@ -211,17 +212,6 @@ def _meta_shape(n: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _aten_name(target: Any) -> str:
-    if target is operator.getitem:
-        return "getitem"
-    name = getattr(target, "__name__", str(target))
-    if hasattr(target, "_schema"):  # OpOverload: aten.conv2d.default
-        return target._schema.name.split("::")[-1]
-    if hasattr(target, "_qualified_op_name"):  # OpOverloadPacket
-        return target._qualified_op_name.split("::")[-1]
-    return name
-
-
 def _dtype_str(t: Any) -> str:
     return str(t.dtype).replace("torch.", "") if isinstance(t, torch.Tensor) else "unknown"
 
@@ -321,8 +311,7 @@ def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None 
     except CaptureError as e:
         _check_inputs(work, args, kwargs, e)
         raise
-    pg = _from_exported(ep, method, name or type(model).__name__)
-    pg.source = {"ep": ep, "args": args, "kwargs": kwargs}
+    pg = _from_exported(ep, method, name or type(model).__name__, args, kwargs)
     pg.aliases = _aliases(model, pg.weights)
     return pg
 
@@ -354,9 +343,8 @@ def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict, cause: Exce
         ) from cause
 
 
-def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
+def _from_exported(ep: Any, method: str, name: str, args: tuple, kwargs: dict) -> PruneGraph:
     pg = PruneGraph("torch", method, name)
-    pg.source = ep
     sig = ep.graph_signature
     state = dict(ep.state_dict)
     state.update(getattr(ep, "constants", {}) or {})
@@ -364,6 +352,7 @@ def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
     param_of.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
     user_inputs = set(sig.user_inputs)
     vid: dict[str, str] = {}  # fx node name → value id
+    param_value: dict[str, str] = {}  # parameter / buffer name → value id
     multi: dict[str, list[str]] = {}  # fx node name → its output value ids (tuple results)
     taken = set()
 
@@ -383,6 +372,7 @@ def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
             arr.flags.writeable = False  # a view of the user's weights: passes must not write
             pg.weights[pname] = arr
             vid[node.name] = pid
+            param_value[pname] = pid
         elif node.name in user_inputs and isinstance(val, torch.Tensor):
             pg.add_value(node.name, Value(tuple(int(s) for s in val.shape), _dtype_str(val), "input"))
             pg.inputs.append(node.name)
@@ -392,7 +382,7 @@ def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
-        aname = _aten_name(node.target)
+        aname = aten_name(node.target)
         if aname in _PASSTHROUGH:
             continue
         if aname == "getitem":
@@ -425,6 +415,7 @@ def _from_exported(ep: Any, method: str, name: str) -> PruneGraph:
             continue  # symbolic ints and other non-tensor results carry no channels
         pg.add_op(node.name, OpNode(kind, str(node.target), attrs), inputs, outputs)
 
+    pg.source = TorchSource(ep, args, kwargs, value_of=vid, param_value=param_value)
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     out_specs = sig.output_specs
     for spec, a in zip(out_specs, out_node.args[0]):

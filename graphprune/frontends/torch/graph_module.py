@@ -9,15 +9,13 @@ Then every node's shape is checked against the plan on the example inputs: a mis
 
 from __future__ import annotations
 
-import copy
 import math
-import operator
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from graphprune.frontends.torch.capture import _aten_name
+from graphprune.frontends.torch.nodes import aten_name, get_tensor
 from graphprune.ir.errors import VerificationError
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
@@ -70,9 +68,9 @@ def _outs(c: _Ctx, n: torch.fx.Node) -> list[str]:
 def _rw_split(c: _Ctx, n: torch.fx.Node) -> None:
     axis = c.pg.op(n.name).attrs["axis"]
     sizes = [c.shape(o)[axis] for o in _outs(c, n)]
-    if _aten_name(n.target) == "split_with_sizes":
+    if aten_name(n.target) == "split_with_sizes":
         _set_arg(n, 1, "split_sizes", sizes)
-    elif _aten_name(n.target) == "split":
+    elif aten_name(n.target) == "split":
         _set_arg(n, 1, "split_size", sizes[0])
 
 
@@ -88,7 +86,7 @@ def _rw_slice(c: _Ctx, n: torch.fx.Node) -> None:
     if a.get("step", 1) != 1 or c.plan.kept(c.vid[n.args[0].name], a["axis"]) is None:
         return
     start, end = _new_pos(c, n, a["start"]), _new_pos(c, n, a["end"])
-    if _aten_name(n.target) == "narrow":
+    if aten_name(n.target) == "narrow":
         _set_arg(n, 2, "start", start)
         _set_arg(n, 3, "length", end - start)
     else:
@@ -133,21 +131,6 @@ ARG_REWRITES: dict[str, Callable[[_Ctx, torch.fx.Node], None]] = {
 }  # fmt: skip
 
 
-def _value_ids(pg: PruneGraph, gm: torch.fx.GraphModule) -> dict[str, str]:
-    vid: dict[str, str] = {}
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            vid[n.name] = n.name
-        elif n.op == "get_attr":
-            vid[n.name] = n.target if n.target in pg.nx else f"param:{n.target}"
-        elif n.op == "call_function":
-            if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
-                vid[n.name] = f"%{n.args[0].name}.{n.args[1]}"
-            else:
-                vid[n.name] = f"%{n.name}"
-    return {k: v for k, v in vid.items() if v in pg.nx}
-
-
 def _set_tensor(gm: torch.nn.Module, target: str, new: torch.Tensor) -> None:
     *path, leaf = target.split(".")
     owner = gm.get_submodule(".".join(path)) if path else gm
@@ -162,23 +145,20 @@ def _set_tensor(gm: torch.nn.Module, target: str, new: torch.Tensor) -> None:
 
 def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> torch.fx.GraphModule:
     """A new GraphModule computing ``pg``'s model with the plan's channels removed."""
-    ep = pg.source["ep"]
-    gm = copy.deepcopy(ep.module())
-    vid = _value_ids(pg, gm)
+    gm = pg.source.graph_module()
+    vid = pg.source.value_ids(gm)
     c = _Ctx(pg, plan, vid)
     state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.name in vid and vid[n.name] in plan.new_shapes:
             old = state.get(n.target)
             if old is None:
-                from graphprune.testing.oracle import get_tensor
-
                 old = get_tensor(gm, n.target)
             arr = slice_array(old.detach().cpu().numpy(), vid[n.name], plan)
             _set_tensor(gm, n.target, torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype))
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.name in pg.nx:
-            rw = ARG_REWRITES.get(_aten_name(n.target))
+            rw = ARG_REWRITES.get(aten_name(n.target))
             if rw is not None:
                 rw(c, n)
     gm.recompile()
@@ -248,7 +228,7 @@ def restore_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def verify_shapes(pg: PruneGraph, plan: RemovalPlan, gm: torch.fx.GraphModule, c: _Ctx) -> None:
     """Run ``gm`` on the example inputs and check every node's shape against the plan."""
-    args, kwargs = pg.source["args"], pg.source["kwargs"]
+    args, kwargs = pg.source.args, pg.source.kwargs
     seen: dict[str, tuple[int, ...]] = {}
 
     class Probe(torch.fx.Interpreter):

@@ -98,7 +98,7 @@ def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, reference: 
     try:
         _apply_ties(trial, ties, _load(trial, pg, plan))
         _update_attrs(trial, pg, plan)
-        args, kwargs = pg.source["args"], pg.source["kwargs"]
+        args, kwargs = pg.source.args, pg.source.kwargs
         was_training = trial.training
         trial.eval()
         with torch.no_grad():
