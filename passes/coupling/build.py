@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from graphprune.ir import PruneGraph
+from graphprune.ir import CouplingError, PruneGraph
 from graphprune.passes.base import PassResult
 
 # The rule families register themselves in COUPLING_RULES when imported.
@@ -80,7 +80,10 @@ def _build_coupling(pg: PruneGraph) -> Coupling:
     ctx = RuleContext(pg, t, axis_var)
     for o in pg.ops():
         ctx.op, ctx.bound = o, set()
-        rule_for(pg.op(o).kind)(ctx)
+        try:
+            rule_for(pg.op(o).kind)(ctx)
+        except CouplingError as e:
+            raise CouplingError(_contradiction(pg, o, e)) from e
         for out in pg.op_outputs(o):
             for a in range(len(pg.value(out).shape or ())):
                 if (out, a) not in ctx.bound:
@@ -97,6 +100,19 @@ def _build_coupling(pg: PruneGraph) -> Coupling:
     cp = Coupling(pg, t, axis_var, ctx.op_vars)
     _collect_groups(cp)
     return cp
+
+
+def _contradiction(pg: PruneGraph, o: str, e: CouplingError) -> str:
+    op = pg.op(o)
+
+    def shapes(vs: list) -> str:
+        return ", ".join(f"{v} {list(pg.value(v).shape or ())}" for v in vs if v is not None)
+
+    return (f"{pg.name}: the coupling rule of op {o!r} ({op.kind}, {op.source}) contradicts the "
+            f"captured shapes: {e}. Inputs: {shapes(pg.op_inputs(o))}; outputs: "
+            f"{shapes(pg.op_outputs(o))}. The op's attributes {op.attrs} or the shapes the "
+            "frontend recorded are wrong for this op; check them (onnx.shape_inference for an "
+            "ONNX model) or report the op.")  # fmt: skip
 
 
 def _collect_groups(cp: Coupling) -> None:

@@ -11,12 +11,17 @@ Every tensor axis of the graph gets a variable (:meth:`VarTable.new`). Op rules 
 When two refined variables meet, their refinements are reconciled: both are split at the union of
 their boundaries and tied leaf by leaf, or the variable is *frozen* with the reason why they
 cannot agree. Freezing records a reason and never raises: the group is then reported as not
-prunable. Pure data structure: knows nothing of ops or graphs.
+prunable. Stating that axes of different sizes are one index space (``unify``), or that an axis
+is a product or concatenation of axes whose sizes do not add up (``refine``), is a contradiction
+no freezing explains: it raises :class:`~graphprune.ir.CouplingError`, which BuildCoupling
+re-raises naming the op. Pure data structure otherwise: knows nothing of ops or graphs.
 """
 
 from __future__ import annotations
 
 import math
+
+from graphprune.ir.errors import CouplingError
 
 Axis = tuple[str, int]  # (value id, axis)
 
@@ -64,10 +69,8 @@ class VarTable:
         if ra == rb:
             return
         if self.size[ra] != self.size[rb]:
-            reason = f"sizes {self.size[ra]} and {self.size[rb]} meet"
-            self.freeze(ra, reason)
-            self.freeze(rb, reason)
-            return
+            raise CouplingError(f"axes of sizes {self.size[ra]} and {self.size[rb]} are stated to "
+                                "be one index space")  # fmt: skip
         pa, pb = self.parts.pop(ra, None), self.parts.pop(rb, None)
         self.parent[rb] = ra
         for table in (self.frozen, self.reductions):
@@ -96,8 +99,10 @@ class VarTable:
         total = math.prod(self.size[self.find(p)] for p in parts) if mode == "prod" else sum(
             self.size[self.find(p)] for p in parts)
         if total != self.size[r]:
-            self.freeze(r, f"refinement of size {total} does not match {self.size[r]}")
-            return
+            sizes = [self.size[self.find(p)] for p in parts]
+            what = "row-major product" if mode == "prod" else "concatenation"
+            raise CouplingError(f"an axis of size {self.size[r]} is stated to be the {what} of "
+                                f"axes of sizes {sizes} (= {total})")  # fmt: skip
         if any(self.find(p) == r for p in parts):
             self.freeze(r, "axis refines into itself")
             return
