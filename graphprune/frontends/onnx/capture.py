@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.frontends.onnx.nodes import const_input
 from graphprune.frontends.onnx.source import OnnxSource
 from graphprune.ir.errors import CaptureError
 from graphprune.ir import OpNode, PruneGraph, Value
@@ -36,17 +37,6 @@ _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
            "Min": "minimum", "Where": "where", "Equal": "elementwise", "Less": "elementwise",
            "Greater": "elementwise", "LessOrEqual": "elementwise", "GreaterOrEqual": "elementwise",
            "And": "elementwise", "Or": "elementwise", "Mod": "elementwise", "PRelu": "mul"}  # fmt: skip
-
-
-def const_input(node: gs.Node, i: int) -> np.ndarray | None:
-    if i >= len(node.inputs):
-        return None
-    t = node.inputs[i]
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if t.inputs and t.inputs[0].op == "Constant":
-        return np.asarray(t.inputs[0].attrs["value"].values)
-    return None
 
 
 def _rank(node: gs.Node, i: int = 0) -> int:

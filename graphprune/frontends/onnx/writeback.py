@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.frontends.onnx.capture import const_input
+from graphprune.frontends.onnx.nodes import const_input
 from graphprune.ir.errors import VerificationError
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array

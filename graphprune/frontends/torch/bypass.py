@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from graphprune.ir import PruneGraph
 from graphprune.ir.reach import dead_after_bypass, resolve
 
-if TYPE_CHECKING:
-    from graphprune.frontends.torch.source import TorchSource
 
-
-def bypass_ops(src: TorchSource, pg: PruneGraph, replace: dict[str, str]) -> torch.fx.GraphModule:
-    """A new GraphModule where each op in ``replace`` returns ``replace[op]`` instead; ops and
-    parameters nothing reads any more are removed."""
-    gm = src.graph_module()
+def bypass_ops(gm: torch.fx.GraphModule, value_ids: dict[str, str], pg: PruneGraph,
+               replace: dict[str, str]) -> torch.fx.GraphModule:  # fmt: skip
+    """``gm`` (a private copy, changed in place and returned) with each op in ``replace``
+    returning ``replace[op]`` instead; ops and parameters nothing reads any more are removed.
+    ``value_ids`` maps ``gm``'s node names to IR value ids."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    node_of = {v: nodes[n] for n, v in src.value_ids(gm).items()}
+    node_of = {v: nodes[n] for n, v in value_ids.items()}
     for op, value in replace.items():
         nodes[op].replace_all_uses_with(node_of[resolve(pg, replace, value)])
     gone = dead_after_bypass(pg, replace)

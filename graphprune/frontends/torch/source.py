@@ -96,4 +96,5 @@ class TorchSource:
     def bypass(self, pg: PruneGraph, replace: dict[str, str]) -> torch.fx.GraphModule:
         from graphprune.frontends.torch.bypass import bypass_ops
 
-        return bypass_ops(self, pg, replace)
+        gm = self.graph_module()
+        return bypass_ops(gm, self.value_ids(gm), pg, replace)
