@@ -213,13 +213,9 @@ def _report(pg: PruneGraph, plan: RemovalPlan, sel: Selection, cfg: PruneConfig,
 def _prune_depth(pg: PruneGraph, k: int, criterion: Any, calib: Any, unit: str) -> PruneResult:
     from graphprune.passes.prune import drop_blocks as depth
 
-    if unit not in ("branch", "layer"):
-        raise ConfigError(f"depth_unit={unit!r}: use 'branch' or 'layer'")
-    blocks = depth.find_blocks(pg) if unit == "branch" else depth.find_layers(pg)
-    if not blocks:
-        raise ConfigError(f"{pg.name} has no identity residual blocks (y = x + f(x)) to drop")
-    scores = depth.scores_for(pg, blocks, criterion, calib)
-    dropped = depth.choose(blocks, scores, k)
+    found = run_passes(pg, [(depth.DropBlocks(), {"k": k, "criterion": criterion, "calib": calib,
+                                                  "unit": unit})])["DropBlocks"].value  # fmt: skip
+    blocks, scores, dropped = found.blocks, found.scores, found.dropped
     model = depth.drop(pg, dropped)
     base = cost_model.count(pg)
     macs, params = depth.block_cost(pg, dropped)

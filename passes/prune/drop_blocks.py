@@ -20,6 +20,7 @@ import torch
 
 from graphprune.ir.errors import ConfigError
 from graphprune.ir import PruneGraph
+from graphprune.passes.base import PassResult
 
 
 @dataclass
@@ -244,3 +245,34 @@ def block_cost(pg: PruneGraph, blocks: list[Block]) -> tuple[int, int]:
 
 
 Scorer = Callable[[PruneGraph, list[Block]], np.ndarray]
+
+
+@dataclass
+class BlockSelection:
+    """What :class:`DropBlocks` chose: every candidate block, its score, and the dropped ones."""
+
+    blocks: list[Block]
+    scores: np.ndarray
+    dropped: list[Block]
+
+
+class DropBlocks:
+    """Depth pruning as a pass: ``run(pg, k=..., criterion=..., calib=..., unit="branch")`` gives
+    ``PassResult(BlockSelection)``. Plans only: :func:`drop` writes the model. The report lists
+    each block's score (lower goes first)."""
+
+    name: str = "DropBlocks"
+    requires: tuple[str, ...] = ()
+
+    def run(self, graph: PruneGraph, *, k: int, criterion: Any = "block_influence",
+            calib: Any = None, unit: str = "branch") -> PassResult[BlockSelection]:  # fmt: skip
+        if unit not in ("branch", "layer"):
+            raise ConfigError(f"depth_unit={unit!r}: use 'branch' or 'layer'")
+        blocks = find_blocks(graph) if unit == "branch" else find_layers(graph)
+        if not blocks:
+            raise ConfigError(f"{graph.name} has no identity residual blocks (y = x + f(x)) to drop")
+        scores = scores_for(graph, blocks, criterion, calib)
+        dropped = choose(blocks, scores, k)
+        report = {"scores": {b.name: float(s) for b, s in zip(blocks, scores)},
+                  "dropped": [b.name for b in dropped]}  # fmt: skip
+        return PassResult(BlockSelection(blocks, scores, dropped), bool(dropped), report)
