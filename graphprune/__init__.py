@@ -1,9 +1,13 @@
 """graphprune: a pruning compiler for neural networks.
 
 capture (torch.export / ONNX) → dependency groups → pruning passes → write-back / TVM codegen.
+
+This module is the public facade, the top of the layer stack (see the README's "Layout"): it
+re-exports the API (:mod:`graphprune.api`), codegen's ``compile``, the runtime's ``load`` and the
+application's ``run``. Nothing inside the package imports it.
 """
 
-from graphprune.api.graph import capture, explain
+from graphprune.api.graph import capture, explain, groups
 from graphprune.ir.errors import (
     ArtifactError,
     CaptureError,
@@ -70,7 +74,7 @@ def load(path):
     return _load(path)
 
 __all__ = [
-    "capture", "explain", "sparsify", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "run", "prune_exported", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "groups", "sparsify", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "run", "prune_exported", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

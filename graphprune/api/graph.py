@@ -30,6 +30,20 @@ def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = N
     return frontends.capture(model_or_onnx, example_inputs, name=name)
 
 
+def groups(pg: PruneGraph) -> list:
+    """Coupled channel groups of ``pg``, prunable ones first (``group.frozen_reason`` says why a
+    group is not); see :func:`graphprune.passes.coupling.build_coupling`.
+
+    Examples
+    --------
+    >>> import torch, graphprune as gp
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> [g.size for g in gp.groups(gp.capture(m, (torch.randn(2, 4),))) if g.prunable]
+    [8]
+    """
+    return build_coupling(pg).groups
+
+
 def explain(pg: PruneGraph, file: Any = None, limit: int | None = None) -> str:
     """Print (and return) a table of ``pg``'s coupled groups.
 
