@@ -41,7 +41,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import graphprune as gp
     from graphprune.testing.oracle import run_oracle
-    from graphprune.passes.prune.importance import lowest, magnitude_scores
+    from graphprune.passes.prune.criteria import CriterionContext, l2, lowest
 
     model, inputs = _load_model(args.model)
     t0 = time.perf_counter()
@@ -51,10 +51,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(gp.explain(pg))
     print(f"\ncapture + dependency analysis: {t1 - t0:.2f} s ({pg.capture_method})\n")
     removal = {}
+    ctx = CriterionContext(pg)
     print(f"What pruning {args.ratio:.0%} of each prunable group (lowest L2 magnitude) removes:")
     for g in groups:
         if g.prunable:
-            removal[g.id] = lowest(magnitude_scores(pg, g), args.ratio)
+            removal[g.id] = lowest(l2(ctx, g), args.ratio)
             print(f"  group {g.id:>3}: {len(removal[g.id]):>4} of {g.size:<4} "
                   f"({g.granularity} per index)  {g.describe()}")  # fmt: skip
     small = gp.remove_channels(pg, removal)

@@ -96,6 +96,12 @@ def l2(ctx: CriterionContext, group: Group) -> np.ndarray:
     return _param_norms(ctx, group, 2)
 
 
+def lowest(scores: np.ndarray, ratio: float) -> list[int]:
+    """Indices of the ``ratio`` fraction with the lowest scores (always keeps at least one)."""
+    k = min(int(np.floor(ratio * len(scores))), len(scores) - 1)
+    return sorted(np.argsort(scores, kind="stable")[:k].tolist())
+
+
 @criterion("random")
 def random(ctx: CriterionContext, group: Group) -> np.ndarray:
     return np.random.default_rng(ctx.seed + group.id).random(group.size)
