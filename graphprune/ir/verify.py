@@ -88,10 +88,11 @@ def _check_edges(pg: PruneGraph) -> None:
                                     f"{shape} {d.get('dtype')}, value {v!r} is {val.shape} "
                                     f"{val.dtype}")  # fmt: skip
     for v in (n for n in pg.nx if not pg.is_op(n)):
+        other = next((w for w in pg.nx.successors(v) if not pg.is_op(w)), None)
+        if other is not None:
+            raise _fail(pg, f"value {v!r} is joined directly to value {other!r}: values "
+                            "connect only through ops")  # fmt: skip
         preds = list(pg.nx.predecessors(v))
-        if any(not pg.is_op(u) for u in pg.nx.predecessors(v)) or any(
-                not pg.is_op(w) for w in pg.nx.successors(v)):
-            raise _fail(pg, f"value {v!r} is joined directly to another value")
         if len(preds) > 1:
             raise _fail(pg, f"value {v!r} has {len(preds)} producers: {sorted(preds)}")
 
