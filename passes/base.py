@@ -43,8 +43,9 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterable, Mapping, Protocol, TypeVar, Union
+from typing import Any, Generic, Protocol, TypeVar
 
 from graphprune.ir import GraphPruneError, PassError, PruneGraph, VerificationError
 from graphprune.ir.verify import verify as verify_graph
@@ -77,7 +78,7 @@ class Pass(Protocol):
 
 # A pass's configuration: keyword arguments for its ``run``, or a function of the results so far
 # (by pass name) returning them, for a pass whose input is an earlier pass's output.
-Config = Union[Mapping[str, Any], Callable[[Mapping[str, PassResult]], Mapping[str, Any]]]
+Config = Mapping[str, Any] | Callable[[Mapping[str, PassResult]], Mapping[str, Any]]
 
 
 def run_passes(graph: PruneGraph, passes: Iterable[tuple[Pass, Config]],

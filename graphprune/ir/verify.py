@@ -38,7 +38,7 @@ def verify(pg: PruneGraph) -> None:
     >>> verify(pg)
     Traceback (most recent call last):
     ...
-    graphprune.ir.errors.VerificationError: Linear: mask of 'weight' has shape (3, 5), its weight (3, 4)
+    graphprune.ir.errors.VerificationError: Linear: mask of 'weight' has shape (3, 5), ...
     """
     _check_payloads(pg)
     _check_edges(pg)

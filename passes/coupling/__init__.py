@@ -13,6 +13,6 @@ from graphprune.passes.coupling.groups import Coupling, Group, Member
 from graphprune.passes.coupling.rules import COUPLING_RULES, RuleContext, coupling_rule
 
 __all__ = [
-    "BuildCoupling", "COUPLING_RULES", "Coupling", "Group", "Member", "RuleContext",
+    "COUPLING_RULES", "BuildCoupling", "Coupling", "Group", "Member", "RuleContext",
     "build_coupling", "coupling_rule",
 ]  # fmt: skip

@@ -14,7 +14,7 @@ gets :class:`~graphprune.ir.CouplingError` naming the op and the shapes it read.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from graphprune.ir import OP_KINDS, PruneGraph
 from graphprune.passes.coupling.table import Axis, VarTable

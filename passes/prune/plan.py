@@ -8,8 +8,8 @@ positions (sorted), and the new shape of every value. Writers (``graphprune.fron
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import numpy as np
 

