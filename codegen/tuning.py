@@ -1,6 +1,6 @@
 """MetaSchedule tuning for ``compile(tune=True, trials=N)``, with a database kept on disk.
 
-Runs inside :func:`graphprune.codegen.build._schedule_cpu`, after legalize/fuse and the
+Runs inside :func:`graphprune.codegen.build.schedule_cpu`, after legalize/fuse and the
 marking of weight buffers, before our rules; the PrimFuncs it schedules are marked
 ``tirx.is_scheduled`` so the rules skip them. Per kernel (one distinct PrimFunc):
 
@@ -31,6 +31,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graphprune.codegen.tvm_compat import import_cpu_tensor_intrinsics, workload_module
 from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["TuningReport", "default_tuning_dir", "tune_and_apply"]
@@ -95,32 +96,6 @@ def check_tuning_available() -> None:
         )
 
 
-def _import_cpu_tensor_intrinsics() -> None:
-    """Register only the CPU tensor intrinsics MetaSchedule's CPU rules may ask for.
-
-    ``TuneContext()`` imports ``tvm.s_tir.tensor_intrin``, whose ``__init__`` parses the
-    TVMScript of every intrinsic (CUDA, ROCm, Hexagon, ...): 30 s of CPU, two minutes on a
-    loaded 2-core machine, for a search that then takes seconds. We register the package
-    without running its ``__init__`` (submodules still import normally, on demand) and import
-    the one for this CPU (0.4 s). A no-op where the package is already imported."""
-    import importlib
-    import importlib.util
-    import platform
-    import sys
-    import types
-
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    pkg = types.ModuleType(name)
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__, pkg.__package__ = spec, name
-    sys.modules[name] = pkg
-    arm = platform.machine().lower() in ("aarch64", "arm64")
-    importlib.import_module(f"{name}.{'arm_cpu' if arm else 'x86'}")
-
-
 def _in_process_builder():
     """A MetaSchedule builder that compiles in this process.
 
@@ -169,7 +144,7 @@ def _in_process_runner():
     @derived_object
     class InProcessRunner(ms.runner.PyRunner):
         def run(self, runner_inputs):
-            config = EvaluatorConfig._normalized(None)
+            config = EvaluatorConfig()  # LocalRunner's default evaluator
             futures = []
             for item in runner_inputs:
                 try:
@@ -250,7 +225,6 @@ def tune_and_apply(mod, target, trials: int, tuning_dir, rules, report: dict, st
     returns the module and a :class:`TuningReport`."""
     from tvm import tirx
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     check_tuning_available()
     if trials < 0:
@@ -279,7 +253,7 @@ def tune_and_apply(mod, target, trials: int, tuning_dir, rules, report: dict, st
         if new and trials > 0:
             step(f"tuning {len(new)} kernel(s) with MetaSchedule, {trials} trials")
             per_task = max(1, -(-trials // len(new)))
-            _import_cpu_tensor_intrinsics()  # before any TuneContext is made
+            import_cpu_tensor_intrinsics()  # before any TuneContext is made
             # The default population (512 schedules sampled per round) costs ~20 s a kernel on
             # a loaded 2-core machine; a search of a few dozen trials needs far fewer.
             strategy = ms.search_strategy.EvolutionarySearch(
@@ -302,7 +276,7 @@ def tune_and_apply(mod, target, trials: int, tuning_dir, rules, report: dict, st
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
                 continue
-            key_mod = _normalize_mod(func)
+            key_mod = workload_module(func)
             if not db.has_workload(key_mod):
                 continue
             best = db.query_tuning_record(key_mod, target, "main")

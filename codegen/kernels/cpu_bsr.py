@@ -17,9 +17,9 @@ from tvm.script import tirx as T
 from graphprune.codegen.kernels.cpu_common import (
     ACC_SCOPE,
     KERNEL_ATTRS,
-    _nnz_var,
     batch_tiles,
     even_chunks,
+    nnz_var,
     plan_batch,
 )
 
@@ -37,7 +37,7 @@ def bsr_kernel(n: int, k: int, batch: int, block: tuple[int, int], index_dtype: 
     """PrimFunc ``(XT[K,B], data[nnzb,C,R], indices[nnzb], indptr[NBR+1], YT[N,B])``."""
     r, c = (int(v) for v in block)
     nbr = -(-n // r)
-    nnzb = _nnz_var()
+    nnzb = nnz_var()
     k_edge = k % c != 0
     n_edge = n % r != 0
     chunks, rows = even_chunks(nbr)

@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 
 __all__ = [
     "BatchPlan", "plan_batch", "batch_tiles", "simd_lanes", "KERNEL_ATTRS", "PARALLEL_CHUNKS",
-    "ACC_SCOPE", "balanced_row_split", "even_chunks",
+    "ACC_SCOPE", "balanced_row_split", "even_chunks", "nnz_var",
 ]  # fmt: skip
 
 # Our kernels are scheduled by construction: the schedule pass must leave them alone.
@@ -121,7 +121,7 @@ def plan_batch(batch: int, lanes: int, max_acc: int) -> BatchPlan:
     return BatchPlan(lanes, acc, full, rest // lanes, rest % lanes)
 
 
-def _nnz_var():
+def nnz_var():
     """A symbolic extent for nonzero-count buffers: one kernel serves every density."""
     from tvm import tirx
 

@@ -72,8 +72,8 @@ from tvm.script import tirx as T
 from graphprune.codegen.kernels.cpu_common import (
     ACC_SCOPE,
     KERNEL_ATTRS,
-    _nnz_var,
     batch_tiles,
+    nnz_var,
     plan_batch,
 )
 
@@ -116,7 +116,7 @@ def csr_kernel(n: int, k: int, batch: int, index_dtype: str, lanes: int = 16, nn
     At batch 1 with ``gather="word"`` the arrays must come through :func:`pad_rows` with
     ``word_indices(index_dtype)``. ``unroll`` defaults to the measured best (4 vectors of at
     most 8 lanes for ``word``, 2 of ``lanes`` for the others)."""
-    nnz = _nnz_var() if nnz is None else max(nnz, 1)  # zero-length buffers are not allowed
+    nnz = nnz_var() if nnz is None else max(nnz, 1)  # zero-length buffers are not allowed
     if batch == 1:
         if gather not in GATHERS:
             raise ValueError(f"gather must be one of {GATHERS}, not {gather!r}")

@@ -87,13 +87,13 @@ def test_batch_norm_epilogue_folds_to_one_multiply_and_one_add():
     from tvm import relax
 
     from graphprune.codegen.lower import lower
-    from graphprune.codegen.build import _divide_by_weights, _fold_affine_epilogues
+    from graphprune.codegen.rewrites import divide_by_weights, fold_affine_epilogues
 
     model = seeded(ConvBlock)
     lowered = lower(nn.Sequential(model.stem, model.bn, nn.ReLU()), (torch.randn(1, 3, 8, 8),))
     mod = tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(), _divide_by_weights(),
-        _fold_affine_epilogues(), relax.transform.LiftTransformParams(),
+        relax.transform.DecomposeOpsForInference(), divide_by_weights(),
+        fold_affine_epilogues(), relax.transform.LiftTransformParams(),
     ])(lowered.mod)  # fmt: skip
     on_activation = []
 
