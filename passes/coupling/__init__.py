@@ -8,11 +8,12 @@ variables), ``rules`` (the op rule registry) and ``rules_*`` (the rules, by op f
 ``graphprune.passes.base``.
 """
 
-from graphprune.passes.coupling.build import BuildCoupling, build_coupling
+from graphprune.passes.coupling.build import BuildCoupling, analyse_coupling, build_coupling
 from graphprune.passes.coupling.groups import Coupling, Group, Member
 from graphprune.passes.coupling.rules import COUPLING_RULES, RuleContext, coupling_rule
 
 __all__ = [
+    "analyse_coupling",
     "COUPLING_RULES", "BuildCoupling", "Coupling", "Group", "Member", "RuleContext",
     "build_coupling", "coupling_rule",
 ]  # fmt: skip

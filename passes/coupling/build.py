@@ -67,10 +67,11 @@ def build_coupling(pg: PruneGraph) -> Coupling:
     >>> [g.size for g in build_coupling(pg).groups if g.prunable]
     [8]
     """
-    return pg.cached("coupling", _build_coupling)
+    return pg.cached("coupling", analyse_coupling)
 
 
-def _build_coupling(pg: PruneGraph) -> Coupling:
+def analyse_coupling(pg: PruneGraph) -> Coupling:
+    """:func:`build_coupling` without the cache: runs the whole analysis every time (benchmarks)."""
     t = VarTable()
     axis_var: dict[Axis, int] = {}
     for v in pg.values():
