@@ -30,14 +30,14 @@ DEFAULT_MODEL = "resnet_tiny"
 
 # factory name -> submodule; what each model is there to exercise is in its module docstring.
 _SMALL = {
-    "resnet_tiny": "cnn",
-    "resnet_bottleneck_tiny": "cnn",
-    "vgg_tiny": "cnn",
-    "mobilenetv2_tiny": "cnn",
-    "shufflenet_tiny": "cnn",
-    "densenet_tiny": "cnn",
-    "unet_tiny": "cnn",
-    "digits_cnn": "cnn",
+    "resnet_tiny": "resnet",
+    "resnet_bottleneck_tiny": "resnet",
+    "vgg_tiny": "plain",
+    "mobilenetv2_tiny": "mobile",
+    "shufflenet_tiny": "mobile",
+    "densenet_tiny": "densenet",
+    "unet_tiny": "unet",
+    "digits_cnn": "plain",
     "vit_tiny": "transformer",
     "vit_tiny_sdpa": "transformer",
     "llama_tiny": "transformer",
@@ -47,7 +47,7 @@ _SMALL = {
     "hf_llama_tiny": "hf",
     "hf_vit_tiny": "hf",
 }
-_LARGE = {"resnet50": "cnn", "hf_bert_base": "hf"}
+_LARGE = {"resnet50": "resnet", "hf_bert_base": "hf"}
 
 
 def _lazy(module: str, name: str) -> Factory:

@@ -16,6 +16,7 @@ import graphprune as gp
 import graphprune.api.integration as integration_mod
 from graphprune import models
 from graphprune.app import pipeline
+from graphprune.app import verify as verify_mod
 from graphprune.ir.errors import ConfigError, VerificationError
 
 RECIPE = {
@@ -98,7 +99,7 @@ def test_interrupted_run_leaves_nothing(tmp_path):
 
 
 def test_failed_verification_writes_no_artifact(tmp_path, monkeypatch):
-    real = pipeline.run_source
+    real = verify_mod.run_source
     calls = []
 
     def off_by_one(model, inputs):  # the first call is the compiled model's reference
@@ -106,7 +107,7 @@ def test_failed_verification_writes_no_artifact(tmp_path, monkeypatch):
         outs = real(model, inputs)
         return [o + 1.0 for o in outs] if len(calls) == 1 else outs
 
-    monkeypatch.setattr(pipeline, "run_source", off_by_one)
+    monkeypatch.setattr(verify_mod, "run_source", off_by_one)
     with pytest.raises(VerificationError, match="no artifact was written"):
         gp.run({**RECIPE, "prune": None, "sparsify": None, "out": str(tmp_path / "a")})
     assert list(tmp_path.iterdir()) == []

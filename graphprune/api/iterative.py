@@ -9,15 +9,16 @@ is what lets kept indices be composed across steps and mapped back to an earlier
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
 from graphprune.api.graph import capture
-from graphprune.ir.errors import ConfigError
 from graphprune.api.structured import PruneReport, PruneResult, prune
+from graphprune.ir.errors import ConfigError
 from graphprune.passes.coupling import build_coupling
 
 
@@ -176,7 +177,9 @@ def sensitivity(model: Any, example_inputs: Any, eval_fn: Callable[[Any], float]
     pg = capture(model, example_inputs)
     ctx = criteria.CriterionContext(pg)
     fn = criteria.get(criterion)
-    chosen = [g for g in build_coupling(pg).groups if g.prunable and (groups is None or g.id in set(groups))]
+    wanted = None if groups is None else set(groups)
+    chosen = [g for g in build_coupling(pg).groups
+              if g.prunable and (wanted is None or g.id in wanted)]  # fmt: skip
     baseline = float(eval_fn(model))
     rows = []
     for g in chosen:
@@ -185,15 +188,7 @@ def sensitivity(model: Any, example_inputs: Any, eval_fn: Callable[[Any], float]
         for r in ratios:
             k = min(int(np.floor(r * g.size)), g.size - 1)
             removal = {g.id: sorted(np.argsort(s, kind="stable")[:k].tolist())} if k else {}
-            plan = plan_removal(pg, removal)
-            if pg.frontend == "torch":
-                from graphprune.frontends.torch.graph_module import apply_plan_torch
-
-                pruned = apply_plan_torch(pg, plan)
-            else:
-                from graphprune.frontends.onnx.writeback import apply_plan_onnx
-
-                pruned = apply_plan_onnx(pg, plan)
+            pruned = pg.source.apply_plan(pg, plan_removal(pg, removal))
             vals.append(float(eval_fn(pruned)))
         rows.append((g.id, g.params[0].param if g.params else str(g.id), vals))
     result = Sensitivity(ratios, baseline, rows)

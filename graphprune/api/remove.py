@@ -6,7 +6,8 @@ This is the bottom layer of every structural pass and of the test oracle; the pr
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from graphprune.ir import PruneGraph
 from graphprune.passes.prune.plan import plan_removal
@@ -27,11 +28,4 @@ def remove_channels(pg: PruneGraph, removal: Mapping[int, Iterable[int]]) -> Any
     >>> small(torch.randn(2, 4)).shape
     torch.Size([2, 2])
     """
-    plan = plan_removal(pg, removal)
-    if pg.frontend == "torch":
-        from graphprune.frontends.torch.graph_module import apply_plan_torch
-
-        return apply_plan_torch(pg, plan)
-    from graphprune.frontends.onnx.writeback import apply_plan_onnx
-
-    return apply_plan_onnx(pg, plan)
+    return pg.source.apply_plan(pg, plan_removal(pg, removal))

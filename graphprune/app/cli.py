@@ -19,7 +19,8 @@ import sys
 import time
 from typing import Any
 
-from graphprune.ir.errors import GraphPruneError
+from graphprune.frontends import kind_of
+from graphprune.ir.errors import ConfigError, GraphPruneError
 from graphprune.passes.coupling import build_coupling
 
 
@@ -30,7 +31,7 @@ def _load_model(spec: str) -> tuple[Any, Any]:
         if not os.path.isfile(spec):
             raise GraphPruneError(f"model file {spec} not found")
         return spec, None
-    from graphprune.app.pipeline import load_model  # zoo name or pkg.module:factory
+    from graphprune.app.models_io import load_model  # zoo name or pkg.module:factory
 
     return load_model(spec)
 
@@ -40,8 +41,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import graphprune as gp
-    from graphprune.testing.oracle import run_oracle
     from graphprune.passes.prune.criteria import CriterionContext, l2, lowest
+    from graphprune.testing.oracle import run_oracle
 
     model, inputs = _load_model(args.model)
     t0 = time.perf_counter()
@@ -59,11 +60,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  group {g.id:>3}: {len(removal[g.id]):>4} of {g.size:<4} "
                   f"({g.granularity} per index)  {g.describe()}")  # fmt: skip
     small = gp.remove_channels(pg, removal)
-    n0 = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+    n0 = sum(p.numel() for p in model.parameters()) if kind_of(model) == "torch" else 0
     n1 = sum(p.numel() for p in small.parameters())
     with torch.no_grad():
         ref, out = model(*inputs), small(*inputs)
-    shapes = lambda o: [tuple(t.shape) for t in (o if isinstance(o, (tuple, list)) else [o])]  # noqa
+    shapes = lambda o: [tuple(t.shape) for t in (o if isinstance(o, (tuple, list)) else [o])]
     print(f"\nparameters: {n0:,} -> {n1:,} ({n1 / n0:.1%}); output shapes {shapes(ref)} -> "
           f"{shapes(out)}")  # fmt: skip
     check = run_oracle(pg, removal)
@@ -99,7 +100,6 @@ def _to_dot(pg: Any) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    import os
     import tempfile
 
     d = os.path.dirname(os.path.abspath(path))
@@ -132,14 +132,12 @@ class _Out:
 def _save_model(model: Any, path: str, inputs: Any, out: _Out) -> None:
     """Write a pruned / sparsified model: ``.onnx`` (ONNX in stays ONNX, torch is exported),
     ``.pt2`` (``torch.export.save``) or ``.pt`` (the pickled module)."""
-    from graphprune.ir.errors import ConfigError
-
     if os.path.exists(path) and not getattr(out, "force", False):
         raise ConfigError(f"{path} exists: choose another -o or pass --force")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
     try:
-        if type(model).__name__ == "ModelProto":
+        if kind_of(model) == "onnx":
             import onnx
 
             if not path.endswith(".onnx"):
@@ -236,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Latency of the artifact vs the source model (and the pruned ONNX), in one process."""
-    from graphprune.app.pipeline import bench_artifact
+    from graphprune.app.bench import bench_artifact
 
     out = _Out(args)
     res = bench_artifact(args.artifact, runs=args.runs, warmup=args.warmup,

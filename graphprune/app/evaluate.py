@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from graphprune.ir.errors import ConfigError
+from graphprune.frontends import kind_of
+from graphprune.ir.errors import CaptureError, ConfigError
 
 __all__ = [
     "ClassifierAgreement",
@@ -71,8 +72,15 @@ def _select(out: Any, output: Output, default_names: Sequence[str]) -> Any:
                       f"attribute name or callable>")
 
 
+def _is_torch(model: Any) -> bool:
+    try:
+        return kind_of(model) == "torch"
+    except CaptureError:  # not a model a frontend captures: an artifact or a plain callable
+        return False
+
+
 def _call(model: Any, arrays: list[np.ndarray]) -> Any:
-    if isinstance(model, torch.nn.Module):
+    if _is_torch(model):
         with torch.no_grad():
             return model(*[torch.from_numpy(a) for a in arrays])
     if callable(model):  # a compiled artifact: numpy in, numpy out

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from graphprune.frontends.torch.nodes import aten_name, get_tensor
+from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir.errors import UnsupportedOpError
 from graphprune.testing.common import OracleResult, choose_indices, choose_removal, dead_positions
 from graphprune.ir import PruneGraph
@@ -27,13 +28,7 @@ from graphprune.passes.coupling import build_coupling
 
 
 def _flat(out: Any) -> list[np.ndarray]:
-    if isinstance(out, torch.Tensor):
-        return [out.detach().float().numpy()]
-    if isinstance(out, (list, tuple)):
-        return [a for o in out for a in _flat(o)]
-    if isinstance(out, dict):
-        return [a for o in out.values() for a in _flat(o)]
-    return []
+    return [t.detach().float().numpy() for t in flatten_outputs(out)]
 
 
 def _masked_mean_like(fn_name: str):

@@ -7,6 +7,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
+from graphprune.frontends.onnx import session
 from graphprune.ir.errors import UnsupportedOpError
 from graphprune.testing.common import OracleResult, choose_removal, dead_positions
 from graphprune.ir import PruneGraph
@@ -30,15 +31,8 @@ def random_inputs(pg: PruneGraph, seed: int = 0, high: int = 16) -> dict[str, np
 
 
 def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    return [np.asarray(o, dtype=np.float64) for o in sess.run(None, {k: v for k, v in feeds.items()
-                                                                        if k in names})]
+    outs = session.run_onnx(model, feeds, threads=1, optimize=False)
+    return [np.asarray(o, dtype=np.float64) for o in outs]
 
 
 def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir.errors import ConfigError
 from graphprune.ir import PruneGraph
 
@@ -94,8 +95,7 @@ class GradStats:
 
 def default_loss(out: Any) -> torch.Tensor:
     """Label-free proxy: half the mean squared output (the model's own output scale)."""
-    ts = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)
-          and t.is_floating_point()]  # fmt: skip
+    ts = [t for t in flatten_outputs(out) if t.is_floating_point()]
     return sum(0.5 * t.pow(2).mean() for t in ts)
 
 

@@ -35,6 +35,7 @@ import math
 import torch
 from torch import nn
 
+from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir.errors import ConfigError
 
 from graphprune.passes.sparsity.patterns import NM, Pattern, Unstructured, prune_count
@@ -334,11 +335,7 @@ class SynFlow:
                 w = b if m is None else b * t.to_param_shape(m).to(b.dtype)
                 t.module.weight.copy_(w)
         params = [t.module.weight for t in self.targets]
-        out = call_model(self.model, self.inputs)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = next(v for v in out.values() if isinstance(v, torch.Tensor))
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
+        out = flatten_outputs(call_model(self.model, self.inputs))[0]
         g = torch.autograd.grad(out.sum(), params, allow_unused=True)
         res = {}
         for t, p, gi in zip(self.targets, params, g):

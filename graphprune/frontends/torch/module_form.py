@@ -10,12 +10,12 @@ the example inputs; otherwise the caller keeps the GraphModule and says so in th
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
 
@@ -102,7 +102,8 @@ def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, reference: 
         was_training = trial.training
         trial.eval()
         with torch.no_grad():
-            got, want = _flat(trial(*args, **kwargs)), _flat(reference(*args, **kwargs))
+            got = flatten_outputs(trial(*args, **kwargs))
+            want = flatten_outputs(reference(*args, **kwargs))
         trial.train(was_training)
     except Exception:  # noqa: BLE001 - any failure means "use the GraphModule"
         return None
@@ -134,13 +135,3 @@ def _apply_ties(model: nn.Module, ties: list[list[str]], replaced: set[str]) -> 
         for other in names:
             o, lf = _owner(model, other)
             setattr(o, lf, new)
-
-
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _flat(o)]
-    return []
