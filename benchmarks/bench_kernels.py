@@ -66,10 +66,10 @@ from record import cpu_name, write_block  # noqa: E402 - benchmarks/ is on sys.p
 from graphprune.codegen.kernels import formats  # noqa: E402
 from graphprune.codegen.kernels.cpu_common import simd_lanes  # noqa: E402
 from graphprune.codegen.sparse_rewrite import (  # noqa: E402
-    _Candidate,
-    _compile_probe,
-    _single_linear,
-    _warm_ms,
+    Candidate,
+    compile_probe,
+    single_linear,
+    warm_ms,
 )
 from graphprune.codegen.target import make_target  # noqa: E402
 
@@ -93,16 +93,16 @@ def masked(rng, out, inp, pattern):
     w = rng.standard_normal((out, inp)).astype(np.float32)
     if pattern == "2:4":
         keep = np.argsort(rng.random((out, inp // 4, 4)), axis=2) < 2
-        return w * keep.reshape(out, inp), _Candidate("nm", {"nm": (2, 4)})
+        return w * keep.reshape(out, inp), Candidate("nm", {"nm": (2, 4)})
     if pattern.startswith("block"):
         r, c = (int(v) for v in re.match(r"block(\d+)x(\d+)", pattern).groups())
         dens = 1 - float(pattern.split()[1].rstrip("%")) / 100
         blocks = rng.random((out // r, inp // c)) < dens
-        return w * np.kron(blocks, np.ones((r, c), np.float32)), _Candidate(
+        return w * np.kron(blocks, np.ones((r, c), np.float32)), Candidate(
             "bsr", {"block": (r, c)}
         )
     dens = 1 - float(pattern.rstrip("%")) / 100
-    return w * (rng.random(w.shape) < dens), _Candidate("csr", {})
+    return w * (rng.random(w.shape) < dens), Candidate("csr", {})
 
 
 def best_ms(fn, repeat=3, min_s=0.05):
@@ -181,9 +181,9 @@ def timings(fns: dict) -> dict:
 def our_layer(w, batch, cand):
     """Warm time (``kernels="auto"``'s own measurement) and a one-call closure of our compiled
     Linear (dense when ``cand`` is None)."""
-    vm, args = _compile_probe(_single_linear(w, batch), cand, TARGET, LANES)
+    vm, args = compile_probe(single_linear(w, batch), cand, TARGET, LANES)
     main = vm["main"]
-    return (lambda: _warm_ms(vm, args, ARGS.repeat)), (lambda: main(*args))
+    return (lambda: warm_ms(vm, args, ARGS.repeat)), (lambda: main(*args))
 
 
 def sparse_bytes(w, cand, batch):

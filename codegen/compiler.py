@@ -1,9 +1,12 @@
 """``compile``: torch module or ONNX model in, loaded :class:`~graphprune.runtime.Artifact` out.
 
-Chains the codegen steps: :mod:`.frontend` (lower to Relax) → :mod:`.pipeline` (optimise,
-schedule, build) → :mod:`.artifact` (write atomically) → :func:`graphprune.runtime.load`
-(verify and open). Codegen reads only the model it is given: pruning must already be applied
-(``remove_channels`` / write-back), so a structurally pruned model compiles like any other.
+Chains the codegen stages: :mod:`.lower` (to Relax, weights as parameters) → :mod:`.masks`
+(sparsity masks from the IR, when a graph carrying them is given) → :mod:`.sparse_rewrite`
+(sparse Linears and convs to our kernels, ``kernels != "dense"``) → :mod:`.build` (optimise,
+schedule, compile) → :mod:`.artifact` (write atomically) → :func:`graphprune.runtime.load`
+(verify and open). Codegen reads the model it is given and, optionally, the masks of its IR
+(``PruneGraph.masks``): pruning must already be applied (``remove_channels`` / write-back), so a
+structurally pruned model compiles like any other.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import os
 from pathlib import Path
 
 from graphprune.codegen.artifact import write_artifact
-from graphprune.codegen.lower import lower
 from graphprune.codegen.build import build
+from graphprune.codegen.lower import lower
+from graphprune.codegen.masks import apply_masks
+from graphprune.codegen.sparse_rewrite import rewrite_sparse
 from graphprune.codegen.target import make_target, target_to_dict
+from graphprune.ir import PruneGraph
 from graphprune.ir.errors import ConfigError
 
 __all__ = ["compile"]
@@ -31,13 +37,17 @@ def compile(  # noqa: A001 - the public name the issue asks for
     progress=None,
     kernels: str = "dense",
     tuning_dir=None,
+    *,
+    graph: PruneGraph | None = None,
 ):
     """Compile a model to a TVM artifact directory and return it loaded.
 
     Parameters
     ----------
-    model_or_onnx : torch.nn.Module, onnx.ModelProto, str or os.PathLike
-        A torch module (exported with ``torch.export``) or an ONNX model / ``.onnx`` path.
+    model_or_onnx : torch.nn.Module, onnx.ModelProto, str, os.PathLike or a result
+        A torch module (exported with ``torch.export``) or an ONNX model / ``.onnx`` path; or a
+        result carrying both (any object with ``.model`` and ``.graph``, e.g. ``gp.prune``'s),
+        which compiles ``.model`` with ``graph=.graph``.
     example_inputs : tuple of tensors or arrays, optional
         Required for torch; for ONNX only needed when an input has dynamic dims. Shapes are
         baked in: the artifact accepts exactly these shapes and dtypes.
@@ -61,6 +71,11 @@ def compile(  # noqa: A001 - the public name the issue asks for
         Sparse Linear kernels (CPU): ``"auto"`` measures dense and each format the weight fits
         per layer and keeps the fastest (decisions cached on disk, recorded in the manifest);
         a format name forces it where the weight fits. See :mod:`.sparse_rewrite`.
+    graph : PruneGraph, optional
+        The model's IR. Where its ``masks`` is non-empty, each layer's sparsity pattern comes
+        from its mask (a weight with nonzeros outside its mask is a ``ConfigError``) and layers
+        without one stay dense; otherwise sparsity is detected from the weights' zeros. The
+        manifest says which: ``"masks": "graph"`` or ``"detected"``. See :mod:`.masks`.
 
     Returns
     -------
@@ -89,15 +104,18 @@ def compile(  # noqa: A001 - the public name the issue asks for
         tuning = {"trials": int(trials), "dir": tuning_dir}
     elif trials:
         raise ConfigError(f"trials={trials} given without tune=True")
+    model, graph = _model_and_graph(model_or_onnx, graph)
     step = progress or (lambda msg: None)
     tgt = make_target(target)
     step("lowering to Relax")
-    lowered = lower(model_or_onnx, example_inputs)
-    # -- sparse kernels (issue 6): rewrite sparse Linears before build; records go to manifest --
-    from graphprune.codegen.sparse_rewrite import rewrite_sparse
-
-    lowered, sparse_records = rewrite_sparse(lowered, tgt, kernels=kernels, progress=step)
-    # -- end sparse kernels --
+    lowered = lower(model, example_inputs)
+    masks = None
+    if graph is not None and graph.masks:
+        step("applying the graph's sparsity masks")
+        lowered, masks = apply_masks(lowered, graph.masks, graph.aliases)
+    lowered, sparse_records = rewrite_sparse(
+        lowered, tgt, kernels=kernels, progress=step, masks=masks
+    )
     built = build(lowered, tgt, schedule=schedule, progress=step, tuning=tuning)
     step(f"writing artifact {os.fspath(out_dir)}")
     info = {
@@ -106,6 +124,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         "schedule": schedule,
         "inputs": [s.to_json() for s in lowered.inputs],
         "outputs": [s.to_json() for s in lowered.outputs],
+        "masks": "graph" if masks is not None else "detected",
         "kernels": {**built.kernels, **sparse_records},
     }
     if built.tuning is not None:
@@ -114,3 +133,21 @@ def compile(  # noqa: A001 - the public name the issue asks for
         info["padded_channels"] = built.padded_channels
     path = write_artifact(Path(out_dir), built.executable, built.weights, info)
     return load(path)
+
+
+def _model_and_graph(model_or_result, graph):
+    """``(model, graph or None)`` from ``compile``'s first argument and ``graph=``.
+
+    A result is any object with ``.model`` and a ``.graph`` that is a :class:`PruneGraph` (or
+    ``None``): a model may have a ``.model`` and a ``.graph`` of another kind (an fx
+    ``GraphModule`` of a Hugging Face model has both), and is compiled as a model."""
+    carried = getattr(model_or_result, "graph", False)
+    if hasattr(model_or_result, "model") and (carried is None or isinstance(carried, PruneGraph)):
+        if graph is not None and carried is not None and graph is not carried:
+            raise ConfigError(
+                "compile was given a result carrying a graph and another graph= : pass one"
+            )
+        model_or_result, graph = model_or_result.model, graph if graph is not None else carried
+    if graph is not None and not isinstance(graph, PruneGraph):
+        raise TypeError(f"graph= takes a graphprune.ir.PruneGraph, not {type(graph).__name__}")
+    return model_or_result, graph

@@ -9,8 +9,8 @@ the shared library.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -33,13 +33,19 @@ class IOSpec:
 
 @dataclass
 class LoweredModel:
-    """A Relax module ``main(*inputs, *params)`` plus the params' values, in order."""
+    """A Relax module ``main(*inputs, *params)`` plus the params' values, in order.
+
+    ``param_names[i]`` is the source model's name of ``params[i]`` (torch state-dict name, ONNX
+    initializer name), what :attr:`graphprune.ir.PruneGraph.masks` is keyed by; empty where
+    the module was built by hand (the ``auto`` chooser's probes).
+    """
 
     mod: object  # tvm.IRModule
     params: list[np.ndarray]
     inputs: list[IOSpec]
     outputs: list[IOSpec] = field(default_factory=list)
     frontend: str = ""
+    param_names: list[str] = field(default_factory=list)
 
 
 def _tensor_type_spec(name: str, ty) -> IOSpec:
@@ -56,7 +62,8 @@ def _tensor_type_spec(name: str, ty) -> IOSpec:
     return IOSpec(name, shape, str(ty.dtype))
 
 
-def _finish(mod, frontend: str, input_names: list[str] | None = None) -> LoweredModel:
+def _finish(mod, frontend: str, input_names: list[str] | None, source_names: dict[str, str]):
+    """``source_names``: Relax parameter name -> the source model's name of that weight."""
     from tvm import relax
 
     mod, detached = relax.frontend.detach_params(mod)
@@ -74,7 +81,8 @@ def _finish(mod, frontend: str, input_names: list[str] | None = None) -> Lowered
     ret = main.ret_ty if hasattr(main, "ret_ty") else main.body.ty
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     outputs = [_tensor_type_spec(f"output{i}", t) for i, t in enumerate(fields)]
-    return LoweredModel(mod, params, inputs, outputs, frontend)
+    names = [source_names.get(v.name, v.name) for v in main.params[num_input:]]
+    return LoweredModel(mod, params, inputs, outputs, frontend, names)
 
 
 def num_inputs(main) -> int:
@@ -205,8 +213,12 @@ def lower_torch(model, example_inputs) -> LoweredModel:
         raise CodegenUnsupported(
             f"TVM's torch importer rejected {type(model).__name__}: {e}"
         ) from e
-    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    return _finish(mod, "torch", names if len(names) == len(example_inputs) else None)
+    specs = program.graph_signature.input_specs
+    names = [s.arg.name for s in specs if s.kind.name == "USER_INPUT"]
+    # The importer names each weight parameter after its placeholder (``p_0_weight``); the
+    # spec's target is the state-dict name (``0.weight``).
+    weights = {s.arg.name: s.target for s in specs if s.target is not None}
+    return _finish(mod, "torch", names if len(names) == len(example_inputs) else None, weights)
 
 
 def lower_onnx(model, shape_dict: dict[str, tuple[int, ...]] | None = None) -> LoweredModel:
@@ -214,9 +226,9 @@ def lower_onnx(model, shape_dict: dict[str, tuple[int, ...]] | None = None) -> L
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, os.PathLike)):
         try:
-            model = onnx.load(str(model))
+            model = onnx.load(os.fspath(model))
         except Exception as e:
             raise CaptureError(f"cannot read ONNX file {model}: {e}") from e
     initializers = {t.name for t in model.graph.initializer}
@@ -240,19 +252,24 @@ def lower_onnx(model, shape_dict: dict[str, tuple[int, ...]] | None = None) -> L
         mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
     except Exception as e:
         raise CodegenUnsupported(f"TVM's ONNX importer rejected the model: {e}") from e
-    return _finish(mod, "onnx", list(shapes))
+    # The importer names a weight parameter after its initializer, minus an "onnx::" prefix.
+    weights = {t.name.removeprefix("onnx::"): t.name for t in model.graph.initializer}
+    return _finish(mod, "onnx", list(shapes), weights)
 
 
 def lower(model_or_onnx, example_inputs=None) -> LoweredModel:
-    """Dispatch on the kind of ``model_or_onnx``: ONNX path/ModelProto or torch module."""
-    if isinstance(model_or_onnx, (str, Path)) or type(model_or_onnx).__name__ == "ModelProto":
+    """Dispatch on the kind of ``model_or_onnx`` (:func:`graphprune.frontends.kind_of`): ONNX
+    path/ModelProto or torch module."""
+    from graphprune.frontends import kind_of
+
+    if kind_of(model_or_onnx) == "onnx":
         shape_dict = None
         if example_inputs is not None:
             import onnx
 
             proto = model_or_onnx
-            if isinstance(proto, (str, Path)):
-                proto = onnx.load(str(proto), load_external_data=False)
+            if isinstance(proto, (str, os.PathLike)):
+                proto = onnx.load(os.fspath(proto), load_external_data=False)
             inits = {t.name for t in proto.graph.initializer}
             names = [i.name for i in proto.graph.input if i.name not in inits]
             shape_dict = {n: tuple(np.asarray(x).shape) for n, x in zip(names, example_inputs)}

@@ -1,7 +1,7 @@
 """Replace Linear/matmul and conv2d layers whose weight is sparse by ``call_tir`` to our sparse
 kernels.
 
-Runs on the lowered Relax module (:mod:`.frontend`), *before* :func:`.pipeline.build` (whose
+Runs on the lowered Relax module (:mod:`.lower`), *before* :func:`.build.build` (whose
 ``LiftTransformParams`` would otherwise turn ``permute_dims(W)`` into a new weight and hide the
 pattern, and whose ``FuseTransposeMatmul`` changes it). Matches both importers' forms:
 
@@ -13,7 +13,13 @@ pattern, and whose ``FuseTransposeMatmul`` changes it). Matches both importers' 
   :mod:`graphprune.codegen.kernels.relax_layers`;
 
 where ``W`` is a weight parameter of ``main`` (index >= ``num_input``) whose value is known. The
-bias add is left in place. The replacement is ``reshape/permute_dims(x) → call_tir(kernel, XT,
+bias add is left in place.
+
+**Where the sparsity pattern comes from.** Given ``masks`` (from the IR, checked and applied by
+:mod:`.masks`), each layer's pattern is its weight's mask, and a layer whose weight has no mask
+stays dense: the graph says which layers are sparse. Without ``masks`` (a plain model), the
+pattern is the nonzeros of each weight, as detected here. Either way the compressed arrays hold
+the weight's nonzeros, which lie inside its mask. The replacement is ``reshape/permute_dims(x) → call_tir(kernel, XT,
 *compressed) → permute_dims/reshape``; compressed arrays become new weight parameters (shipped in
 ``weights.npz`` like every other weight), and the dense weight is dropped when nothing else
 reads it.
@@ -43,7 +49,8 @@ from graphprune.codegen.kernels.dispatch import make_kernel
 from graphprune.codegen.kernels.relax_layers import MatrixLayer, match_conv2d, match_linear
 from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
-__all__ = ["KERNEL_CHOICES", "rewrite_sparse", "detect_block", "detect_nm", "default_cache_path"]
+__all__ = ["KERNEL_CHOICES", "Candidate", "compile_probe", "default_cache_path", "detect_block",
+           "detect_nm", "rewrite_sparse", "single_linear", "warm_ms"]  # fmt: skip
 
 KERNEL_CHOICES = ("auto", "dense", "csr", "bsr", "nm")
 # Above this density no sparse format can win on bytes (CSR int16: 6 bytes per nonzero vs 4).
@@ -91,7 +98,9 @@ def detect_nm(w: np.ndarray):
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class Candidate:
+    """One sparse format (and its options) a layer is rewritten to."""
+
     fmt: str
     options: dict
 
@@ -99,25 +108,26 @@ class _Candidate:
         return make_kernel(w, self.fmt, batch, lanes=lanes, **self.options)
 
 
-def _candidates(w: np.ndarray, kernels: str) -> tuple[list[_Candidate], str]:
-    """Sparse candidates for ``w`` under ``kernels``, or ``([], reason)``."""
+def _candidates(w: np.ndarray, kernels: str) -> tuple[list[Candidate], str]:
+    """Sparse candidates for a weight whose sparsity pattern is the nonzeros of ``w`` (the
+    weight, or its mask) under ``kernels``, or ``([], reason)``."""
     density = np.count_nonzero(w) / max(w.size, 1)
     block, nm = detect_block(w), detect_nm(w)
     if kernels == "csr":
-        return [_Candidate("csr", {})], ""
+        return [Candidate("csr", {})], ""
     if kernels == "bsr":
-        return [_Candidate("bsr", {"block": block or (4, 4)})], ""
+        return [Candidate("bsr", {"block": block or (4, 4)})], ""
     if kernels == "nm":
         if nm is None:
             return [], "weight is not N:M sparse (a group has too many nonzeros)"
-        return [_Candidate("nm", {"nm": nm})], ""
+        return [Candidate("nm", {"nm": nm})], ""
     if density > AUTO_MAX_DENSITY:
         return [], f"density {density:.2f} > {AUTO_MAX_DENSITY}: no sparse format can win"
-    cands = [_Candidate("csr", {})]
+    cands = [Candidate("csr", {})]
     if block is not None and block != (1, 1):
-        cands.append(_Candidate("bsr", {"block": block}))
+        cands.append(Candidate("bsr", {"block": block}))
     if nm is not None:
-        cands.append(_Candidate("nm", {"nm": nm}))
+        cands.append(Candidate("nm", {"nm": nm}))
     return cands, ""
 
 
@@ -147,7 +157,7 @@ class _DecisionCache:
         os.replace(tmp, self.path)
 
 
-def _single_linear(w: np.ndarray, batch: int) -> LoweredModel:
+def single_linear(w: np.ndarray, batch: int) -> LoweredModel:
     """``main(x[B,K], W[N,K]) = x @ W.T`` as the torch importer writes it."""
     from tvm import relax
 
@@ -164,7 +174,7 @@ def _single_linear(w: np.ndarray, batch: int) -> LoweredModel:
                         [IOSpec("y", (batch, n), "float32")], "probe")  # fmt: skip
 
 
-def _compile_probe(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int):
+def compile_probe(lowered: LoweredModel, cand: Candidate | None, target, lanes: int):
     """``(vm, args)``: a one-layer model built through the full pipeline (dense, or rewritten
     to ``cand``) and the arguments of one call of its ``main`` (a fixed random input, then the
     weights)."""
@@ -182,16 +192,16 @@ def _compile_probe(lowered: LoweredModel, cand: _Candidate | None, target, lanes
     return vm, [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in built.weights]
 
 
-def _time_lowered(lowered: LoweredModel, cand: _Candidate | None, target, lanes: int,
+def _time_lowered(lowered: LoweredModel, cand: Candidate | None, target, lanes: int,
                   repeat: int = 3) -> float:  # fmt: skip
     """Milliseconds of a one-layer model through the full pipeline (dense, or rewritten to
     ``cand``): transposes, im2col, VM call overhead and all, so the comparison is what the
     artifact will run. Repeated calls: the weights stay cache-resident where they fit."""
-    vm, args = _compile_probe(lowered, cand, target, lanes)
-    return _warm_ms(vm, args, repeat)
+    vm, args = compile_probe(lowered, cand, target, lanes)
+    return warm_ms(vm, args, repeat)
 
 
-def _warm_ms(vm, args, repeat: int = 3) -> float:
+def warm_ms(vm, args, repeat: int = 3) -> float:
     """``auto``'s measurement of a compiled probe: the best of ``repeat`` means of back-to-back
     calls of ``main`` (at least 5 calls and 20 ms each), in milliseconds."""
     import tvm
@@ -200,14 +210,10 @@ def _warm_ms(vm, args, repeat: int = 3) -> float:
     return 1e3 * float(min(ev(*args).results))
 
 
-def _time_linear(w, batch, cand: _Candidate | None, target, lanes: int, repeat: int = 3) -> float:
-    """:func:`_time_lowered` of one Linear ``x[batch, K] @ w.T`` (best of ``repeat``)."""
-    return _time_lowered(_single_linear(w, batch), cand, target, lanes, repeat)
-
-
 def _decide(layer: MatrixLayer, kernels, target, cache: _DecisionCache, lanes):
-    """``(candidate or None, manifest record)`` for one matched layer."""
-    w, batch = layer.dense, layer.batch
+    """``(candidate or None, manifest record)`` for one matched layer; its sparsity pattern is
+    :meth:`MatrixLayer.pattern` (the mask from the IR where known)."""
+    w, batch = layer.pattern(), layer.batch
     density = float(np.count_nonzero(w) / max(w.size, 1))
     record = {"shape": list(w.shape), "batch": batch, "density": round(density, 4)}
     if layer.signature:
@@ -240,9 +246,10 @@ def _jsonable(options: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def _rewrite(lowered: LoweredModel, decide, lanes: int):
+def _rewrite(lowered: LoweredModel, decide, lanes: int, masks: dict | None = None):
     """Apply ``decide(name, MatrixLayer) -> (candidate or None, record)`` to every matched
-    Linear and conv of ``lowered``; return the new LoweredModel and ``{weight name: record}``."""
+    Linear and conv of ``lowered``; return the new LoweredModel and ``{weight name: record}``.
+    ``masks``: ``{name in lowered.param_names: mask}``, handed to the layers' matchers."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -250,7 +257,9 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int):
     mod = lowered.mod
     main = mod["main"]
     num_input = num_inputs(main)
-    weight_of = {p: v for p, v in zip(main.params[num_input:], lowered.params)}
+    weight_vars = main.params[num_input:]
+    weight_of = {p: v for p, v in zip(weight_vars, lowered.params)}
+    mask_of = {p: masks[n] for p, n in zip(weight_vars, lowered.param_names) if n in (masks or {})}
     new_params: list = []
     new_values: list[np.ndarray] = []
     records: dict[str, dict] = {}
@@ -262,9 +271,9 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int):
             if not isinstance(call.op, tvm.ir.Op):
                 return call
             if call.op.name == "relax.matmul":
-                layer = match_linear(call, *call.args, weight_of, self.lookup_binding)
+                layer = match_linear(call, *call.args, weight_of, self.lookup_binding, mask_of)
             elif call.op.name == "relax.nn.conv2d":
-                layer = match_conv2d(call, weight_of)
+                layer = match_conv2d(call, weight_of, mask_of)
             else:
                 return call
             if layer is None:
@@ -303,18 +312,22 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int):
                           new_main.is_pure, new_main.attrs)  # fmt: skip
     func = relax.analysis.remove_all_unused(func)
     used = set(relax.analysis.free_vars(func.body))
-    keep = [(p, v) for p, v in zip(func.params[num_input:], lowered.params + new_values)
-            if p in used]  # fmt: skip
-    func = relax.Function(list(func.params[:num_input]) + [p for p, _ in keep], func.body,
+    old_names = lowered.param_names or [""] * len(lowered.params)  # probes have none
+    names = old_names + [v.name for v in new_params]  # a new array: its var's name
+    keep = [(p, v, name) for p, v, name in zip(func.params[num_input:],
+            lowered.params + new_values, names) if p in used]  # fmt: skip
+    func = relax.Function(list(func.params[:num_input]) + [p for p, _, _ in keep], func.body,
                           func.ret_ty, func.is_pure, func.attrs)  # fmt: skip
     out_mod = m.builder_.get()
     out_mod[out_mod.get_global_var("main")] = func
-    return replace(lowered, mod=out_mod, params=[v for _, v in keep]), records
+    new = replace(lowered, mod=out_mod, params=[v for _, v, _ in keep],
+                  param_names=[n for _, _, n in keep] if lowered.param_names else [])  # fmt: skip
+    return new, records
 
 
 def rewrite_sparse(lowered: LoweredModel, target, kernels: str = "auto",
-                   cache_path=None, progress=None):  # fmt: skip
-    """Rewrite the sparse Linears of ``lowered`` to sparse kernels for ``target``.
+                   cache_path=None, progress=None, masks: dict | None = None):  # fmt: skip
+    """Rewrite the sparse Linears and convs of ``lowered`` to sparse kernels for ``target``.
 
     Parameters
     ----------
@@ -326,6 +339,11 @@ def rewrite_sparse(lowered: LoweredModel, target, kernels: str = "auto",
     kernels : {"auto", "dense", "csr", "bsr", "nm"}
     cache_path : path, optional
         The ``auto`` decision cache (default :func:`default_cache_path`); ``False`` for none.
+    progress : callable(str), optional
+    masks : dict of str to bool ndarray, optional
+        Sparsity masks from the IR, keyed by ``lowered.param_names`` and already checked and
+        applied (:func:`graphprune.codegen.masks.apply_masks`): each layer's pattern is its
+        mask, and layers whose weight has none stay dense. ``None``: detect from the zeros.
 
     Returns
     -------
@@ -350,10 +368,14 @@ def rewrite_sparse(lowered: LoweredModel, target, kernels: str = "auto",
     lanes = simd_lanes(target)
 
     def decide(name, layer: MatrixLayer):
-        w = layer.dense
+        if masks is not None and layer.keep is None:
+            record = {"shape": list(layer.dense.shape), "batch": layer.batch, "sparsity": "dense",
+                      "reason": "the graph has no sparsity mask for this weight"}  # fmt: skip
+            return None, {**record, "layer": layer.signature} if layer.signature else record
+        w = layer.pattern()
         if kernels == "auto" and np.count_nonzero(w) / max(w.size, 1) <= AUTO_MAX_DENSITY:
             step(f"measuring kernels for {name} {w.shape} batch {layer.batch}")
         return _decide(layer, kernels, target, cache, lanes)
 
-    new, records = _rewrite(lowered, decide, lanes)
+    new, records = _rewrite(lowered, decide, lanes, masks)
     return new, {f"sparse:{k}": v for k, v in records.items()}

@@ -16,7 +16,8 @@ importers emit the same ops for these layers, so one matcher per op serves torch
   transposed) back to NCHW.
 
 Each match also builds its *probe*: the same layer alone as a one-op ``main``, which the
-``auto`` chooser compiles dense and rewritten to time both.
+``auto`` chooser compiles dense and rewritten to time both; and, where the caller knows the
+weight's sparsity mask (from the IR), carries it in the matrix's ``[N, K]`` orientation.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class MatrixLayer:
     to_xt: Callable  # (emit) -> XT[K, B]
     from_yt: Callable  # (emit, YT[N, B]) -> the call's result
     probe: Callable  # () -> LoweredModel with only this layer, dense
+    keep: np.ndarray | None = None  # bool [N, K]: the weight's mask (True = kept), if known
+
+    def pattern(self) -> np.ndarray:
+        """The sparsity pattern as the nonzeros of an ``[N, K]`` array: the mask where known,
+        else the weight itself (its zeros detected as pruned)."""
+        return self.dense if self.keep is None else self.keep.astype(np.float32)
 
 
 def _shape(expr) -> list[int] | None:
@@ -69,8 +76,9 @@ def _one_op_model(xshape, w: np.ndarray, op, out_shape, name: str) -> LoweredMod
                         [IOSpec("y", tuple(out_shape), "float32")], name)  # fmt: skip
 
 
-def match_linear(call, x, rhs, weight_of: dict, lookup) -> MatrixLayer | None:
-    """``matmul(x, permute_dims(W))`` or ``matmul(x, W2d)`` with ``W`` a known weight."""
+def match_linear(call, x, rhs, weight_of: dict, lookup, mask_of=None) -> MatrixLayer | None:
+    """``matmul(x, permute_dims(W))`` or ``matmul(x, W2d)`` with ``W`` a known weight;
+    ``mask_of`` (optional): weight var -> its mask, in the weight's own shape."""
     from tvm import relax
 
     bound = lookup(rhs) if isinstance(rhs, relax.Var) else None
@@ -83,8 +91,11 @@ def match_linear(call, x, rhs, weight_of: dict, lookup) -> MatrixLayer | None:
     if (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.permute_dims"
             and bound.args[0] in weight_of and weight_of[bound.args[0]].ndim == 2):  # fmt: skip
         wvar, dense = bound.args[0], weight_of[bound.args[0]]
+        keep = (mask_of or {}).get(wvar)
     elif rhs in weight_of and weight_of[rhs].ndim == 2:
         wvar, dense = rhs, weight_of[rhs].T
+        keep = (mask_of or {}).get(wvar)
+        keep = None if keep is None else keep.T
     else:
         return None
     xshape = _shape(x)
@@ -107,11 +118,12 @@ def match_linear(call, x, rhs, weight_of: dict, lookup) -> MatrixLayer | None:
 
         return _one_op_model((batch, k), np.ascontiguousarray(dense), op, (batch, n), "probe")
 
-    return MatrixLayer(wvar, dense, batch, "", to_xt, from_yt, probe)
+    return MatrixLayer(wvar, dense, batch, "", to_xt, from_yt, probe, keep)
 
 
-def match_conv2d(call, weight_of: dict) -> MatrixLayer | None:
-    """An NCHW/OIHW, ungrouped, float32 ``conv2d`` whose weight is a known parameter."""
+def match_conv2d(call, weight_of: dict, mask_of=None) -> MatrixLayer | None:
+    """An NCHW/OIHW, ungrouped, float32 ``conv2d`` whose weight is a known parameter;
+    ``mask_of`` (optional): weight var -> its mask, in the weight's own shape."""
     from tvm import relax
 
     x, wvar = call.args
@@ -189,5 +201,7 @@ def match_conv2d(call, weight_of: dict) -> MatrixLayer | None:
         return _one_op_model(xshape, w4, op, (imgs, n, ho, wo), "probe")
 
     sig = f"conv{kh}x{kw}s{sh}x{sw}p{pt},{pl},{pb},{pr}d{dh}x{dw}|x{'x'.join(map(str, xshape))}"
+    keep = (mask_of or {}).get(wvar)
+    keep = None if keep is None else keep.reshape(n, k)
     return MatrixLayer(wvar, np.ascontiguousarray(w4.reshape(n, k)), batch, sig, to_xt, from_yt,
-                       probe)  # fmt: skip
+                       probe, keep)  # fmt: skip
