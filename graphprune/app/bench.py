@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from graphprune.app.atomic import write_text_atomic
 from graphprune.app.models_io import load_model, make_inputs
 from graphprune.frontends import kind_of
 from graphprune.ir.errors import ArtifactError, ConfigError
@@ -98,7 +99,5 @@ def bench_artifact(artifact: str | os.PathLike, runs: int = 30, warmup: int = 5,
         rows.append({"name": name, **time_calls(fn, runs, warmup)})
     res = {"rows": rows, "inputs": rec["inputs"]}
     if save:
-        tmp = art_dir / ".bench.json.tmp"
-        tmp.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-        tmp.replace(art_dir / "bench.json")
+        write_text_atomic(art_dir / "bench.json", json.dumps(res, indent=2, sort_keys=True) + "\n")
     return res

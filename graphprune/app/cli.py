@@ -100,13 +100,9 @@ def _to_dot(pg: Any) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    import tempfile
+    from graphprune.app.atomic import write_text_atomic
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(os.path.abspath(path), text)
     print(f"wrote {path}")
 
 

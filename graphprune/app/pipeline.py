@@ -4,11 +4,11 @@ load → prune → sparsify → (fine-tune callback) → compile → verify → 
 by a :mod:`graphprune.app.recipe`. Each step is a public API (``prune``, ``sparsify``,
 ``compile``); this module only chains them, checks the result and writes the artifact. The other
 jobs live in their own modules: :mod:`~graphprune.app.models_io` (the model and its inputs),
-:mod:`~graphprune.app.verify`, :mod:`~graphprune.app.summary`, :mod:`~graphprune.app.atomic_dir`
+:mod:`~graphprune.app.verify`, :mod:`~graphprune.app.summary`, :mod:`~graphprune.app.atomic`
 and, for ``graphprune bench``, :mod:`~graphprune.app.bench`.
 
 The artifact directory (``out``) is assembled in a temporary sibling ``.NAME.tmp-*`` and renamed
-into place only when every step succeeded (see :mod:`graphprune.app.atomic_dir`). Besides
+into place only when every step succeeded (see :mod:`graphprune.app.atomic`). Besides
 codegen's ``model.so``, ``weights.npz`` and ``manifest.json`` the artifact holds::
 
     recipe.json    # the resolved recipe: `graphprune run OUT/recipe.json -o OTHER` replays it
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from graphprune.app.atomic_dir import check_replaceable, staging_dir, swap_into_place
+from graphprune.app.atomic import check_replaceable, staging_dir, swap_into_place
 from graphprune.app.models_io import LoadedModel, load_model, load_recipe_model
 from graphprune.app.recipe import Recipe, load_recipe
 from graphprune.app.summary import summarise

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from graphprune.app.atomic import write_text_atomic
 from graphprune.ir.errors import ArtifactError
 
 __all__ = ["render", "write_report"]
@@ -242,7 +243,5 @@ def write_report(artifact: str | Path, out_dir: str | Path | None = None) -> tup
     dest.mkdir(parents=True, exist_ok=True)
     paths = dest / "report.html", dest / "report.md"
     for p, text in zip(paths, (page, md)):
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        write_text_atomic(p, text)
     return paths

@@ -1,9 +1,11 @@
-"""Write a directory all at once: build it in a hidden sibling, then rename it into place.
+"""Write files and directories all at once: build them beside their place, then rename.
 
-The pipeline assembles an artifact in ``.NAME.tmp-*`` next to ``NAME`` and renames it only when
-every step succeeded, so an interrupted or failed run leaves no partial artifact (a ``kill -9``
-can leave the hidden folder, never a half-written ``NAME``). An existing ``NAME`` is replaced only
-with ``force`` and only when it is an earlier artifact (it holds ``manifest.json``) or empty.
+A reader never sees half a file or half an artifact. The pipeline assembles an artifact in
+``.NAME.tmp-*`` next to ``NAME`` and renames it only when every step succeeded, so an interrupted
+or failed run leaves no partial artifact (a ``kill -9`` can leave the hidden folder, never a
+half-written ``NAME``). An existing ``NAME`` is replaced only with ``force`` and only when it is
+an earlier artifact (it holds ``manifest.json``) or empty. Reports, ``bench.json`` and the CLI's
+``inspect --json/--dot`` files go through :func:`write_text_atomic`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,30 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from graphprune.ir.errors import ConfigError
 
-__all__ = ["check_replaceable", "staging_dir", "swap_into_place"]
+__all__ = ["check_replaceable", "staging_dir", "swap_into_place", "write_text_atomic"]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a hidden temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the usual permissions (``0o666`` less the umask), as a plain write would give.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_replaceable(out: Path, force: bool) -> None:
