@@ -116,29 +116,52 @@ def test_padded_width(channels, wide):
     assert padded_width(channels, 16) == wide
 
 
-def test_odd_channel_counts_are_padded_and_match_torch(tmp_path):
-    """12 and 72 channels run on 16-lane vectors (zero filters / zero rows added at build time)
-    and the outputs still equal PyTorch's; a width with full vectors is left alone."""
+def _avx2_host() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "mcpu",
+    [None, pytest.param("haswell", marks=pytest.mark.skipif(not _avx2_host(), reason="no AVX2"))],
+    ids=["host", "haswell-8-lanes"],
+)
+def test_odd_channel_counts_are_padded_and_match_torch(tmp_path, mcpu):
+    """Channel counts that waste the target's vectors (12 and 72 at 16 lanes, 6 and 36 at 8)
+    run on full vectors (zero filters / zero rows added at build time) and the outputs still
+    equal PyTorch's; widths with full vectors are left alone. Once for the host's lane count,
+    once for 8 lanes (AVX2, runs on any AVX2 or AVX-512 host)."""
     from codegen_models import OddChannels
 
     from graphprune.codegen.cpu_rules import vector_lanes
+    from graphprune.codegen.pad_channels import padded_width
     from graphprune.codegen.target import make_target
 
-    model = seeded(OddChannels)
+    spec = "llvm" if mcpu is None else {"kind": "llvm", "mcpu": mcpu}
+    lanes = vector_lanes(make_target(spec))
+    if mcpu is not None:
+        assert lanes == 8
+    cin, mid = 3 * lanes // 4, 9 * lanes // 2  # 3/4 of a vector; 4.5 vectors
+    wide_cin, wide_mid = padded_width(cin, lanes), padded_width(mid, lanes)
+    assert (wide_cin, wide_mid) == (lanes, 5 * lanes)  # both worth padding, at any lane count
+    model = seeded(OddChannels, cin, mid)
     x = (torch.randn(1, 3, 16, 16),)
     ref = torch_outputs(model, x)
     assert np.abs(ref[0] - model.fc.bias.detach().numpy()).max() > 1e-2  # not bias alone
-    art = codegen.compile(model, x, out_dir=tmp_path / "odd")
+    art = codegen.compile(model, x, target=spec, out_dir=tmp_path / "odd")
     assert_matches(art(*x), ref)
     widths = {tuple(k["spatial"])[-1] for k in art.manifest["kernels"].values() if "spatial" in k}
-    if vector_lanes(make_target("llvm")) == 16:
-        assert {16, 80} <= widths and not {12, 72} & widths
-        padded = {(g["channels"], g["padded_to"]) for g in art.manifest["padded_channels"]}
-        assert padded == {(12, 16), (72, 80)}
-    wide = codegen.compile(seeded(OddChannels, 16, 64), x, out_dir=tmp_path / "even")
-    assert {16, 64} <= {tuple(k["spatial"])[-1] for k in wide.manifest["kernels"].values()
-                        if "spatial" in k}  # fmt: skip
-    assert "padded_channels" not in wide.manifest
+    assert {wide_cin, wide_mid} <= widths and not {cin, mid} & widths
+    padded = {(g["channels"], g["padded_to"]) for g in art.manifest["padded_channels"]}
+    assert padded == {(cin, wide_cin), (mid, wide_mid)}
+    full = codegen.compile(seeded(OddChannels, lanes, 4 * lanes), x, target=spec,
+                           out_dir=tmp_path / "even")  # fmt: skip
+    assert {lanes, 4 * lanes} <= {tuple(k["spatial"])[-1] for k in full.manifest["kernels"].values()
+                                  if "spatial" in k}  # fmt: skip
+    assert "padded_channels" not in full.manifest
 
 
 def test_pruned_mobilenet_matches_torch(tmp_path):

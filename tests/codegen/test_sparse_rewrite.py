@@ -5,11 +5,11 @@ Oracle: the sparsified (masked, exact zeros) torch model in fp32; tolerance atol
 """
 
 import io
-import json
 
 import numpy as np
 import pytest
 import torch
+from codegen_helpers import artifact_ms, check_auto_decisions, sparse_records
 
 from graphprune.codegen import compiler
 from graphprune.codegen.lower import lower
@@ -128,16 +128,16 @@ def test_compile_auto_vit_tiny_matches_masked_model(tmp_path, monkeypatch):
     want = sparse(*inputs).detach().numpy()
     art = compiler.compile(sparse, inputs, out_dir=tmp_path / "vit", kernels="auto")
     np.testing.assert_allclose(art(*inputs), want, rtol=1e-4, atol=1e-4)
-    records = {k: v for k, v in art.manifest["kernels"].items() if k.startswith("sparse:")}
+    records = sparse_records(art)
     assert records, "no Linear was considered"
-    measured = [r for r in records.values() if "times_ms" in r]
-    assert measured and all("dense" in r["times_ms"] and "csr" in r["times_ms"] for r in measured)
-    assert all(r["times_ms"][r["sparsity"]] == min(r["times_ms"].values()) for r in measured)
-    stored = json.loads(cache.read_text())
-    assert {r["cache_key"] for r in measured} <= set(stored)
+    measured = check_auto_decisions(art, cache)  # the artifact runs what was recorded and cached
+    assert all("csr" in r["times_ms"] for r in measured)
     art2 = compiler.compile(sparse, inputs, out_dir=tmp_path / "vit2", kernels="auto")
-    again = {k: v for k, v in art2.manifest["kernels"].items() if k.startswith("sparse:")}
+    again = sparse_records(art2)
     assert [r["sparsity"] for r in again.values()] == [r["sparsity"] for r in records.values()]
+    assert [r["times_ms"] for r in again.values() if "times_ms" in r] == [
+        r["times_ms"] for r in measured
+    ]  # read back from the cache, not measured again
 
 
 def test_compile_forced_csr_artifact_round_trip(tmp_path):
@@ -194,15 +194,62 @@ def test_conv_rewrite_matches_masked_model(frontend, kernels, images):
 
 
 def test_conv_auto_times_the_dense_conv(tmp_path):
-    """auto's probe for a conv is the conv itself: the record carries its geometry and both
-    timings, and the choice is the faster one."""
+    """auto's probe for a conv is the conv itself: each of the three convs' records carries its
+    geometry and the dense conv's timing; the rewritten module runs exactly the sparse kernels
+    the records name, and equals the masked model."""
+    import tvm
+
     model = masked_convnet()
-    lowered = lower(model, (torch.randn(1, 8, 11, 9),))
-    _, records = rewrite_sparse(lowered, TARGET, "auto", cache_path=tmp_path / "c.json")
+    x = torch.randn(1, 8, 11, 9)
+    lowered = lower(model, (x,))
+    new, records = rewrite_sparse(lowered, TARGET, "auto", cache_path=tmp_path / "c.json")
+    assert len(records) == 3
     for r in records.values():
         assert r["layer"].startswith("conv") and r["cache_key"].count("conv") == 1
-        # (times are recorded rounded to 0.1 us, so compare times: a tie may name either)
-        assert r["times_ms"][r["sparsity"]] == min(r["times_ms"].values())
+        assert {"dense", "csr"} <= set(r["times_ms"])
+    kernels = sorted(gv.name_hint for gv in new.mod.get_global_vars()
+                     if gv.name_hint.startswith("sparse_"))  # fmt: skip
+    n_k = [tuple(r["shape"]) for r in records.values() if r["sparsity"] != "dense"]
+    assert len(kernels) == len(n_k)
+    assert all(any(f"conv_{n}x{k}_b" in name for name in kernels) for n, k in n_k)
+    built, vm = run_lowered(new)
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(w) for w in built.weights])
+    out = out if hasattr(out, "numpy") else out[0]
+    np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "batch", "density", "sparse_wins"),
+    [(1024, 1024, 1, 0.05, True), (512, 512, 64, 0.6, False)],
+    ids=["95pct-sparse-b1", "60pct-dense-b64"],
+)  # fmt: skip
+def test_auto_decides_what_a_separate_measurement_confirms(
+    tmp_path, monkeypatch, n, k, batch, density, sparse_wins
+):
+    """Layers whose answer is not close: a 95%-sparse 1024x1024 Linear at batch 1 is memory
+    bound, CSR reads ~8% of the dense bytes (measured ~7x faster than dense on an AVX-512 VM);
+    a 60%-dense 512x512 at batch 64 is compute bound, where dense GEMM beats CSR's gathers
+    (~2x). auto must pick sparse for the first and dense for the second, and the artifacts,
+    timed apart from auto's probes, confirm it: the artifact auto built is not slower than the
+    alternative beyond noise (25%)."""
+    monkeypatch.setenv("GRAPHPRUNE_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    rng = np.random.default_rng(0)
+    lin = torch.nn.Linear(k, n, bias=False).eval()
+    with torch.no_grad():
+        lin.weight.mul_(torch.from_numpy((rng.random((n, k)) < density).astype(np.float32)))
+    x = torch.randn(batch, k)
+    auto = compiler.compile(lin, (x,), out_dir=tmp_path / "auto", kernels="auto")
+    (record,) = sparse_records(auto).values()
+    assert "times_ms" in record, record  # measured, not excluded by density
+    assert (record["sparsity"] != "dense") is sparse_wins, record
+    other_kernels = "dense" if sparse_wins else "csr"
+    other = compiler.compile(lin, (x,), out_dir=tmp_path / "other", kernels=other_kernels)
+    np.testing.assert_allclose(auto(x), other(x), rtol=1e-4, atol=1e-4)
+    ms = {"auto": [], "other": []}
+    for _ in range(3):  # interleaved, so a burst of load on the shared cores hits both
+        ms["auto"].append(artifact_ms(auto, (x,)))
+        ms["other"].append(artifact_ms(other, (x,)))
+    assert min(ms["auto"]) <= 1.25 * min(ms["other"]), (record, ms)
 
 
 @pytest.mark.parametrize("images", [1, 2])
