@@ -23,6 +23,7 @@ from graphprune.ir import OpNode, PruneGraph, Value
 from graphprune.api.structured import PruneReport, PruneResult, prune
 from graphprune.api.remove import remove_channels
 from graphprune.api.iterative import prune_iteratively, rewind, sensitivity
+from graphprune.api.pretrained import from_pretrained
 
 __version__ = "0.1.0"
 

@@ -8,6 +8,7 @@ not one of graphprune's errors surfaces as ``PassError`` naming the pass.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -92,6 +93,29 @@ class PruneResult:
     blocks: list = field(default_factory=list)
     block_scores: Any = None
     dropped: list = field(default_factory=list)
+    source_config: Any = None  # a transformers model's config before pruning
+
+    def save_pretrained(self, path: str) -> None:
+        """Save a pruned ``transformers`` model so that it reloads.
+
+        When its config expresses the result (the default, ``uniform=True``), this is the model's
+        own ``save_pretrained``: plain ``transformers`` ``from_pretrained`` reloads it. Otherwise
+        (per-layer widths) it writes safetensors weights, the original config and the removal
+        plan as JSON; :func:`graphprune.from_pretrained` rebuilds the model. No pickle.
+        """
+        from graphprune.frontends.torch import hf
+
+        if self.report.form != "module" or not hf.is_hf(self.model):
+            raise ConfigError(
+                f"save_pretrained is for transformers models returned in module form; this "
+                f"result is a {self.report.form}: save a torch.fx.GraphModule with "
+                "torch.export.export(model, inputs) and torch.export.save"
+            )
+        if hf.rebuilds(self.model):
+            self.model.save_pretrained(path)
+            return
+        removed = {str(g): [int(i) for i in idx] for g, idx in self.selection.removal.items()}
+        hf.save_pruned(self.model, path, self.source_config, {"removed": removed})
 
 
 def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
@@ -101,7 +125,7 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
           round_to: int | None = None, min_keep: float = 0.1, heads: bool = True,
           calib: Any = None, loss_fn: Callable | None = None, inplace: bool = False,
           seed: int = 0, graph: PruneGraph | None = None, drop_blocks: int = 0,
-          depth_unit: str = "branch") -> PruneResult:  # fmt: skip
+          depth_unit: str = "branch", uniform: bool | None = None) -> PruneResult:  # fmt: skip
     """Remove coupled channels, neurons and heads; return a smaller model and a report.
 
     Parameters
@@ -128,6 +152,11 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     depth_unit : ``"branch"`` (each residual branch is a block) or ``"layer"`` (branches chained
         inside one numbered container, a transformer layer's attention and MLP, go together;
         Block Influence is then measured across the whole layer, as in ShortGPT)
+    uniform : cut the same number of heads, kv heads and MLP channels in every layer (ranked by
+        importance summed across layers), and only what the model's config can express, so that
+        a ``transformers`` model reloads with its own ``from_pretrained`` (as NVIDIA Minitron
+        does). Default: True for ``transformers`` models, False otherwise. The report says what
+        was left alone and why.
 
     Examples
     --------
@@ -145,7 +174,16 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     cfg = PruneConfig(ratio, criterion, scope, target_macs, target_params, ratios, ignore, round_to,
                       min_keep, heads, calib, loss_fn, seed)  # fmt: skip
     cfg.validate()
-    pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+    from graphprune.frontends.torch import hf
+
+    is_hf = hf.is_hf(model_or_onnx)
+    cfg.uniform = is_hf if uniform is None else bool(uniform)
+    with hf.capture_mode(model_or_onnx):
+        pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+    hf_notes: list[str] = []
+    if is_hf and cfg.uniform:
+        cfg.exclude, hf_notes = hf.unexpressible(model_or_onnx, _group_members(pg))
+    source_config = copy.deepcopy(model_or_onnx.config) if is_hf else None
     done = run_passes(pg, [
         (BuildCoupling(), {}),
         (PruneChannels(), {"config": cfg}),
@@ -154,7 +192,30 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     sel, plan = done["PruneChannels"].value, done["PlanRemoval"].value
     model, form = _write_back(model_or_onnx, pg, plan, inplace)
     report = _report(pg, plan, sel, cfg, form)
-    return PruneResult(model, report, pg, plan, sel)
+    report.notes += hf_notes
+    if is_hf:
+        report.notes.append(_hf_save_note(model, form))
+    return PruneResult(model, report, pg, plan, sel, source_config=source_config)
+
+
+def _group_members(pg: PruneGraph) -> list[tuple[int, list[tuple[str, int]], bool]]:
+    from graphprune.passes.prune.channels import is_head_group
+
+    return [(g.id, [(m.param, m.axis) for m in g.params], is_head_group(pg, g))
+            for g in build_coupling(pg).groups if g.prunable]  # fmt: skip
+
+
+def _hf_save_note(model: Any, form: str) -> str:
+    from graphprune.frontends.torch import hf
+
+    if form != "module":
+        return ("a transformers model came back as a torch.fx.GraphModule (its forward hard-codes "
+                "a size the write-back could not update): there is no save_pretrained")  # fmt: skip
+    if hf.rebuilds(model):
+        return ("the config expresses the pruned sizes: res.model.save_pretrained(d) reloads "
+                "with transformers' own from_pretrained(d)")  # fmt: skip
+    return ("layers differ in width, which the config cannot express: save with "
+            "res.save_pretrained(d) and reload with graphprune.from_pretrained(d)")
 
 
 def _write_back(model: Any, pg: PruneGraph, plan: RemovalPlan, inplace: bool) -> tuple[Any, str]:

@@ -9,6 +9,7 @@ Both read the capture, never the user's module, and leave it untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -42,7 +43,10 @@ def calibration_batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]
     n0 = None
     if pg is not None and pg.inputs and pg.value(pg.inputs[0]).shape:
         n0 = pg.value(pg.inputs[0]).shape[0]
+    names = list(pg.source.kwargs) if pg is not None and pg.frontend == "torch" else []
     for b in calib:
+        if isinstance(b, Mapping):
+            b = _from_dict(b, names)
         b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
         n = b[0].shape[0] if isinstance(b[0], torch.Tensor) and b[0].dim() else None
         if n0 is None or n == n0:
@@ -57,6 +61,19 @@ def calibration_batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]
     if not out:
         raise ConfigError("calib is empty: pass at least one batch")
     return out
+
+
+def _from_dict(b: Mapping, names: list[str]) -> tuple:
+    """A keyword batch (``{"input_ids": ..., "labels": ...}``) in the captured keyword order."""
+    missing = [n for n in names if n not in b]
+    unknown = [k for k in b if k not in names]
+    if missing or unknown:
+        raise ConfigError(
+            f"calibration batch keys {sorted(b)} do not match the captured inputs {names}: "
+            + (f"missing {missing}; " if missing else "")
+            + (f"{unknown} were not in example_inputs (pass them there too)" if unknown else "")
+        )
+    return tuple(b[n] for n in names)
 
 
 def activation_stats(pg: PruneGraph, calib: Iterable,
@@ -93,10 +110,52 @@ class GradStats:
     batches: int
 
 
-def default_loss(out: Any) -> torch.Tensor:
-    """Label-free proxy: half the mean squared output (the model's own output scale)."""
+def _field(out: Any, name: str) -> Any:
+    """``out[name]`` for a mapping output (a ``transformers`` ``ModelOutput`` is an OrderedDict)."""
+    return out.get(name) if isinstance(out, Mapping) else None
+
+
+def default_loss(out: Any, batch: tuple = (), n_inputs: int | None = None) -> torch.Tensor:
+    """The loss gradient criteria differentiate when no ``loss_fn`` is given.
+
+    A model that computed its own loss (a ``transformers`` model given ``labels``) is trusted:
+    that loss is used. Otherwise a label-free proxy: half the mean squared ``logits`` or
+    ``last_hidden_state`` when the output names them, else of every floating output (the model's
+    own output scale). Labels riding in a batch after the model's inputs, which a captured
+    ``ModelOutput`` model did not take, are a :class:`ConfigError` rather than silently ignored.
+    """
+    loss = _field(out, "loss")
+    if isinstance(loss, torch.Tensor):
+        return loss
+    extra = len(batch) - n_inputs if n_inputs is not None else 0
+    if extra > 0 and isinstance(out, Mapping):
+        raise ConfigError(
+            "the calibration batches carry labels but the captured model computes no loss: pass "
+            "the labels in example_inputs too, as a dict (example_inputs={'input_ids': ids, "
+            "'labels': ids}, and calib batches as dicts with the same keys) so the model returns "
+            "its own loss, or pass loss_fn=lambda out, batch: ..."
+        )
+    for name in ("logits", "last_hidden_state"):
+        t = _field(out, name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return 0.5 * t.pow(2).mean()
     ts = [t for t in flatten_outputs(out) if t.is_floating_point()]
+    if not ts:
+        raise ConfigError(
+            "gradient criteria (taylor, hessian) need a loss, and this model returned no loss and "
+            "no floating-point output: pass labels in example_inputs and calib (a dict with "
+            "'labels' for a transformers model) or loss_fn=lambda out, batch: ..."
+        )
     return sum(0.5 * t.pow(2).mean() for t in ts)
+
+
+def _call(gm: torch.nn.Module, pg: PruneGraph, b: tuple) -> Any:
+    """Run the captured module on one calibration batch, by keyword where it was captured so."""
+    args, kwargs = pg.source.args, pg.source.kwargs
+    if not kwargs:
+        return gm(*b[: len(args)])
+    names = list(kwargs)
+    return gm(*b[: len(args)], **dict(zip(names, b[len(args) : len(args) + len(names)])))
 
 
 def gradient_stats(pg: PruneGraph, calib: Iterable,
@@ -117,8 +176,8 @@ def gradient_stats(pg: PruneGraph, calib: Iterable,
     n_in = len(pg.inputs)
     for b in calibration_batches(calib, pg):
         gm.zero_grad(set_to_none=True)
-        out = gm(*b[:n_in])  # extra items in a batch (labels) are for loss_fn
-        loss = loss_fn(out, b) if loss_fn is not None else default_loss(out)
+        out = _call(gm, pg, b)  # extra items in a batch (labels) are for loss_fn
+        loss = loss_fn(out, b) if loss_fn is not None else default_loss(out, b, n_in)
         loss.backward()
         n += 1
         for name, p in params.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +45,8 @@ class PruneConfig:
     calib: Any = None
     loss_fn: Callable | None = None
     seed: int = 0
+    uniform: bool = False
+    exclude: dict[int, str] | None = None
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -144,6 +147,8 @@ def candidates(pg: PruneGraph, cfg: PruneConfig) -> tuple[list[Group], dict[int,
         hit = next((p for p in cfg.ignore or [] if _any_name(pg, p, names)), None)
         if hit:
             excluded[g.id] = f"ignored by {hit!r}"
+        elif g.id in (cfg.exclude or {}):
+            excluded[g.id] = cfg.exclude[g.id]
         elif not cfg.heads and is_head_group(pg, g):
             excluded[g.id] = "attention heads (heads=False)"
         else:
@@ -159,38 +164,64 @@ def group_ratio(pg: PruneGraph, g: Group, cfg: PruneConfig, default: float) -> f
     return default
 
 
+def layer_classes(groups: list[Group]) -> list[list[Group]]:
+    """Groups that are the same group in different layers: equal size and the same members once
+    layer numbers are taken out of the parameter names (``layers.3.mlp.up_proj.weight`` and
+    ``layers.7.mlp.up_proj.weight``). Each class is cut by the same count under ``uniform``."""
+    classes: dict[tuple, list[Group]] = {}
+    for g in groups:
+        sig = tuple(sorted({(re.sub(r"\.\d+\.", ".#.", m.param), m.axis) for m in g.params}))
+        classes.setdefault((g.size, sig), []).append(g)
+    return list(classes.values())
+
+
+def _normalised(s: np.ndarray) -> np.ndarray:
+    return s / (s.mean() if s.mean() > 0 else 1.0)
+
+
 def select(pg: PruneGraph, cfg: PruneConfig, scores: dict[int, np.ndarray],
            groups: list[Group], ratio: float) -> dict[int, list[int]]:  # fmt: skip
-    """Indices to remove per group at ``ratio`` under the config's scope and limits."""
+    """Indices to remove per group at ``ratio`` under the config's scope and limits.
+
+    With ``cfg.uniform`` every :func:`layer_classes` class loses the same count in each of its
+    groups: the smallest count its members would lose locally, or, under global scope, a count
+    ranked by the class's importance summed across its layers (rank by rank)."""
     removal: dict[int, list[int]] = {}
     n_remove: dict[int, int] = {}
+    units = layer_classes(groups) if cfg.uniform else [[g] for g in groups]
     pooled = []
-    for g in groups:
-        max_remove = g.size - _keep_floor(g, cfg.min_keep)
-        has_override = any(_any_name(pg, p, [m.param for m in g.params]) for p in cfg.ratios or {})
-        if cfg.scope == "local" or has_override:
-            n_remove[g.id] = min(int(math.floor(group_ratio(pg, g, cfg, ratio) * g.size)), max_remove)
+    for unit in units:
+        local = {}
+        for g in unit:
+            max_remove = g.size - _keep_floor(g, cfg.min_keep)
+            names = [m.param for m in g.params]
+            if cfg.scope == "local" or any(_any_name(pg, p, names) for p in cfg.ratios or {}):
+                local[g.id] = min(int(math.floor(group_ratio(pg, g, cfg, ratio) * g.size)),
+                                  max_remove)  # fmt: skip
+        if len(local) == len(unit):
+            n_remove.update({g.id: min(local.values()) for g in unit})
+        elif local and cfg.uniform:  # an override on some layers of a class: the smallest cut
+            n_remove.update({g.id: min(local.values()) for g in unit})
         else:
-            pooled.append(g)
+            n_remove.update(local)
+            pooled.append([g for g in unit if g.id not in local])
     if pooled:
-        total = sum(g.size for g in pooled)
+        total = sum(g.size for unit in pooled for g in unit)
         budget = int(math.floor(ratio * total))
         entries = []
-        for g in pooled:
-            s = scores[g.id]
-            norm = s / (s.mean() if s.mean() > 0 else 1.0)
-            order = np.argsort(norm, kind="stable")
-            entries += [(float(norm[i]), g.id, rank) for rank, i in enumerate(order)]
+        for u, unit in enumerate(pooled):
+            summed = sum(np.sort(_normalised(scores[g.id]), kind="stable") for g in unit)
+            entries += [(float(v) / len(unit), u, rank) for rank, v in enumerate(summed)]
         entries.sort()
-        limits = {g.id: g.size - _keep_floor(g, cfg.min_keep) for g in pooled}
-        taken = {g.id: 0 for g in pooled}
-        for _, gid, rank in entries:
+        limits = [min(g.size - _keep_floor(g, cfg.min_keep) for g in unit) for unit in pooled]
+        taken = [0] * len(pooled)
+        for _, u, rank in entries:
             if budget <= 0:
                 break
-            if rank == taken[gid] and taken[gid] < limits[gid]:
-                taken[gid] += 1
-                budget -= 1
-        n_remove.update(taken)
+            if rank == taken[u] and taken[u] < limits[u]:
+                taken[u] += 1
+                budget -= len(pooled[u])
+        n_remove.update({g.id: taken[u] for u, unit in enumerate(pooled) for g in unit})
     by_id = {g.id: g for g in groups}
     for gid, k in n_remove.items():
         g = by_id[gid]

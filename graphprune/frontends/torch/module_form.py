@@ -5,6 +5,8 @@ layers updated (``in_channels``, ``out_features``, ``num_features``, ``normalize
 ``groups``, ...). A model whose ``forward`` hard-codes sizes (a reshape to 12 heads) would then
 be wrong, so the module form is accepted only when it reproduces the rewritten ``GraphModule`` on
 the example inputs; otherwise the caller keeps the GraphModule and says so in the report.
+A ``transformers`` model also gets the attributes its forward reads and its config updated
+(:mod:`graphprune.frontends.torch.hf`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from graphprune.frontends.torch import hf
 from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
@@ -96,12 +99,11 @@ def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, reference: 
     target = model if inplace else copy.deepcopy(model)
     trial = copy.deepcopy(model) if inplace else target
     try:
-        _apply_ties(trial, ties, _load(trial, pg, plan))
-        _update_attrs(trial, pg, plan)
+        _rewrite(trial, pg, plan, ties)
         args, kwargs = pg.source.args, pg.source.kwargs
         was_training = trial.training
         trial.eval()
-        with torch.no_grad():
+        with torch.no_grad(), hf.capture_mode(trial):
             got = flatten_outputs(trial(*args, **kwargs))
             want = flatten_outputs(reference(*args, **kwargs))
         trial.train(was_training)
@@ -112,9 +114,16 @@ def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, reference: 
                                     for a, b in zip(got, want)):  # fmt: skip
         return None
     if inplace:
-        _apply_ties(target, ties, _load(target, pg, plan))
-        _update_attrs(target, pg, plan)
+        _rewrite(target, pg, plan, ties)
     return target
+
+
+def _rewrite(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, ties: list[list[str]]) -> None:
+    _apply_ties(model, ties, _load(model, pg, plan))
+    _update_attrs(model, pg, plan)
+    if hf.is_hf(model):  # attributes its forward reads (heads, head_dim, ...) and the config
+        hf.update_modules(model)
+        hf.update_config(model)
 
 
 def _ties(model: nn.Module) -> list[list[str]]:
