@@ -29,6 +29,7 @@ __all__ = [
     "hf_gpt2_tiny",
     "hf_llama_tiny",
     "hf_vit_tiny",
+    "pretrained_tiny",
 ]
 
 Example = tuple[nn.Module, tuple[Tensor, ...]]
@@ -205,3 +206,38 @@ def hf_vit_tiny(seed: int = 0, attn_implementation: str = "sdpa") -> Example:
         ("pixel_values",),
         ("last_hidden_state", "pooler_output"),
     )
+
+
+def pretrained_tiny(family: str, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """The ``transformers`` model itself (no :class:`TensorOutputs` wrapper), as a user holds it.
+
+    ``family`` is ``llama`` (GQA: 4 heads, 2 kv heads), ``qwen2`` (GQA, q/k/v biases),
+    ``gpt2`` (tied lm_head, fused ``c_attn``), ``bert`` or ``vit``; all hidden 64, 2 layers,
+    intermediate 128, vocab 128. Returns ``(model in eval mode, (input_ids,) or (pixel_values,))``
+    with batch 2 and sequence 16. ``use_cache`` keeps its default, so decoders can ``generate()``.
+    """
+    import transformers as tf
+
+    small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128}  # fmt: skip
+    decoder = {"vocab_size": 128, "max_position_embeddings": 64, "num_key_value_heads": 2, **small}
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**decoder)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                          bos_token_id=0, eos_token_id=0)
+        ),
+        "bert": lambda: tf.BertModel(
+            tf.BertConfig(vocab_size=128, max_position_embeddings=64, **small)
+        ),
+        "vit": lambda: tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)),
+    }
+    if family not in makers:
+        raise ValueError(f"unknown family {family!r}: one of {sorted(makers)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = makers[family]().eval()
+        if family == "vit":
+            return model, (torch.randn(2, 3, 32, 32),)
+        return model, (torch.randint(0, 128, (2, 16), dtype=torch.int64),)

@@ -9,16 +9,16 @@ Both read the capture, never the user's module, and leave it untouched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
 from graphprune.frontends.torch.outputs import flatten_outputs
-from graphprune.ir.errors import ConfigError
 from graphprune.ir import PruneGraph
+from graphprune.ir.errors import ConfigError
 
 
 @dataclass

@@ -16,18 +16,19 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
-from graphprune.ir import PruneGraph
-from graphprune.ir.errors import ConfigError
 from graphprune.passes import cost as cost_model
 from graphprune.passes.base import PassResult
 from graphprune.passes.coupling import Group, build_coupling
 from graphprune.passes.prune import criteria
 from graphprune.passes.prune.plan import plan_removal
+
+from graphprune.ir import PruneGraph
+from graphprune.ir.errors import ConfigError
 
 
 @dataclass
@@ -196,18 +197,17 @@ def select(pg: PruneGraph, cfg: PruneConfig, scores: dict[int, np.ndarray],
             max_remove = g.size - _keep_floor(g, cfg.min_keep)
             names = [m.param for m in g.params]
             if cfg.scope == "local" or any(_any_name(pg, p, names) for p in cfg.ratios or {}):
-                local[g.id] = min(int(math.floor(group_ratio(pg, g, cfg, ratio) * g.size)),
+                local[g.id] = min(math.floor(group_ratio(pg, g, cfg, ratio) * g.size),
                                   max_remove)  # fmt: skip
-        if len(local) == len(unit):
-            n_remove.update({g.id: min(local.values()) for g in unit})
-        elif local and cfg.uniform:  # an override on some layers of a class: the smallest cut
+        if len(local) == len(unit) or (local and cfg.uniform):
+            # a class with an override on some of its layers gets the smallest cut in all
             n_remove.update({g.id: min(local.values()) for g in unit})
         else:
             n_remove.update(local)
             pooled.append([g for g in unit if g.id not in local])
     if pooled:
         total = sum(g.size for unit in pooled for g in unit)
-        budget = int(math.floor(ratio * total))
+        budget = math.floor(ratio * total)
         entries = []
         for u, unit in enumerate(pooled):
             summed = sum(np.sort(_normalised(scores[g.id]), kind="stable") for g in unit)
