@@ -166,17 +166,21 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     >>> res.model[0].out_features, res.report.form
     (8, 'module')
     """
-    if drop_blocks:
-        if inplace:
-            raise ConfigError("depth pruning returns a new model; inplace=True is not supported")
-        pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
-        return _prune_depth(pg, drop_blocks, criterion, calib, depth_unit)
-    cfg = PruneConfig(ratio, criterion, scope, target_macs, target_params, ratios, ignore, round_to,
-                      min_keep, heads, calib, loss_fn, seed)  # fmt: skip
-    cfg.validate()
     from graphprune.frontends.torch import hf
 
     is_hf = hf.is_hf(model_or_onnx)
+    if drop_blocks:
+        if inplace:
+            raise ConfigError("depth pruning returns a new model; inplace=True is not supported")
+        with hf.capture_mode(model_or_onnx):
+            pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+        res = _prune_depth(pg, drop_blocks, criterion, calib, depth_unit)
+        if is_hf:
+            _hf_depth_module(model_or_onnx, pg, res)
+        return res
+    cfg = PruneConfig(ratio, criterion, scope, target_macs, target_params, ratios, ignore, round_to,
+                      min_keep, heads, calib, loss_fn, seed)  # fmt: skip
+    cfg.validate()
     cfg.uniform = is_hf if uniform is None else bool(uniform)
     with hf.capture_mode(model_or_onnx):
         pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
@@ -196,6 +200,22 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     if is_hf:
         report.notes.append(_hf_save_note(model, form))
     return PruneResult(model, report, pg, plan, sel, source_config=source_config)
+
+
+def _hf_depth_module(model: Any, pg: PruneGraph, res: PruneResult) -> None:
+    """Dropped whole decoder layers of a transformers model: the same class with fewer layers
+    (``num_hidden_layers`` and layer indices updated), when it reproduces the GraphModule."""
+    from graphprune.frontends.torch import hf
+
+    smaller = hf.drop_layers(model, [b.params for b in res.dropped], res.model, pg.source.args,
+                             pg.source.kwargs)  # fmt: skip
+    if smaller is None:
+        res.report.notes.append("the dropped blocks are not whole layers of the transformers "
+                                "model: a torch.fx.GraphModule is returned")  # fmt: skip
+        return
+    res.model, res.report.form = smaller, "module"
+    res.source_config = copy.deepcopy(model.config)
+    res.report.notes.append(_hf_save_note(smaller, "module"))
 
 
 def _group_members(pg: PruneGraph) -> list[tuple[int, list[tuple[str, int]], bool]]:

@@ -8,6 +8,9 @@ optional input, like the pruned model must.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import torch
 from graphprune.models.hf import pretrained_tiny
@@ -57,3 +60,45 @@ def token_batch(batch: int, seq: int, masked: bool, seed: int = 1):
 
 def main_output(out) -> torch.Tensor:
     return out["logits"] if "logits" in out else out["last_hidden_state"]
+
+
+# Fresh processes: inputs and outputs cross as safetensors files (no pickle).
+PLAIN = r"""
+import sys
+import transformers
+from safetensors.torch import load_file, save_file
+out = {}
+for d in sys.argv[1:]:
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    auto = (transformers.AutoModelForCausalLM if cfg.architectures[0].endswith("LMHeadModel")
+            or cfg.architectures[0].endswith("ForCausalLM") else transformers.AutoModel)
+    m = auto.from_pretrained(d).eval()
+    assert type(m).__name__ == cfg.architectures[0], type(m).__name__
+    x = load_file(d + "/inputs.safetensors")
+    o = m(**x)
+    out[d] = (o.logits if "logits" in o else o.last_hidden_state).detach().contiguous()
+assert "graphprune" not in sys.modules
+save_file({str(i): t for i, t in enumerate(out.values())}, sys.argv[1] + "/outputs.safetensors")
+"""
+
+GRAPHPRUNE = r"""
+import sys
+import graphprune
+from safetensors.torch import load_file, save_file
+d = sys.argv[1]
+m = graphprune.from_pretrained(d)
+x = load_file(d + "/inputs.safetensors")
+o = m(**x)
+save_file({"0": (o.logits if "logits" in o else o.last_hidden_state).detach().contiguous()},
+          d + "/outputs.safetensors")
+"""
+
+
+def run_script(script: str, *dirs: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-c", script, *dirs], capture_output=True, text=True,
+                       env=env, timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(dirs[0], "outputs.safetensors"))

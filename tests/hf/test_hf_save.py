@@ -5,57 +5,16 @@ Inputs and outputs cross the process boundary as safetensors files (no pickle)."
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from hf_helpers import main_output, pruned, token_batch
+from hf_helpers import GRAPHPRUNE, PLAIN, main_output, pruned, run_script, token_batch
 
 import graphprune as gp
 from graphprune.ir.errors import ConfigError
 
 safetensors = pytest.importorskip("safetensors.torch")
 pytest.importorskip("transformers")
-
-PLAIN = r"""
-import sys
-import transformers
-from safetensors.torch import load_file, save_file
-out = {}
-for d in sys.argv[1:]:
-    cfg = transformers.AutoConfig.from_pretrained(d)
-    auto = (transformers.AutoModelForCausalLM if cfg.architectures[0].endswith("LMHeadModel")
-            or cfg.architectures[0].endswith("ForCausalLM") else transformers.AutoModel)
-    m = auto.from_pretrained(d).eval()
-    assert type(m).__name__ == cfg.architectures[0], type(m).__name__
-    x = load_file(d + "/inputs.safetensors")
-    o = m(**x)
-    out[d] = (o.logits if "logits" in o else o.last_hidden_state).detach().contiguous()
-assert "graphprune" not in sys.modules
-save_file({str(i): t for i, t in enumerate(out.values())}, sys.argv[1] + "/outputs.safetensors")
-"""
-
-GRAPHPRUNE = r"""
-import sys
-import graphprune
-from safetensors.torch import load_file, save_file
-d = sys.argv[1]
-m = graphprune.from_pretrained(d)
-x = load_file(d + "/inputs.safetensors")
-o = m(**x)
-save_file({"0": (o.logits if "logits" in o else o.last_hidden_state).detach().contiguous()},
-          d + "/outputs.safetensors")
-"""
-
-
-def _run(script: str, *dirs: str) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-c", script, *dirs], capture_output=True, text=True,
-                       env=env, timeout=120, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return safetensors.load_file(os.path.join(dirs[0], "outputs.safetensors"))
-
 
 def _inputs(family: str) -> dict:
     if family == "vit":
@@ -76,7 +35,7 @@ def test_default_result_reloads_with_plain_transformers(tmp_path):
         with torch.no_grad():
             want.append(main_output(res.model(**x)))
         dirs.append(d)
-    got = _run(PLAIN, *dirs)
+    got = run_script(PLAIN, *dirs)
     for i, fam in enumerate(families):
         assert got[str(i)].shape == want[i].shape, fam
         torch.testing.assert_close(got[str(i)], want[i], atol=1e-6, rtol=1e-5, msg=fam)
@@ -94,7 +53,7 @@ def test_per_layer_widths_round_trip_through_graphprune(tmp_path):
     assert sorted(os.listdir(d)) == ["config.json", "graphprune_plan.json", "model.safetensors"]
     x = token_batch(2, 9, masked=True)
     safetensors.save_file(x, os.path.join(d, "inputs.safetensors"))
-    got = _run(GRAPHPRUNE, d)["0"]
+    got = run_script(GRAPHPRUNE, d)["0"]
     with torch.no_grad():
         want = res.model(**x).logits
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

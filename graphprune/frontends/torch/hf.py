@@ -352,3 +352,50 @@ def load_pruned(path: str | os.PathLike) -> nn.Module:
     if left:
         raise ConfigError(f"{os.fspath(path)!r}: no saved tensor for {left[:5]}")
     return model.eval()
+
+
+# -- depth: whole decoder layers ------------------------------------------------------------------
+def drop_layers(model: nn.Module, dropped: list[set[str]], reference: nn.Module, args: tuple,
+                kwargs: dict) -> nn.Module | None:  # fmt: skip
+    """A copy of ``model`` without the layers whose parameters make up each set in ``dropped``
+    (a layer of a numbered ``nn.ModuleList``), with ``layer_idx`` renumbered (KV-cache slots)
+    and ``num_hidden_layers`` (and per-layer lists such as ``layer_types``) in the config. None
+    when a set is not one whole layer or the result differs from ``reference`` on the inputs."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    drop: dict[str, set[int]] = {}
+    for params in dropped:
+        hit = None
+        for path, lst in lists:
+            for i, layer in enumerate(lst):
+                names = {f"{path}.{i}.{n}" for n, _ in layer.named_parameters()}
+                if names and names <= set(params):
+                    hit = (path, i)
+        if hit is None:
+            return None
+        drop.setdefault(hit[0], set()).add(hit[1])
+    if len(drop) != 1:
+        return None
+    path, gone = next(iter(drop.items()))
+    out = copy.deepcopy(model)
+    lst = out.get_submodule(path)
+    kept = [i for i in range(len(lst)) if i not in gone]
+    *parent, leaf = path.split(".")
+    setattr(out.get_submodule(".".join(parent)), leaf, nn.ModuleList(lst[i] for i in kept))
+    for new, layer in enumerate(out.get_submodule(path)):
+        for m in layer.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = new
+    cfg = out.config
+    n_old = cfg.num_hidden_layers
+    cfg.num_hidden_layers = len(kept)
+    for key, val in list(vars(cfg).items()):  # per-layer lists (Qwen2's layer_types)
+        if isinstance(val, list) and len(val) == n_old and key != "architectures":
+            setattr(cfg, key, [val[i] for i in kept])
+    with torch.no_grad(), capture_mode(out):
+        from graphprune.frontends.torch.outputs import flatten_outputs
+
+        got, want = flatten_outputs(out(*args, **kwargs)), flatten_outputs(reference(*args, **kwargs))
+    same = len(got) == len(want) and all(a.shape == b.shape and torch.allclose(a, b, atol=1e-5,
+                                                                              rtol=1e-4)
+                                         for a, b in zip(got, want))  # fmt: skip
+    return out.eval() if same and rebuilds(out) else None
