@@ -74,3 +74,16 @@ def test_from_pretrained_without_plan_names_the_fix(tmp_path):
     res.model.save_pretrained(str(tmp_path))
     with pytest.raises(ConfigError, match="from_pretrained"):
         gp.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_refuses_a_class_outside_transformers(tmp_path):
+    import json
+
+    _, _, res = pruned("llama", ratio=0.0, uniform=False, ratios={"model.layers.0.mlp.*": 0.5})
+    res.save_pretrained(str(tmp_path))
+    plan_file = tmp_path / "graphprune_plan.json"
+    plan = json.loads(plan_file.read_text())
+    plan["module"], plan["class"] = "os", "system"
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(ConfigError, match="not a transformers model class"):
+        gp.from_pretrained(str(tmp_path))

@@ -257,8 +257,8 @@ def rebuilds(model: nn.Module) -> bool:
     built = _meta_build(model, model.config)
     if built is None:
         return False
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in _tensors(model).items()}
+    got = {k: tuple(v.shape) for k, v in _tensors(built).items()}
     return want == got
 
 
@@ -327,7 +327,15 @@ def load_pruned(path: str | os.PathLike) -> nn.Module:
     if plan.get("format") != 1:
         raise ConfigError(f"{plan_path}: unknown format {plan.get('format')!r} (this graphprune "
                           "reads format 1)")  # fmt: skip
-    cls = getattr(importlib.import_module(plan["module"]), plan["class"])
+    # The class is named by a file: import only from transformers, and only a model class.
+    from transformers import PreTrainedModel
+
+    mod = str(plan.get("module", ""))
+    cls = getattr(importlib.import_module(mod), str(plan.get("class")), None) if (
+        mod.startswith("transformers.")) else None  # fmt: skip
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ConfigError(f"{plan_path}: {mod}.{plan.get('class')} is not a transformers model "
+                          "class; graphprune.from_pretrained rebuilds transformers models only")
     cfg = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = cls(cfg)
