@@ -22,18 +22,12 @@ from graphprune.codegen import compiler
 from graphprune.passes.sparsity.sparsify import sparsify
 
 
-def test_digits_cnn_auto_matches_masked_model(tmp_path, monkeypatch):
-    """DigitsCNN (two 3×3 convs, two Linears) trained briefly on sklearn digits, 90%
-    unstructured magnitude sparsity; the compiled artifact matches it on held-out digits and
-    predicts the same classes. Both convs go through the conv rewrite (im2col'd 3×3)."""
-    pytest.importorskip("sklearn.datasets")
-    from graphprune.models.cnn import DigitsCNN
-    from graphprune.models.digits import digits_split, fit
-
-    xtr, ytr, xte, _ = digits_split()
-    torch.manual_seed(0)
-    model = fit(DigitsCNN(), xtr, ytr, epochs=4)
-    res = sparsify(model, xtr[:2], sparsity=0.9, pattern="unstructured")
+def test_digits_cnn_auto_matches_masked_model(digits, digits_cnn, tmp_path, monkeypatch):
+    """DigitsCNN (two 3×3 convs, two Linears) trained on sklearn digits (conftest's, trained once
+    per run), 90% unstructured magnitude sparsity; the compiled artifact matches it on held-out
+    digits and predicts the same classes. Both convs go through the conv rewrite (im2col'd 3×3)."""
+    xtr, _, xte, _ = digits
+    res = sparsify(digits_cnn, xtr[:2], sparsity=0.9, pattern="unstructured")
     sparse = res.model.eval()
     batch = xte[:32]
     with torch.no_grad():
