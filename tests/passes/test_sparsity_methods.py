@@ -59,7 +59,6 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(pattern):
         res = sparsify(model, pattern=pattern, method=method, calib=calib, exclude=[])
         errs[method] = _recon_error(w, res.model[0].weight.detach(), calib)
         assert res.report.layers[0].rel_error == pytest.approx(errs[method], rel=0.3)
-    print(pattern, errs)
     assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"]
 
 

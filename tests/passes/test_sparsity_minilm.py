@@ -93,8 +93,9 @@ XFAIL_REASON = (
 )
 
 
-def test_minilm_quality_table(pruned):
-    cos, rows = {}, []
+def test_minilm_quality_orderings(pruned):
+    """The cosine table itself is benchmarks/bench_sparsity.py's; here only what must hold."""
+    cos = {}
     configs = [(p, m, {}) for p in ("unstructured", "2:4")
                for m in ("magnitude", "wanda", "sparsegpt")]
     configs += [("unstructured", m, kw) for m, kw in BEST.items()]
@@ -104,12 +105,6 @@ def test_minilm_quality_table(pruned):
         assert "pooler.dense" in res.report.excluded  # the output head, by default
         assert abs(res.report.total_sparsity - 0.5) < 1e-3
         cos[pattern, method, bool(kw)] = c.mean().item()
-        opts = ", ".join(f"{k}={v}" for k, v in kw.items()) or "defaults"
-        rows.append(f"{pattern:<13} {method:<10} {opts:<28} {c.mean():>8.4f} {c.min():>8.4f} "
-                    f"{res.report.seconds:>7.2f}s")
-    print("\nall-MiniLM-L6-v2, cosine vs dense on", len(c), "held-out sentences")
-    print(f"{'pattern':<13} {'method':<10} {'options':<28} {'mean':>8} {'min':>8} {'time':>8}")
-    print("\n".join(rows))
     for pattern in ("unstructured", "2:4"):
         for method in ("wanda", "sparsegpt"):
             assert cos[pattern, method, False] > cos[pattern, "magnitude", False] + 0.05
