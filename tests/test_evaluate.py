@@ -5,7 +5,8 @@
    is 0 and of two known distributions their closed form; cosine / Spearman / accuracy by hand.
 2. Torch model and "artifact" (a callable on numpy arrays, static batch) give the same numbers.
 3. Orderings on a CNN trained on sklearn digits (conftest's, trained once per run), and on a
-   slice of SmolLM2-135M (``heavy``): SparseGPT ≈ Wanda ≪ magnitude, unstructured < 4:8 < 2:4 in damage.
+   slice of SmolLM2-135M (``heavy``): SparseGPT ≈ Wanda ≪ magnitude, unstructured < 4:8 < 2:4 in
+   damage.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.ir.errors import ConfigError, GraphPruneError
+import graphprune as gp
+from graphprune.ir.errors import ConfigError
 from graphprune.passes.sparsity.sparsify import sparsify
 from graphprune.passes.sparsity.patterns import prune_count
 
@@ -188,8 +189,42 @@ def test_loss_method_without_labels_says_how_to_fix():
     assert res.report.total_sparsity == pytest.approx(0.5, abs=0.01)
 
 
-def test_errors_are_graphprune_errors():
-    assert issubclass(ConfigError, GraphPruneError)
+def _nan_weight_stack():
+    model = _stack()
+    with torch.no_grad():
+        model.blocks[1].fc.weight[0, 0] = float("nan")
+    return model
+
+
+def _other_models_graph():
+    return gp.capture(nn.Linear(3, 3), (torch.randn(2, 3),))
+
+
+USER_ERRORS = [
+    *[pytest.param(lambda kw=kw: gp.sparsify(_stack(), **kw), id=f"bad-{word}-{i}")
+      for i, (kw, word) in enumerate(BAD)],
+    pytest.param(lambda: gp.sparsify(_nan_weight_stack()), id="nan-weight"),
+    pytest.param(lambda: gp.sparsify(_stack(), method="sparsegpt",
+                                     calib=[torch.full((16, 4), float("inf"))]), id="inf-calib"),
+    pytest.param(lambda: gp.sparsify(_stack(), method="taylor", calib=_x()), id="no-loss-fn"),
+    pytest.param(lambda: gp.sparsify("model.onnx"), id="path-not-model"),
+    pytest.param(lambda: gp.sparsify(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2)),
+                                     pattern="2:4"), id="no-layer-left"),
+    pytest.param(lambda: gp.sparsify(_stack(), _x()[0], graph=_other_models_graph()),
+                 id="graph-of-another-model"),
+]
+
+
+@pytest.mark.parametrize("call", USER_ERRORS)
+def test_every_user_error_is_caught_by_the_public_root(call):
+    """``except gp.GraphPruneError`` catches every mistake a user can make with gp.sparsify (no
+    ValueError/TypeError/KeyError escapes), and the message says what is wrong."""
+    try:
+        call()
+    except gp.GraphPruneError as e:
+        assert str(e)
+    else:
+        pytest.fail("no error raised")
 
 
 # ---- ONNX --------------------------------------------------------------------------------
