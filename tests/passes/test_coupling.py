@@ -183,8 +183,13 @@ def test_tied_embedding_and_head_share_one_group():
     hidden = next(g for g in build_coupling(pg).groups if any(m.param == "lm_head.weight" and m.axis == 1
                                                  for m in g.params))  # fmt: skip
     assert hidden.prunable and not hidden.exact  # RMSNorm statistics run over it
-    # One parameter for both uses: the embedding's columns and the head's in-features.
-    assert len({m.param for m in hidden.params if m.param == "lm_head.weight"}) == 1
+    # One parameter for both uses: the embedding's columns and the head's in-features are one
+    # tensor, so the group holds it once, under one of its two names, on its hidden axis ...
+    names = pg.param_names("lm_head.weight")
+    assert set(names) == {"lm_head.weight", "embed_tokens.weight"}
+    assert [(m.param, m.axis) for m in hidden.params if m.param in names] == [("lm_head.weight", 1)]
+    # ... and it is counted once, as model.parameters() counts it
+    assert gp.passes.cost.count(pg).params == sum(p.numel() for p in model.parameters())
     run_oracle(pg, hidden.id).assert_close(atol=1e-5, rtol=1e-4)
 
 

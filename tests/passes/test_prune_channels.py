@@ -317,7 +317,9 @@ def test_globs_match_the_other_names_of_tied_weights():
     torch.manual_seed(0)
     model, ids = _TiedHead().eval(), torch.randint(0, 32, (2, 5))
     pg = gp.capture(model, (ids,))
-    for name in pg.weights.keys() & {"embed.weight", "head.weight"}:
+    tied = pg.weights.keys() & {"embed.weight", "head.weight"}
+    assert tied  # the loop below must check something
+    for name in tied:
         assert pg.param_names(name) == (name, ({"embed.weight", "head.weight"} - {name}).pop())
     # the tied tensor counts once, as in model.parameters()
     assert gp.passes.cost.count(pg).params == sum(p.numel() for p in model.parameters())
