@@ -40,6 +40,7 @@ _SMALL = {
     "digits_cnn": "plain",
     "vit_tiny": "transformer",
     "vit_tiny_sdpa": "transformer",
+    "swin_tiny": "swin",
     "llama_tiny": "transformer",
     "llama_tiny_tied": "transformer",
     "hf_bert_tiny": "hf",

@@ -9,7 +9,8 @@ from graphprune.ir import PruneGraph
 from graphprune.passes.coupling import build_coupling
 
 
-def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = None) -> PruneGraph:
+def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = None,
+            dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> PruneGraph:  # fmt: skip
     """Capture a model into a :class:`PruneGraph`.
 
     Parameters
@@ -18,7 +19,11 @@ def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = N
         A PyTorch module (captured with ``torch.export``, falling back to ``torch.fx``), an ONNX
         model, or the path of a ``.onnx`` file.
     example_inputs : tuple of tensors, optional
-        Required for torch modules; use a batch size >= 2. Ignored for ONNX.
+        Required for torch modules; use a batch size >= 2. For ONNX (optional): the sizes the
+        model's symbolic dims are analysed at (by input name or position).
+    dynamic_shapes : dict, optional
+        ONNX only: ``{dim_param: (min, max)}`` for the model's symbolic input dims (default
+        ``(1, 64)`` each); the pruned model keeps them symbolic and is checked at both ends.
 
     Examples
     --------
@@ -27,7 +32,8 @@ def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = N
     >>> pg.capture_method
     'torch.export'
     """
-    return frontends.capture(model_or_onnx, example_inputs, name=name)
+    return frontends.capture(model_or_onnx, example_inputs, name=name,
+                             dynamic_shapes=dynamic_shapes)
 
 
 def groups(pg: PruneGraph) -> list:

@@ -125,13 +125,15 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
           round_to: int | None = None, min_keep: float = 0.1, heads: bool = True,
           calib: Any = None, loss_fn: Callable | None = None, inplace: bool = False,
           seed: int = 0, graph: PruneGraph | None = None, drop_blocks: int = 0,
-          depth_unit: str = "branch", uniform: bool | None = None) -> PruneResult:  # fmt: skip
+          depth_unit: str = "branch", uniform: bool | None = None,
+          dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> PruneResult:  # fmt: skip
     """Remove coupled channels, neurons and heads; return a smaller model and a report.
 
     Parameters
     ----------
     model_or_onnx : torch.nn.Module, onnx.ModelProto or path
-    example_inputs : tuple of tensors (torch only; batch >= 2)
+    example_inputs : tuple of tensors (torch: required, batch >= 2; ONNX: optional, the sizes
+        its symbolic dims are analysed and checked at)
     ratio : fraction of the prunable group indices to remove (ignored when a target is given)
     criterion : ``l1``, ``l2``, ``random``, ``fpgm``, ``bn_scale``, ``taylor``, ``hessian``,
         ``activation``, ``apoz``, ``wanda`` or a callable ``fn(ctx, group) -> scores``
@@ -157,6 +159,8 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
         a ``transformers`` model reloads with its own ``from_pretrained`` (as NVIDIA Minitron
         does). Default: True for ``transformers`` models, False otherwise. The report says what
         was left alone and why.
+    dynamic_shapes : ONNX only, ``{dim_param: (min, max)}`` (default ``(1, 64)`` for each
+        symbolic input dim): the pruned ONNX keeps the dims symbolic and runs at both ends
 
     Examples
     --------
@@ -173,7 +177,8 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
         if inplace:
             raise ConfigError("depth pruning returns a new model; inplace=True is not supported")
         with hf.capture_mode(model_or_onnx):
-            pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+            pg = graph if graph is not None else capture(model_or_onnx, example_inputs,
+                                                          dynamic_shapes=dynamic_shapes)
         res = _prune_depth(pg, drop_blocks, criterion, calib, depth_unit)
         if is_hf:
             _hf_depth_module(model_or_onnx, pg, res)
@@ -183,7 +188,8 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     cfg.validate()
     cfg.uniform = is_hf if uniform is None else bool(uniform)
     with hf.capture_mode(model_or_onnx):
-        pg = graph if graph is not None else capture(model_or_onnx, example_inputs)
+        pg = graph if graph is not None else capture(model_or_onnx, example_inputs,
+                                                          dynamic_shapes=dynamic_shapes)
     hf_notes: list[str] = []
     if is_hf and cfg.uniform:
         cfg.exclude, hf_notes = hf.unexpressible(model_or_onnx, _group_members(pg))

@@ -34,12 +34,15 @@ def kind_of(model: Any) -> str:
     )
 
 
-def capture(model: Any, example_inputs: Any = None, name: str | None = None) -> PruneGraph:
-    """Capture ``model`` with the frontend :func:`kind_of` picks (see :func:`graphprune.capture`)."""
+def capture(model: Any, example_inputs: Any = None, name: str | None = None,
+            dynamic_shapes: Any = None) -> PruneGraph:  # fmt: skip
+    """Capture ``model`` with the frontend :func:`kind_of` picks (see :func:`graphprune.capture`).
+    ``dynamic_shapes`` (ONNX only): ``{dim_param: (min, max)}``."""
     if kind_of(model) == "onnx":
         from graphprune.frontends.onnx.capture import capture_onnx
 
-        pg = capture_onnx(os.fspath(model) if isinstance(model, os.PathLike) else model, name=name)
+        pg = capture_onnx(os.fspath(model) if isinstance(model, os.PathLike) else model, name=name,
+                          example_inputs=example_inputs, dynamic_shapes=dynamic_shapes)
     else:
         from graphprune.frontends.torch.capture import capture_torch
 

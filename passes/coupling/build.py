@@ -14,7 +14,7 @@ and the same channel in every chunk fall out of the same arithmetic.
 
 A variable is *frozen* (never pruned, with ``frozen_reason``) when it reaches a model input or
 output, when an op creates it (pool sizes, expand counts, token vocabularies), when it is indexed
-(``select``) or when it passes through an op without a rule. Reductions over a variable (mean in
+(``select``), when it is an axis of an integer constant or of a gather's indices, or when it passes through an op without a rule. Reductions over a variable (mean in
 LayerNorm/RMSNorm, softmax, sum) are recorded in ``Group.reductions``.
 
 Runs after capture, before any planning pass (``PruneChannels``, ``PlanRemoval``); reads only the
@@ -96,11 +96,21 @@ def analyse_coupling(pg: PruneGraph) -> Coupling:
         for a in range(len(pg.value(v).shape or ())):
             t.freeze(axis_var[(v, a)], f"reaches model output {v!r}")
     params = set(pg.params())
+    for v in params:
+        if _is_integer(pg.value(v).dtype):
+            # An integer constant is an index table or a shape, never weights: its positions
+            # are geometry (a relative-position index over window positions), not channels.
+            for a in range(len(pg.value(v).shape or ())):
+                t.freeze(axis_var[(v, a)], f"integer constant {v!r} (an index, not weights)")
     for va in [va for va in axis_var if va[0] in params and va not in ctx.all_bound]:
         t.freeze(axis_var[va], "not a channel axis of any op that reads this parameter")
     cp = Coupling(pg, t, axis_var, ctx.op_vars)
     _collect_groups(cp)
     return cp
+
+
+def _is_integer(dtype: str) -> bool:
+    return dtype.startswith(("int", "uint")) or dtype == "bool"
 
 
 def _contradiction(pg: PruneGraph, o: str, e: CouplingError) -> str:

@@ -91,6 +91,9 @@ def _embedding(c: RuleContext) -> None:
     c.freeze_axis(w, 0, "rows are looked up by token id")
     for i in range(len(c.shape(idx))):
         c.tie(idx, i, out, i)
+        # Index positions are positions (tokens, window offsets): removing one would have to
+        # rewrite the index values too. Token ids reach a model input anyway.
+        c.freeze_axis(idx, i, "positions of a gather's indices")
 
 
 @coupling_rule("batch_norm", "instance_norm")

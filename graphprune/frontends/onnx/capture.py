@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx.nodes import const_input
+from graphprune.frontends.onnx.shapes import example_feeds, prepare
 from graphprune.frontends.onnx.source import OnnxSource
 from graphprune.ir.errors import CaptureError
 from graphprune.ir import OpNode, PruneGraph, Value
@@ -168,20 +169,32 @@ def _load(model_or_path: Any) -> tuple[onnx.ModelProto, str]:
     return model, os.path.splitext(os.path.basename(path))[0]
 
 
-def capture_onnx(model_or_path: Any, name: str | None = None) -> PruneGraph:
-    """Capture an ONNX model (never modified) into a PruneGraph."""
+def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: Any = None,
+                 dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> PruneGraph:  # fmt: skip
+    """Capture an ONNX model (never modified) into a PruneGraph.
+
+    Symbolic input dims (``dim_param``) are fixed to the sizes of ``example_inputs`` (by name or
+    position), else to 2 (within ``dynamic_shapes[dim] = (min, max)``, default ``(1, 64)``), for
+    the analysis only; shape subgraphs are folded (:mod:`~graphprune.frontends.onnx.shapes`) and
+    what is written back keeps the symbolic dims.
+    """
     model, default_name = _load(model_or_path)
     where = name or default_name
     try:
         onnx.checker.check_model(model)
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001
         raise CaptureError(f"ONNX model {where!r} fails onnx.checker: {e}. Fix or re-export it.") from e
+    feeds = example_feeds(model, example_inputs)
+    folded, dynamic = prepare(model, feeds, dynamic_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(folded, strict_mode=False, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        raise CaptureError(f"ONNX shape inference fails on {where!r}: {e}") from e
     graph = gs.import_onnx(inferred)
     graph.cleanup().toposort()
     pg = PruneGraph("onnx", "onnx-graphsurgeon", where)
     const_uses: dict[tuple[str, int], str] = {}
-    pg.source = OnnxSource(model, graph, const_uses)
+    pg.source = OnnxSource(model, graph, const_uses, example_feeds=feeds, dynamic=dynamic)
 
     def value_id(t: gs.Tensor) -> str:
         return t.name
@@ -198,9 +211,9 @@ def capture_onnx(model_or_path: Any, name: str | None = None) -> PruneGraph:
             shape = tuple(int(s) if isinstance(s, (int, np.integer)) else -1 for s in (t.shape or ()))
             if t.shape is None or any(s < 0 for s in shape):
                 raise CaptureError(
-                    f"tensor {t.name!r} in {where!r} has no static shape after ONNX shape "
-                    "inference; export with static input shapes (or fix the dims with "
-                    "onnxruntime's make_dynamic_shape_fixed) before pruning."
+                    f"tensor {t.name!r} in {where!r} has no static shape after folding the "
+                    "shape computations and ONNX shape inference (produced by "
+                    f"{t.inputs[0].op if t.inputs else 'no node'}); report the model."
                 )
             pg.add_value(vid, Value(shape, _dtype(t), role))
         return vid

@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.ir.errors import ConfigError
 
 if TYPE_CHECKING:
+    from graphprune.frontends.onnx.dynamic import DynamicDims
     from graphprune.ir import PruneGraph, RemovalPlan
 
 
@@ -25,6 +27,37 @@ class OnnxSource:
     graph: gs.Graph
     const_uses: dict[tuple[str, int], str] = field(default_factory=dict)
     frontend: str = "onnx"
+    #: the inputs given to capture, by input name (``None``: synthesised when needed)
+    example_feeds: dict[str, np.ndarray] | None = None
+    #: how the model's symbolic input dims were fixed for analysis, and how to restore them
+    dynamic: DynamicDims | None = None
+
+    def feeds(self, pg: PruneGraph, sizes: dict[str, int] | None = None,
+              seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+        """Inputs for ``pg``'s model: the example inputs at the analysed sizes, else synthesised
+        (normal floats, ones for integer and boolean inputs: valid ids and masks), with the
+        symbolic dims set to ``sizes`` where given."""
+        if self.example_feeds is not None and not sizes:
+            return dict(self.example_feeds)
+        rng = np.random.default_rng(seed)
+        out = {}
+        for v in pg.inputs:
+            val = pg.value(v)
+            shape = self.dynamic.input_shape(v, val.shape, sizes) if self.dynamic else val.shape
+            if val.dtype.startswith(("int", "uint")) or val.dtype == "bool":
+                out[v] = np.ones(shape, dtype=val.dtype)
+            else:
+                out[v] = rng.standard_normal(shape).astype(val.dtype)
+        return out
+
+    def check_feeds(self, pg: PruneGraph) -> list[dict[str, np.ndarray]]:
+        """The inputs a written model is run on before it is returned: the analysed sizes, and for
+        a model with symbolic dims one more size of each (the range's other end)."""
+        runs = [self.feeds(pg)]
+        if self.dynamic is not None:
+            for sizes in self.dynamic.other_sizes():
+                runs.append(self.feeds(pg, sizes))
+        return runs
 
     def graph_copy(self) -> gs.Graph:
         return self.graph.copy()
