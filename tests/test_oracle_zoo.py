@@ -32,6 +32,7 @@ EXPECTED = {
     "digits_cnn": (3, 3),
     "vit_tiny": (7, 6),
     "vit_tiny_sdpa": (9, 8),
+    "swin_tiny": (4, 6),
     "llama_tiny": (8, 8),
     "llama_tiny_tied": (8, 8),
     "hf_bert_tiny": (8, 8),

@@ -6,6 +6,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx import session
 from graphprune.ir.errors import UnsupportedOpError
@@ -38,13 +39,6 @@ def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nd
 def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = None,
                     seed: int = 0, feeds: dict[str, np.ndarray] | None = None):  # fmt: skip
     removal = choose_removal(pg, gid, indices, seed)
-    for g in removal:
-        group = build_coupling(pg).groups[g]
-        if group.reductions:
-            raise UnsupportedOpError(
-                f"group {g} is reduced without weights ({group.reductions[0]}); the ONNX oracle "
-                "only checks exact groups"
-            )
     plan = plan_removal(pg, removal)
     ref = dead_reference_onnx(pg, removal, plan)
     pruned = pg.source.apply_plan(pg, plan)
@@ -78,7 +72,64 @@ def dead_reference_onnx(pg: PruneGraph, removal: dict[int, list[int]], plan=None
         return arr
 
     map_constants(ref_graph, pg, kill)
+    ops = {note.split(":")[0] for g in removal for note in build_coupling(pg).groups[g].reductions}
+    if ops:
+        _mask_reductions(ref_graph, pg, plan, ops)
     return pg.source.export(ref_graph)
+
+
+def _mask_reductions(graph: gs.Graph, pg: PruneGraph, plan, ops: set[str]) -> None:
+    """Each reduction over a pruned axis computes over the kept positions only, as the pruned
+    model does: its input is gathered to the kept positions, and where the op keeps the axis
+    (LayerNormalization, Softmax) the result is scattered back with zeros at the dead ones."""
+    nodes = {n.name: n for n in graph.nodes}
+    for op in sorted(ops):
+        n = nodes.get(op)
+        if n is None:
+            raise UnsupportedOpError(f"ONNX oracle: reduction node {op!r} not found")
+        x = n.inputs[0]
+        rank = len(pg.value(x.name).shape)
+        if n.op in ("LayerNormalization", "SimplifiedLayerNormalization"):
+            if pg.op(op).attrs.get("normalized_ndim", 1) != 1:
+                raise UnsupportedOpError(f"ONNX oracle cannot mask {n.op} at {op!r} over "
+                                         "several axes")  # fmt: skip
+            axes, scatter = [rank - 1], True
+        elif n.op in ("Softmax", "LogSoftmax"):
+            axes, scatter = [pg.op(op).attrs["axis"]], True
+        elif n.op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
+                      "ReduceSumSquare"):  # fmt: skip
+            axes, scatter = list(pg.op(op).attrs["axes"]), False
+        else:
+            raise UnsupportedOpError(f"ONNX oracle cannot mask reduction {n.op} at {op!r}")
+        kept = {a: plan.kept(x.name, a) for a in axes if plan.kept(x.name, a) is not None}
+        if not kept:
+            continue
+        cur: gs.Tensor = x
+        shape = list(pg.value(x.name).shape)
+        for a, k in kept.items():
+            cur = graph.layer(op="Gather", inputs=[cur, gs.Constant(f"{op}_gp_keep{a}", k)],
+                              attrs={"axis": a}, outputs=[f"{op}_gp_kept{a}"])[0]  # fmt: skip
+            shape[a] = len(k)
+        n.inputs[0] = cur
+        if n.op in ("LayerNormalization", "SimplifiedLayerNormalization"):
+            k = kept[rank - 1]
+            for i in (1, 2):
+                if i < len(n.inputs) and isinstance(n.inputs[i], gs.Constant):
+                    arr = np.asarray(n.inputs[i].values)
+                    n.inputs[i] = gs.Constant(f"{op}_gp_param{i}", np.take(arr, k, axis=-1))
+        if not scatter:
+            continue
+        out = n.outputs[0]
+        inner = gs.Variable(f"{op}_gp_masked", dtype=out.dtype)
+        n.outputs[0] = inner
+        (a, k), = kept.items()
+        full = list(pg.value(x.name).shape)
+        idx = np.broadcast_to(k.reshape([-1 if i == a else 1 for i in range(rank)]), shape)
+        zeros = gs.Constant(f"{op}_gp_zeros", np.zeros(full, dtype=np.float32))
+        index = gs.Constant(f"{op}_gp_idx", np.ascontiguousarray(idx, dtype=np.int64))
+        graph.layer(op="ScatterElements", inputs=[zeros, index, inner], attrs={"axis": a},
+                    outputs=[out])  # fmt: skip
+    graph.cleanup().toposort()
 
 
 def _is_bn_var(pg: PruneGraph, value: str) -> bool:

@@ -130,8 +130,8 @@ class VarTable:
                     self.unify(p, inner)
                 self.parts[r] = ("prod", prod)
                 return
-            self.freeze(r, "an axis is both concatenated and reshaped in incompatible ways")
-            self.parts[r] = a
+            self._freeze_both(r, a, b, "an axis is both concatenated and reshaped in "
+                              "incompatible ways")
             return
         la, lb = self.leaves_of(pa, ma), self.leaves_of(pb, mb)
         if ma == "prod":
@@ -139,8 +139,17 @@ class VarTable:
         else:
             ok = self._align(la, lb, prod=False)
         if not ok:
-            self.freeze(r, "reshapes of this axis factorise it in incompatible ways")
+            self._freeze_both(r, a, b, "reshapes of this axis factorise it in incompatible ways")
         self.parts[r] = a
+
+    def _freeze_both(self, r: int, a: tuple[str, list[int]], b: tuple[str, list[int]],
+                     reason: str) -> None:  # fmt: skip
+        # Only ``a`` stays r's refinement; ``b``'s parts (a slice's output, a chunk) would leave
+        # the axis unfrozen, so they are frozen here with the same reason.
+        self.freeze(r, reason)
+        self.parts[r] = a
+        for p in b[1]:
+            self.freeze(p, reason)
 
     def leaves_of(self, parts: list[int], mode: str) -> list[int]:
         out: list[int] = []

@@ -83,6 +83,9 @@ class DynamicDims:
     #: (node name, input slot) -> {dim: per-element coefficient of (dim - analysed size)}
     affine: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    #: (node name, input slot) -> {dim: (axis, coefficient)}: a constant that repeats one slice
+    #: along ``axis``, ``coefficient × dim`` times (rebuilt as an ``Expand``)
+    broadcast: dict[tuple[str, int], dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     def input_shape(self, name: str, shape: tuple[int, ...], sizes: dict[str, int] | None):
         shape = list(shape)
@@ -138,6 +141,24 @@ class DynamicDims:
                 acc = graph.layer(op="Cast", inputs=[acc], attrs={"to": onnx.TensorProto.INT32},
                                   outputs=[f"{node_name}_gp_cast{slot}"])[0]  # fmt: skip
             node.inputs[slot] = acc
+        for (node_name, slot), per_dim in self.broadcast.items():
+            node = by_name.get(node_name)
+            arr = const_input(node, slot) if node is not None else None
+            if arr is None:
+                continue
+            (d, (axis, coef)), = per_dim.items()
+            one = gs.Constant(f"{node_name}_gp_slice{slot}", np.take(arr, [0], axis=axis))
+            size = np.zeros(arr.ndim, dtype=np.int64)
+            size[axis] = coef
+            base = np.array(arr.shape, dtype=np.int64)
+            k = gs.Constant(f"{node_name}_gp_bcoef{slot}", size)
+            term = graph.layer(op="Mul", inputs=[dim_value(d), k],
+                               outputs=[f"{node_name}_gp_bterm{slot}"])[0]  # fmt: skip
+            shape = graph.layer(op="Add", inputs=[gs.Constant(f"{node_name}_gp_bbase{slot}", base),
+                                                  term],
+                                outputs=[f"{node_name}_gp_bshape{slot}"])[0]  # fmt: skip
+            node.inputs[slot] = graph.layer(op="Expand", inputs=[one, shape],
+                                            outputs=[f"{node_name}_gp_bexp{slot}"])[0]  # fmt: skip
         for d, uses in self.uses.items():
             for name, axis in uses:
                 shape = list(tensors[name].shape)
@@ -211,6 +232,11 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
             a, b = const_input(nb, i), const_input(nv, i)
             if a is None or b is None or (a.shape == b.shape and np.array_equal(a, b)):
                 continue
+            axis = _broadcast_axis(a, b)
+            if axis is not None and (b.shape[axis] - a.shape[axis]) % step == 0:
+                coef = (b.shape[axis] - a.shape[axis]) // step
+                dyn.broadcast.setdefault((nb.name, i), {})[d] = (axis, coef)
+                continue
             diff = (b.astype(np.int64) - a.astype(np.int64)) if a.shape == b.shape else None
             if (diff is None or a.ndim != 1 or a.dtype.kind not in "iu"
                     or np.any(diff % step)):  # fmt: skip
@@ -219,6 +245,20 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
                     f"symbolic dim {d!r} in a way that cannot be rebuilt (shape {a.shape}); "
                     "export the model with a static size for it to prune.")
             dyn.affine.setdefault((nb.name, i), {})[d] = diff // step
+
+
+def _broadcast_axis(a: np.ndarray, b: np.ndarray) -> int | None:
+    """The one axis along which ``a`` and ``b`` differ in size, if both repeat one slice along
+    it (an ``Expand`` of a class token over the batch, folded into a constant)."""
+    if a.ndim != b.ndim:
+        return None
+    axes = [i for i in range(a.ndim) if a.shape[i] != b.shape[i]]
+    if len(axes) != 1:
+        return None
+    ax = axes[0]
+    first = np.take(a, [0], axis=ax)
+    same = all(np.array_equal(np.broadcast_to(first, x.shape), x) for x in (a, b))
+    return ax if same and np.array_equal(first, np.take(b, [0], axis=ax)) else None
 
 
 def example_feeds(model: onnx.ModelProto, inputs: Any) -> dict[str, np.ndarray] | None:

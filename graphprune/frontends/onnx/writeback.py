@@ -40,7 +40,14 @@ class _Ctx:
 
 def _rw_target_shape(c: _Ctx, n: gs.Node) -> None:
     if n.outputs[0].name in c.plan.new_shapes:
-        c.const(n, 1, np.array(c.shape(n.outputs[0]), dtype=np.int64))
+        new = np.array(c.shape(n.outputs[0]), dtype=np.int64)
+        old = const_input(n, 1)
+        if n.op == "Reshape" and old is not None and old.shape == new.shape:
+            # -1 (inferred) and 0 (copied) entries stand for sizes that may be symbolic (a
+            # dynamic batch): keep them, they still compute the right size after pruning.
+            keep = (old == -1) | ((old == 0) & (n.attrs.get("allowzero", 0) == 0))
+            new[keep] = old[keep]
+        c.const(n, 1, new)
 
 
 def _rw_split(c: _Ctx, n: gs.Node) -> None:
