@@ -42,8 +42,14 @@ def run_oracle_onnx(pg: PruneGraph, gid: int, indices: Iterable[int] | None = No
     plan = plan_removal(pg, removal)
     ref = dead_reference_onnx(pg, removal, plan)
     pruned = pg.source.apply_plan(pg, plan)
-    feeds = feeds or random_inputs(pg, seed)
-    r, p = run_onnx(ref, feeds), run_onnx(pruned, feeds)
+    runs = [feeds or random_inputs(pg, seed)]
+    if pg.source.dynamic is not None:  # symbolic dims kept: compare at every checked size
+        ref = pg.source.dynamic.restore(ref)
+        runs += [pg.source.feeds(pg, sizes, seed) for sizes in pg.source.dynamic.other_sizes()]
+    r, p = [], []
+    for f in runs:
+        r += run_onnx(ref, f)
+        p += run_onnx(pruned, f)
     diff = max(float(np.abs(a - b).max()) if a.shape == b.shape else np.inf for a, b in zip(r, p))
     first = next(iter(removal))
     return OracleResult(first, removal[first], r, p, diff)
@@ -105,11 +111,9 @@ def _mask_reductions(graph: gs.Graph, pg: PruneGraph, plan, ops: set[str]) -> No
         if not kept:
             continue
         cur: gs.Tensor = x
-        shape = list(pg.value(x.name).shape)
         for a, k in kept.items():
             cur = graph.layer(op="Gather", inputs=[cur, gs.Constant(f"{op}_gp_keep{a}", k)],
                               attrs={"axis": a}, outputs=[f"{op}_gp_kept{a}"])[0]  # fmt: skip
-            shape[a] = len(k)
         n.inputs[0] = cur
         if n.op in ("LayerNormalization", "SimplifiedLayerNormalization"):
             k = kept[rank - 1]
@@ -123,12 +127,21 @@ def _mask_reductions(graph: gs.Graph, pg: PruneGraph, plan, ops: set[str]) -> No
         inner = gs.Variable(f"{op}_gp_masked", dtype=out.dtype)
         n.outputs[0] = inner
         (a, k), = kept.items()
-        full = list(pg.value(x.name).shape)
-        idx = np.broadcast_to(k.reshape([-1 if i == a else 1 for i in range(rank)]), shape)
-        zeros = gs.Constant(f"{op}_gp_zeros", np.zeros(full, dtype=np.float32))
-        index = gs.Constant(f"{op}_gp_idx", np.ascontiguousarray(idx, dtype=np.int64))
-        graph.layer(op="ScatterElements", inputs=[zeros, index, inner], attrs={"axis": a},
-                    outputs=[out])  # fmt: skip
+        # Scatter back by a one-hot MatMul over the last axis: exact (one nonzero term per
+        # output) and free of static shapes, so it runs at every size of a symbolic batch.
+        size = pg.value(x.name).shape[a]
+        onehot = np.zeros((len(k), size), dtype=np.float32)
+        onehot[np.arange(len(k)), k] = 1
+        perm = [i for i in range(rank) if i != a] + [a]
+        back = [perm.index(i) for i in range(rank)]
+        cur = inner
+        if a != rank - 1:
+            cur = graph.layer(op="Transpose", inputs=[cur], attrs={"perm": perm},
+                              outputs=[f"{op}_gp_t"])[0]  # fmt: skip
+        cur = graph.layer(op="MatMul", inputs=[cur, gs.Constant(f"{op}_gp_onehot", onehot)],
+                          outputs=[f"{op}_gp_scattered" if a != rank - 1 else out])[0]  # fmt: skip
+        if a != rank - 1:
+            graph.layer(op="Transpose", inputs=[cur], attrs={"perm": back}, outputs=[out])
     graph.cleanup().toposort()
 
 
