@@ -40,7 +40,6 @@ def export(model, inputs, path: str, form: str) -> None:
 
 
 def check(path: str, form: str) -> tuple[str, str, str]:
-    import numpy as np
 
     import graphprune as gp
     from graphprune.frontends.onnx.session import run_onnx
@@ -74,7 +73,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     out = args.out or tempfile.mkdtemp(prefix="onnx_cov_")
     os.makedirs(out, exist_ok=True)
-    print(f"| model | export | captured | prunable groups | pruned | s |\n|---|---|---|---|---|---|")
+    print("| model | export | captured | prunable groups | pruned | s |\n|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model, inputs = models.get(name)
         for form in args.forms.split(","):

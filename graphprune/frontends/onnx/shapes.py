@@ -105,6 +105,33 @@ class DynamicDims:
                 out.append({d: other})
         return out
 
+    def _progression(self, graph: gs.Graph, name: str, slot: int, arr: np.ndarray,
+                     per_dim: dict[str, tuple[int, int]], dim_value: Any) -> gs.Tensor:  # fmt: skip
+        """``first + range(length) · step`` along the dynamic axis, length from the runtime dim."""
+        (d, (axis, coef)), = per_dim.items()
+        first, step = _progression(arr, axis)
+        step = np.zeros_like(first) if step is None else step
+        p = f"{name}_gp_prog{slot}"
+        length = graph.layer(op="Add", inputs=[
+            gs.Constant(f"{p}_len0", np.array([arr.shape[axis]], dtype=np.int64)),
+            graph.layer(op="Mul", inputs=[dim_value(d), gs.Constant(
+                f"{p}_coef", np.array([coef], dtype=np.int64))], outputs=[f"{p}_dlen"])[0]],
+            outputs=[f"{p}_len"])[0]  # fmt: skip
+        scalar = graph.layer(op="Squeeze", inputs=[length, gs.Constant(
+            f"{p}_ax0", np.array([0], dtype=np.int64))], outputs=[f"{p}_n"])[0]  # fmt: skip
+        zero, one = (gs.Constant(f"{p}_{k}", np.array(v, dtype=np.int64))
+                     for k, v in (("zero", 0), ("one", 1)))  # fmt: skip
+        idx = graph.layer(op="Range", inputs=[zero, scalar, one], outputs=[f"{p}_range"])[0]
+        shape = np.array([-1 if i == axis else 1 for i in range(arr.ndim)], dtype=np.int64)
+        idx = graph.layer(op="Reshape", inputs=[idx, gs.Constant(f"{p}_shape", shape)],
+                          outputs=[f"{p}_idx"])[0]  # fmt: skip
+        to = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        idx = graph.layer(op="Cast", inputs=[idx], attrs={"to": to}, outputs=[f"{p}_cast"])[0]
+        scaled = graph.layer(op="Mul", inputs=[idx, gs.Constant(f"{p}_step", step)],
+                             outputs=[f"{p}_scaled"])[0]  # fmt: skip
+        return graph.layer(op="Add", inputs=[scaled, gs.Constant(f"{p}_first", first)],
+                           outputs=[f"{p}_value"])[0]  # fmt: skip
+
     def restore(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """``model`` (written at the analysed sizes) with its symbolic dims back: affine
         constants computed from the inputs' runtime shapes, ``dim_param`` names on inputs and
@@ -144,21 +171,9 @@ class DynamicDims:
         for (node_name, slot), per_dim in self.broadcast.items():
             node = by_name.get(node_name)
             arr = const_input(node, slot) if node is not None else None
-            if arr is None:
-                continue
-            (d, (axis, coef)), = per_dim.items()
-            one = gs.Constant(f"{node_name}_gp_slice{slot}", np.take(arr, [0], axis=axis))
-            size = np.zeros(arr.ndim, dtype=np.int64)
-            size[axis] = coef
-            base = np.array(arr.shape, dtype=np.int64)
-            k = gs.Constant(f"{node_name}_gp_bcoef{slot}", size)
-            term = graph.layer(op="Mul", inputs=[dim_value(d), k],
-                               outputs=[f"{node_name}_gp_bterm{slot}"])[0]  # fmt: skip
-            shape = graph.layer(op="Add", inputs=[gs.Constant(f"{node_name}_gp_bbase{slot}", base),
-                                                  term],
-                                outputs=[f"{node_name}_gp_bshape{slot}"])[0]  # fmt: skip
-            node.inputs[slot] = graph.layer(op="Expand", inputs=[one, shape],
-                                            outputs=[f"{node_name}_gp_bexp{slot}"])[0]  # fmt: skip
+            if arr is not None:
+                node.inputs[slot] = self._progression(graph, node_name, slot, arr, per_dim,
+                                                      dim_value)  # fmt: skip
         for d, uses in self.uses.items():
             for name, axis in uses:
                 shape = list(tensors[name].shape)
@@ -248,17 +263,34 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
 
 
 def _broadcast_axis(a: np.ndarray, b: np.ndarray) -> int | None:
-    """The one axis along which ``a`` and ``b`` differ in size, if both repeat one slice along
-    it (an ``Expand`` of a class token over the batch, folded into a constant)."""
+    """The one axis along which ``a`` and ``b`` differ in size, if along it both are the same
+    arithmetic progression of one slice (an ``Expand`` of a class token over the batch, or the
+    ``batch × seq + position`` index into a flattened batch, folded into a constant)."""
     if a.ndim != b.ndim:
         return None
     axes = [i for i in range(a.ndim) if a.shape[i] != b.shape[i]]
     if len(axes) != 1:
         return None
     ax = axes[0]
-    first = np.take(a, [0], axis=ax)
-    same = all(np.array_equal(np.broadcast_to(first, x.shape), x) for x in (a, b))
-    return ax if same and np.array_equal(first, np.take(b, [0], axis=ax)) else None
+    first, delta = _progression(a, ax)
+    if first is None:
+        return None
+    first_b, delta_b = _progression(b, ax)
+    if first_b is None or not np.array_equal(first, first_b):
+        return None
+    return ax if delta is None or delta_b is None or np.array_equal(delta, delta_b) else None
+
+
+def _progression(arr: np.ndarray, ax: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(first slice, step)`` if ``arr`` is ``first + i · step`` along ``ax``, else ``None``s;
+    step is None for a single slice."""
+    first = np.take(arr, [0], axis=ax)
+    if arr.shape[ax] < 2:
+        return first, None
+    delta = np.take(arr, [1], axis=ax) - first
+    steps = np.arange(arr.shape[ax]).reshape([-1 if i == ax else 1 for i in range(arr.ndim)])
+    ok = np.array_equal(first + steps * delta, arr)
+    return (first, delta) if ok else (None, None)
 
 
 def example_feeds(model: onnx.ModelProto, inputs: Any) -> dict[str, np.ndarray] | None:
