@@ -5,7 +5,6 @@ unchanged.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import fingerprint
 
 import graphprune as gp
 from graphprune import models
@@ -42,17 +42,6 @@ class Step:
 def mlp() -> PruneGraph:
     m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     return gp.capture(m, (torch.randn(2, 4),))
-
-
-def fingerprint(pg: PruneGraph) -> tuple:
-    """Everything a pass must leave alone: nodes, payloads, edges, weights, masks, boundary."""
-    def digest(arrs: dict) -> dict:
-        def sha(a: np.ndarray) -> str:
-            return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-        return {k: (a.shape, str(a.dtype), sha(a)) for k, a in arrs.items()}
-
-    return pg.to_json(), digest(pg.weights), digest(pg.masks), tuple(pg.inputs), tuple(pg.outputs)
 
 
 def test_passes_run_in_the_given_order_with_their_config():
