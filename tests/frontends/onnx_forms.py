@@ -1,0 +1,45 @@
+"""Shared by the ONNX frontend tests: the three export forms and group signatures."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+import torch
+
+import graphprune as gp
+
+FORMS = ("legacy", "legacy_dyn", "dynamo")
+
+
+def export(model: torch.nn.Module, inputs: tuple, path: str, form: str) -> str:
+    """Export ``model`` as ``form``: the legacy exporter (static, or with a dynamic batch named
+    ``batch``) or the dynamo exporter. Returns ``path``."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    names = [f"input_{i}" for i in range(len(inputs))]
+    kw: dict = {"input_names": names}
+    if form == "dynamo":
+        kw["dynamo"] = True
+    else:
+        kw.update(dynamo=False, opset_version=17)
+        if form == "legacy_dyn":
+            kw["dynamic_axes"] = {n: {0: "batch"} for n in names}
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(model, tuple(inputs), os.fspath(path), **kw)
+    return os.fspath(path)
+
+
+def signatures(pg) -> list[tuple]:
+    """Each prunable group as (size, sorted shapes of its matrix/kernel parameters), shapes
+    sorted too: the legacy exporter folds BatchNorm into Conv and both exporters transpose
+    Linear weights into MatMul, so names and layouts differ between frontends, sizes do not."""
+    out = []
+    for g in gp.groups(pg):
+        if not g.prunable:
+            continue
+        shapes = sorted({tuple(sorted(pg.value(m.value).shape)) for m in g.members
+                         if m.param and len(pg.value(m.value).shape) >= 2})  # fmt: skip
+        out.append((g.size, tuple(shapes)))
+    return sorted(out)
