@@ -100,6 +100,8 @@ def _mask_reductions(graph: gs.Graph, pg: PruneGraph, plan, ops: set[str]) -> No
                 raise UnsupportedOpError(f"ONNX oracle cannot mask {n.op} at {op!r} over "
                                          "several axes")  # fmt: skip
             axes, scatter = [rank - 1], True
+        elif n.op == "InstanceNormalization":  # what GroupNorm exports to, over (B, G, rest)
+            axes, scatter = list(range(2, rank)), True
         elif n.op in ("Softmax", "LogSoftmax"):
             axes, scatter = [pg.op(op).attrs["axis"]], True
         elif n.op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
@@ -126,6 +128,9 @@ def _mask_reductions(graph: gs.Graph, pg: PruneGraph, plan, ops: set[str]) -> No
         out = n.outputs[0]
         inner = gs.Variable(f"{op}_gp_masked", dtype=out.dtype)
         n.outputs[0] = inner
+        if len(kept) != 1:
+            raise UnsupportedOpError(f"ONNX oracle cannot mask {n.op} at {op!r} pruned along "
+                                     f"several axes {sorted(kept)}")  # fmt: skip
         (a, k), = kept.items()
         # Scatter back by a one-hot MatMul over the last axis: exact (one nonzero term per
         # output) and free of static shapes, so it runs at every size of a symbolic batch.

@@ -35,11 +35,18 @@ def signatures(pg) -> list[tuple]:
     """Each prunable group as (size, sorted shapes of its matrix/kernel parameters), shapes
     sorted too: the legacy exporter folds BatchNorm into Conv and both exporters transpose
     Linear weights into MatMul, so names and layouts differ between frontends, sizes do not."""
+    def is_weight(v: str) -> bool:  # read by a conv/linear/matmul, not added (a class token)
+        return len(pg.value(v).shape) >= 2 and any(
+            pg.op(o).kind in WEIGHT_KINDS for o, _ in pg.consumers(v))
+
     out = []
     for g in gp.groups(pg):
         if not g.prunable:
             continue
         shapes = sorted({tuple(sorted(pg.value(m.value).shape)) for m in g.members
-                         if m.param and len(pg.value(m.value).shape) >= 2})  # fmt: skip
+                         if m.param and is_weight(m.value)})  # fmt: skip
         out.append((g.size, tuple(shapes)))
     return sorted(out)
+
+
+WEIGHT_KINDS = {"conv", "conv_transpose", "linear", "matmul"}

@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx.nodes import const_input
+from graphprune.frontends.onnx.patterns import merge_chunk_slices
 from graphprune.frontends.onnx.shapes import example_feeds, prepare
 from graphprune.frontends.onnx.source import OnnxSource
 from graphprune.ir.errors import CaptureError
@@ -192,6 +193,8 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
         raise CaptureError(f"ONNX shape inference fails on {where!r}: {e}") from e
     graph = gs.import_onnx(inferred)
     graph.cleanup().toposort()
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    merge_chunk_slices(graph, opset)
     pg = PruneGraph("onnx", "onnx-graphsurgeon", where)
     const_uses: dict[tuple[str, int], str] = {}
     pg.source = OnnxSource(model, graph, const_uses, example_feeds=feeds, dynamic=dynamic)
