@@ -12,6 +12,7 @@ from collections import Counter
 
 import onnx
 import pytest
+import torch
 from frontends.onnx_forms import FORMS, export, signatures
 
 import graphprune as gp
@@ -56,4 +57,24 @@ def test_onnx_form(name, form, tmp_path, torch_signatures):
     if form == "legacy_dyn":
         assert res.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     for g in [g for g in gp.groups(pg) if g.prunable]:
+        run_oracle(pg, g.id).assert_close(atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("family", ["Swin", "Swinv2"])
+def test_transformers_swin(family, form, tmp_path):
+    # Window attention with a relative-position bias (v2: a continuous-position MLP and cosine
+    # attention), shifted-window masks over batch × windows: the pattern issue 15 reported.
+    transformers = pytest.importorskip("transformers")
+    cfg = getattr(transformers, f"{family}Config")(image_size=112, embed_dim=24, depths=[2, 2],
+                                                   num_heads=[3, 6], window_size=7)  # fmt: skip
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}Model")(cfg).eval()
+    path = export(model, (torch.randn(2, 3, 112, 112),), tmp_path / "m.onnx", form)
+    pg = gp.capture(path)
+    groups = [g for g in gp.groups(pg) if g.prunable]
+    assert not {g.size for g in groups} & {7, 49}  # window geometry is never a group
+    gp.prune(path, ratio=0.3)
+    for g in groups:
         run_oracle(pg, g.id).assert_close(atol=5e-5, rtol=1e-4)

@@ -221,6 +221,7 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
             pg.add_value(vid, Value(shape, _dtype(t), role))
         return vid
 
+    tensor_names = set(graph.tensors())
     for t in graph.inputs:
         pg.inputs.append(ensure(t, "input"))
     for node in graph.nodes:
@@ -234,8 +235,10 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
         attrs["onnx"] = node.op
         arg_slots = ARG_SLOTS.get(node.op, set())
         op_id = node.name or f"{node.op}_{len(pg.nx)}"
-        while op_id in pg.nx:
+        while op_id in pg.nx or op_id in tensor_names:  # ops and values share one namespace
             op_id += "_"
+        if dynamic is not None and node.name and node.name != op_id:
+            dynamic.rename(node.name, op_id)
         node.name = op_id
         inputs: list[str | None] = []
         for i, t in enumerate(node.inputs):

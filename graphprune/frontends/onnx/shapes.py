@@ -87,6 +87,12 @@ class DynamicDims:
     #: along ``axis``, ``coefficient × dim`` times (rebuilt as an ``Expand``)
     broadcast: dict[tuple[str, int], dict[str, tuple[int, int]]] = field(default_factory=dict)
 
+    def rename(self, old: str, new: str) -> None:
+        """Node ``old`` is called ``new`` in the captured graph."""
+        for table in (self.affine, self.broadcast):
+            for key in [k for k in table if k[0] == old]:
+                table[(new, key[1])] = table.pop(key)
+
     def input_shape(self, name: str, shape: tuple[int, ...], sizes: dict[str, int] | None):
         shape = list(shape)
         for d, uses in self.uses.items():
@@ -110,8 +116,17 @@ class DynamicDims:
         """``first + range(length) · step`` along the dynamic axis, length from the runtime dim."""
         (d, (axis, coef)), = per_dim.items()
         first, step = _progression(arr, axis)
-        step = np.zeros_like(first) if step is None else step
         p = f"{name}_gp_prog{slot}"
+        if step is None:  # a repeated block: Tile it (length / period) times
+            period = first.shape[axis]
+            reps = graph.layer(op="Add", inputs=[
+                gs.Constant(f"{p}_reps0", np.array([arr.shape[axis] // period if i == axis else 1
+                                                    for i in range(arr.ndim)], np.int64)),
+                graph.layer(op="Mul", inputs=[dim_value(d), gs.Constant(f"{p}_coef", np.array(
+                    [coef // period if i == axis else 0 for i in range(arr.ndim)], np.int64))],
+                    outputs=[f"{p}_dreps"])[0]], outputs=[f"{p}_reps"])[0]  # fmt: skip
+            return graph.layer(op="Tile", inputs=[gs.Constant(f"{p}_block", first), reps],
+                               outputs=[f"{p}_value"])[0]  # fmt: skip
         length = graph.layer(op="Add", inputs=[
             gs.Constant(f"{p}_len0", np.array([arr.shape[axis]], dtype=np.int64)),
             graph.layer(op="Mul", inputs=[dim_value(d), gs.Constant(
@@ -248,8 +263,10 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
             if a is None or b is None or (a.shape == b.shape and np.array_equal(a, b)):
                 continue
             axis = _broadcast_axis(a, b)
-            if axis is not None and (b.shape[axis] - a.shape[axis]) % step == 0:
-                coef = (b.shape[axis] - a.shape[axis]) // step
+            coef = (b.shape[axis] - a.shape[axis]) // step if axis is not None else 0
+            block, delta = _progression(a, axis) if axis is not None else (None, None)
+            if (axis is not None and (b.shape[axis] - a.shape[axis]) % step == 0
+                    and (delta is not None or coef % block.shape[axis] == 0)):  # fmt: skip
                 dyn.broadcast.setdefault((nb.name, i), {})[d] = (axis, coef)
                 continue
             diff = (b.astype(np.int64) - a.astype(np.int64)) if a.shape == b.shape else None
@@ -282,13 +299,20 @@ def _broadcast_axis(a: np.ndarray, b: np.ndarray) -> int | None:
 
 
 def _progression(arr: np.ndarray, ax: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``(first slice, step)`` if ``arr`` is ``first + i · step`` along ``ax``, else ``None``s;
-    step is None for a single slice."""
+    """``(block, step)``: ``arr`` along ``ax`` is its leading ``block`` repeated (``step`` None:
+    a Tile of a class token, of a window mask over the batch) or, for a one-slice block,
+    ``block + i · step`` (an index into a flattened batch); ``None``s when it is neither."""
+    n = arr.shape[ax]
+    for period in (p for p in range(1, n) if n % p == 0):
+        block = np.take(arr, np.arange(period), axis=ax)
+        reps = [n // period if i == ax else 1 for i in range(arr.ndim)]
+        if np.array_equal(np.tile(block, reps), arr):
+            return block, None
     first = np.take(arr, [0], axis=ax)
-    if arr.shape[ax] < 2:
+    if n < 2:
         return first, None
     delta = np.take(arr, [1], axis=ax) - first
-    steps = np.arange(arr.shape[ax]).reshape([-1 if i == ax else 1 for i in range(arr.ndim)])
+    steps = np.arange(n).reshape([-1 if i == ax else 1 for i in range(arr.ndim)])
     ok = np.array_equal(first + steps * delta, arr)
     return (first, delta) if ok else (None, None)
 
