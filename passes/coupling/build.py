@@ -14,8 +14,10 @@ and the same channel in every chunk fall out of the same arithmetic.
 
 A variable is *frozen* (never pruned, with ``frozen_reason``) when it reaches a model input or
 output, when an op creates it (pool sizes, expand counts, token vocabularies), when it is indexed
-(``select``), when it is an axis of an integer constant or of a gather's indices, or when it passes through an op without a rule. Reductions over a variable (mean in
-LayerNorm/RMSNorm, softmax, sum) are recorded in ``Group.reductions``.
+(``select``), when it is an axis of an integer constant or of a gather's indices (positions,
+not channels: a relative-position index over window offsets), or when it passes through an op
+without a rule. Reductions over a variable (mean in LayerNorm/RMSNorm, softmax, sum) are
+recorded in ``Group.reductions``.
 
 Runs after capture, before any planning pass (``PruneChannels``, ``PlanRemoval``); reads only the
 :class:`~graphprune.ir.PruneGraph` and caches its result on it under ``"coupling"``.

@@ -81,8 +81,8 @@ def test_hf_swin_window_and_qkv_axes_are_not_groups(hf_swin):
     # window (7), window tokens (49) and the q/k/v "3" are geometry, not channels
     assert not sizes & {7, 49}, gp.explain(pg)
     res = gp.prune(hf_swin, ratio=0.3)  # runs the written model itself
-    out = run_onnx(res.model, [np.random.default_rng(0).standard_normal((1, 3, 56, 56),
-                                                                       dtype=np.float32)])  # fmt: skip
+    x = np.random.default_rng(0).standard_normal((1, 3, 56, 56), dtype=np.float32)
+    out = run_onnx(res.model, [x])
     assert out[0].shape[-1] < 48
 
 

@@ -1,8 +1,10 @@
 """ONNX frontend: ``onnx.ModelProto`` or a ``.onnx`` path → :class:`~graphprune.ir.PruneGraph`.
 
-The model is checked (``onnx.checker``), shape-inferred (``onnx.shape_inference``) and imported
-with onnx-graphsurgeon. ``ONNX_RULES`` maps each ``op_type`` onto the same normalised kinds the
-torch frontend produces. Constant inputs that are *arguments* rather than data (a Reshape's
+The model is checked (``onnx.checker``), its symbolic input dims fixed and its shape subgraphs
+folded (:mod:`~graphprune.frontends.onnx.shapes`), shape-inferred (``onnx.shape_inference``),
+imported with onnx-graphsurgeon and its exporter idioms normalised
+(:mod:`~graphprune.frontends.onnx.patterns`). ``ONNX_RULES`` maps each ``op_type`` onto the
+same normalised kinds the torch frontend produces. Constant inputs that are *arguments* rather than data (a Reshape's
 target shape, a Split's sizes, a Slice's bounds) are read into the op's attributes and do not
 appear as tensor slots; float initializers that ops compute with become parameters.
 """
@@ -184,7 +186,8 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001
-        raise CaptureError(f"ONNX model {where!r} fails onnx.checker: {e}. Fix or re-export it.") from e
+        raise CaptureError(
+            f"ONNX model {where!r} fails onnx.checker: {e}. Fix or re-export it.") from e
     feeds = example_feeds(model, example_inputs)
     folded, dynamic = prepare(model, feeds, dynamic_shapes)
     try:
