@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import graphprune as gp
 from graphprune.app import evaluate as ev
 from graphprune.models.digits import fit as train_classifier
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 
 from bench_sparsity import read_sentences  # noqa: E402 - benchmarks/ is on sys.path
 from record import cpu_name, md_table as table, write_block  # noqa: E402 - benchmarks/ is on sys.path

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 from record import cpu_name  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent

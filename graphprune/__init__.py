@@ -22,6 +22,7 @@ from graphprune.ir.errors import (
 from graphprune.ir import OpNode, PruneGraph, Value
 from graphprune.api.structured import PruneReport, PruneResult, prune
 from graphprune.api.remove import remove_channels
+from graphprune.api.sparsify import sparsify
 from graphprune.api.iterative import prune_iteratively, rewind, sensitivity
 from graphprune.api.pretrained import from_pretrained
 
@@ -33,24 +34,6 @@ def compile(*args, **kwargs):  # noqa: A001 - the compile step is the product's 
     from graphprune.codegen.compiler import compile as _compile
 
     return _compile(*args, **kwargs)
-
-
-def sparsify(model_or_onnx, example_inputs=None, *args, graph=None, **kwargs):
-    """Unstructured / N:M / block sparsity masks; see :func:`graphprune.passes.sparsity.sparsify.sparsify`.
-
-    With ``graph=`` (a :class:`PruneGraph` of the same model) the masks are also recorded in
-    ``graph.masks`` for codegen.
-    """
-    from graphprune.passes.sparsity.sparsify import sparsify as _sparsify
-
-    res = _sparsify(model_or_onnx, example_inputs, *args, **kwargs)
-    if graph is not None:
-        names = {graph.value(p).param for p in graph.params()}
-        unknown = sorted(set(res.masks) - names)
-        if unknown:
-            raise ConfigError(f"graph= is not a capture of this model: it has no {unknown[:3]}")
-        graph.masks.update({k: v.detach().cpu().numpy().astype(bool) for k, v in res.masks.items()})
-    return res
 
 
 def run(recipe, **kwargs):

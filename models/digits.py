@@ -53,7 +53,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float = 3e-3,
     ``masks`` ({parameter name: bool mask}, as ``graphprune.sparsify`` returns them) are kept
     applied after every optimizer step, so a sparse model stays sparse while it is fine-tuned.
     """
-    from graphprune.passes.sparsity.gradual import keep_masks
+    from graphprune.frontends.torch.masks import keep_masks
 
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import graphprune as gp
 from graphprune.app import evaluate as ev
 from graphprune.ir.errors import ConfigError
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 
 
 class Uniform(torch.nn.Module):

@@ -212,7 +212,7 @@ def _sparsify(settings: dict | None, model: Any, loaded: LoadedModel, seed: int,
     """``(model, report, masks)`` after the recipe's ``sparsify:`` (unchanged without one)."""
     if settings is None:
         return model, None, {}
-    from graphprune.passes.sparsity.sparsify import sparsify
+    from graphprune.api.sparsify import sparsify
 
     s = settings
     with clock.step("sparsify", f"sparsifying ({s['pattern']}, {s['method']})"):

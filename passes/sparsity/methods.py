@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir.errors import ConfigError
 
 from graphprune.passes.sparsity.patterns import NM, Pattern, Unstructured, prune_count
@@ -313,10 +313,14 @@ class SynFlow:
     Only the inputs' shapes (and integer ids, e.g. token ids) are used, never their values: the
     criterion is data-free. The copy's parameters and buffers are replaced by their absolute
     values once; each round multiplies the target weights by the current masks.
+    ``flatten_outputs`` (the frontend's) turns what the model returns into a list of tensors;
+    ``R`` sums the first.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], example_inputs):
+    def __init__(self, model: nn.Module, names: list[str], example_inputs,
+                 flatten_outputs: Callable[[Any], list[torch.Tensor]]):
         self.model = copy.deepcopy(model).double().eval()
+        self.flatten_outputs = flatten_outputs
         with torch.no_grad():
             for v in self.model.state_dict().values():
                 if v.is_floating_point():
@@ -335,7 +339,7 @@ class SynFlow:
                 w = b if m is None else b * t.to_param_shape(m).to(b.dtype)
                 t.module.weight.copy_(w)
         params = [t.module.weight for t in self.targets]
-        out = flatten_outputs(call_model(self.model, self.inputs))[0]
+        out = self.flatten_outputs(call_model(self.model, self.inputs))[0]
         g = torch.autograd.grad(out.sum(), params, allow_unused=True)
         res = {}
         for t, p, gi in zip(self.targets, params, g):

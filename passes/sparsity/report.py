@@ -1,4 +1,8 @@
-"""What a sparsity pass did, per layer: achieved sparsity, pattern check, error proxy, time.
+"""What a sparsity pass returns: :class:`MaskSet` (masks, reconstructed weights, report) and its
+:class:`SparsityReport` (per layer: achieved sparsity, pattern check, error proxy, time).
+
+A pass only computes: the API records ``MaskSet.masks`` on the IR (``PruneGraph.masks``) and
+the frontend's writer (``graphprune.frontends.{torch,onnx}.masks``) writes them into the model.
 
 ``rel_error`` is the layer's relative reconstruction error ``||(W - W') X|| / ||W X||`` on up to
 512 calibration rows of its own input (``None`` when no calibration data was given).
@@ -10,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LayerSparsity", "SparsityReport", "relative_error"]
+__all__ = ["LayerSparsity", "MaskSet", "SparsityReport", "relative_error"]
 
 
 @dataclass
@@ -68,6 +72,21 @@ class SparsityReport:
         return "\n".join(rows)
 
     __str__ = to_text
+
+
+@dataclass
+class MaskSet:
+    """The product of a sparsity pass.
+
+    ``masks``: parameter (torch) or initializer (ONNX) name -> bool keep-mask in the weight's
+    shape, True = kept. ``values``: for the layers whose kept weights the method reconstructed
+    (SparseGPT, ``update='obs'``), the new weight, to be written before masking; the other
+    layers keep their weights. ``report``: what the pass did, per layer.
+    """
+
+    masks: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    report: SparsityReport
 
 
 def relative_error(w_old: torch.Tensor, w_new: torch.Tensor, x: torch.Tensor | None):

@@ -1,15 +1,20 @@
-"""``sparsify``: weight masks (unstructured, N:M, block) for a torch model or an ONNX model.
+"""The sparsity pass for torch modules: weight masks (unstructured, N:M, block) and a report.
 
-Pipeline position: a plan+apply pass. It reads the model (not the PruneGraph yet), computes
-boolean masks with one of the criteria in ``sparsity_methods``, writes masked weights (exact
-zeros; SparseGPT also updates the kept weights) into a copy of the model, and reports per layer.
-The TVM backend consumes the masks to pick sparse / N:M kernels. Optional training-free
-refinements (``sparsity_refine``): OWL per-block ratios, DSnoT mask swaps, and SparseGPT's OBS
-weight update applied to another criterion's mask.
+Pipeline position: the plan step of ``graphprune.sparsify`` (:mod:`graphprune.api.sparsify`),
+between capture and write-back. :func:`compute_masks` picks the target layers
+(:mod:`graphprune.passes.sparsity.targets`), gathers calibration statistics
+(:mod:`graphprune.passes.sparsity.calibration`), scores weights with one of the criteria in
+:mod:`graphprune.passes.sparsity.methods`, selects masks (:mod:`graphprune.passes.sparsity.patterns`)
+and optionally refines them (:mod:`graphprune.passes.sparsity.refine`: OWL per-block ratios,
+DSnoT mask swaps, SparseGPT's OBS weight update applied to another criterion's mask). It returns
+a :class:`~graphprune.passes.sparsity.report.MaskSet`; the API records the masks on the IR
+(``PruneGraph.masks``) and the torch frontend writes them into the model.
 
-Guarantees: the input model is never mutated unless ``inplace=True``, and then only after every
-mask was computed (all work happens on a copy first), so a failure leaves nothing half-applied.
-Every user error raises :class:`graphprune.ir.errors.ConfigError` naming the parameter and the fix.
+Precondition: ``model`` is an ``nn.Module`` (the caller dispatched on the model's kind) and the
+config was validated (:func:`graphprune.passes.sparsity.config.validate_config`). Calibration is
+module-based: transformer stacks are calibrated block by block on the outputs of the blocks
+already sparsified, so the pass works on its own deep copy of the model (masked weights are
+written into that copy as it goes); the caller's model is never touched.
 """
 
 from __future__ import annotations
@@ -17,8 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,10 +30,10 @@ from torch import nn
 from graphprune.ir.errors import ConfigError
 
 from graphprune.passes.sparsity.calibration import BlocksDoNotChain, LayerStats, SequentialBlocks, collect_whole
+from graphprune.passes.sparsity.config import SparsityConfig
 from graphprune.passes.sparsity.methods import (
     ACTIVATION_METHODS,
     LOSS_METHODS,
-    METHODS,
     SynFlow,
     gradient_scores,
     magnitude_scores,
@@ -38,210 +42,63 @@ from graphprune.passes.sparsity.methods import (
     sparsegpt_prune,
     wanda_scores,
 )
-from graphprune.passes.sparsity.patterns import NM, Block, Pattern, Unstructured, check_mask, fits, parse_pattern
+from graphprune.passes.sparsity.patterns import NM, Block, check_mask, fits
 from graphprune.passes.sparsity.patterns import select_global, select_mask
 from graphprune.passes.sparsity.refine import dsnot_refine, outlier_ratio, owl_sparsities
-from graphprune.passes.sparsity.report import LayerSparsity, SparsityReport, relative_error
+from graphprune.passes.sparsity.report import LayerSparsity, MaskSet, SparsityReport, relative_error
 from graphprune.passes.sparsity.targets import Target, find_blocks, find_head, find_targets, is_embedding
 from graphprune.passes.sparsity.targets import match_exclude
 
-__all__ = ["SparsifyResult", "sparsify"]
+__all__ = ["compute_masks"]
 
 OWL_M, OWL_LAMBDA = 5.0, 0.08  # outlier threshold (x mean score) and ratio spread: the paper's
 
 
-@dataclass
-class SparsifyResult:
-    model: Any  # nn.Module or onnx.ModelProto, like the input
-    masks: dict[str, torch.Tensor]  # parameter / initializer name -> bool keep-mask, param shape
-    report: SparsityReport
-
-
-@dataclass
-class _Config:
-    pattern: Pattern
-    sparsity: float
-    method: str
-    scope: str
-    min_keep: float
-    blocksize: int
-    percdamp: float
-    iterations: int
-    seed: int
-    allocation: str = "uniform"
-    refine: str | None = None
-    update: str | None = None
-
-
-def _validate_extras(cfg: _Config) -> None:
-    """OWL, DSnoT and the OBS update only make sense on top of the calibrated per-layer methods."""
-    if cfg.allocation not in ("uniform", "owl"):
-        raise ConfigError(f"allocation={cfg.allocation!r}: use 'uniform' or 'owl'")
-    if cfg.refine not in (None, "dsnot"):
-        raise ConfigError(f"refine={cfg.refine!r}: use None or 'dsnot'")
-    if cfg.update not in (None, "obs"):
-        raise ConfigError(f"update={cfg.update!r}: use None or 'obs' (SparseGPT's reconstruction "
-                          "of the kept weights)")
-    if cfg.allocation == "owl" and not (cfg.method in ("wanda", "sparsegpt")
-                                        and cfg.scope == "layer"
-                                        and isinstance(cfg.pattern, Unstructured)):
-        raise ConfigError("allocation='owl' sets per-layer unstructured ratios: it needs "
-                          "method='wanda' or 'sparsegpt', scope='layer', pattern='unstructured'")
-    if cfg.refine == "dsnot" and not (cfg.method == "wanda" and cfg.scope == "layer"
-                                      and isinstance(cfg.pattern, Unstructured)):
-        raise ConfigError("refine='dsnot' swaps weights within each output row: it needs "
-                          "method='wanda', scope='layer', pattern='unstructured'")
-    if cfg.update == "obs" and not (cfg.method in ("wanda", "obd", "magnitude")
-                                    and cfg.scope == "layer"):
-        raise ConfigError("update='obs' reconstructs the kept weights of a mask from the layer "
-                          "Hessian: it needs method='wanda', 'obd' or 'magnitude' with "
-                          "scope='layer' and calib (sparsegpt already updates its weights)")
-
-
-def _validate(sparsity, pattern, method, scope, min_keep, blocksize, percdamp, iterations, seed,
-              calib, example_inputs, loss_fn, allocation="uniform", refine=None,
-              update=None) -> tuple[_Config, list | None]:
-    pat = parse_pattern(pattern)
-    if method not in METHODS:
-        raise ConfigError(f"method={method!r} is unknown: use one of {', '.join(METHODS)}")
-    if isinstance(pat, NM):
-        implied = pat.sparsity
-        if sparsity is not None and not (isinstance(sparsity, (int, float))
-                                         and abs(sparsity - implied) < 1e-9):
-            raise ConfigError(f"sparsity={sparsity!r} contradicts pattern='{pat}', which fixes "
-                              f"sparsity at {implied:g}; leave sparsity=None")
-        sparsity = implied
-    elif sparsity is None:
-        sparsity = 0.5
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
-            0.0 <= sparsity < 1.0):
-        raise ConfigError(f"sparsity={sparsity!r} must be a number in [0, 1), e.g. 0.5")
-    if scope not in ("layer", "global"):
-        raise ConfigError(f"scope={scope!r}: use 'layer' or 'global'")
-    if scope == "global" and isinstance(pat, NM):
-        raise ConfigError("scope='global' has no meaning for an N:M pattern: use scope='layer'")
-    if method == "sparsegpt" and (scope == "global" or isinstance(pat, Block)):
-        raise ConfigError("method='sparsegpt' reconstructs layer by layer: it needs "
-                          "scope='layer' and pattern 'unstructured' or 'N:M'")
-    if not (isinstance(min_keep, (int, float)) and 0.0 <= min_keep <= 1.0):
-        raise ConfigError(f"min_keep={min_keep!r} must be a fraction in [0, 1]")
-    if not (isinstance(blocksize, int) and blocksize >= 1):
-        raise ConfigError(f"blocksize={blocksize!r} must be a positive int (default 128)")
-    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
-        raise ConfigError(f"percdamp={percdamp!r} must be a finite number >= 0 (default 0.01)")
-    if not (isinstance(iterations, int) and iterations >= 1):
-        raise ConfigError(f"iterations={iterations!r} must be a positive int (SynFlow rounds)")
-    if calib is not None:
-        calib = [calib] if isinstance(calib, (torch.Tensor, dict)) else list(calib)
-        if not calib:
-            calib = None
-    if (method in ACTIVATION_METHODS + LOSS_METHODS or update is not None) and calib is None:
-        what = f"method={method!r}" if update is None else f"update={update!r}"
-        raise ConfigError(f"{what} needs calibration data: pass calib=[batch, ...] "
-                          "(each batch a tensor, tuple of args or dict of kwargs)")
-    if method == "synflow" and example_inputs is None:
-        raise ConfigError("method='synflow' needs example_inputs (only their shape is used)")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ConfigError("loss_fn must be callable(model, batch) -> scalar tensor")
-    cfg = _Config(pat, float(sparsity), method, scope, float(min_keep), blocksize,
-                  float(percdamp), iterations, int(seed), allocation, refine, update)
-    _validate_extras(cfg)
-    return cfg, calib
-
-
-def sparsify(model, example_inputs=None, sparsity=None, pattern="unstructured",
-             method="magnitude", calib=None, scope="layer", min_keep=0.0, exclude=None,
-             blocksize=128, percdamp=0.01, inplace=False, loss_fn=None, iterations=100,
-             seed=0, prior_masks=None, allocation="uniform", refine=None,
-             update=None) -> SparsifyResult:
-    """Compute weight masks and return a model whose masked weights are exact zeros.
+def compute_masks(model: nn.Module, config: SparsityConfig, *, calib: list | None = None,
+                  example_inputs: Any = None, exclude: list[str] | None = None, loss_fn=None,
+                  prior_masks: dict[str, torch.Tensor] | None = None,
+                  flatten_outputs: Callable[[Any], list[torch.Tensor]]) -> MaskSet:
+    """Masks for the Linear / Conv1d / Conv2d / Conv1D weights of ``model``; ``model`` unchanged.
 
     Parameters
     ----------
-    model : nn.Module or onnx.ModelProto
-        Targets are Linear / Conv1d / Conv2d (reduction dim ``in_channels/groups * kh * kw``) and
-        transformers' Conv1D. ONNX input supports ``magnitude`` and ``random``.
-    example_inputs : tensor, tuple or dict, optional
-        One input batch: used to find the output head (last layer to run) and by SynFlow (shape
-        only). Without it the head is the last target registered.
-    sparsity : float in [0, 1), optional
-        Fraction of weights pruned in each comparison group. Default 0.5; for N:M it is implied
-        (``1 - N/M``) and any other value is an error.
-    pattern : {"unstructured", "N:M", "block:RxC"}
-        N:M keeps N of every M consecutive weights along the reduction dim; block RxC tiles
-        (output rows x reduction cols). Layers whose dims the pattern does not divide are left
-        dense and listed in ``report.excluded``.
-    method : {"magnitude", "random", "wanda", "obd", "sparsegpt", "taylor", "snip", "grasp",
-              "synflow"}
-        See :mod:`graphprune.passes.sparsity.methods`.
-    calib : iterable of batches, optional
-        Needed by wanda/obd/sparsegpt (model inputs) and taylor/snip/grasp (with ``loss_fn``).
-        A batch is a tensor, a tuple of positional args or a dict of kwargs. If the model has an
-        ``nn.ModuleList`` of blocks and ``scope="layer"``, calibration is sequential.
-    scope : {"layer", "global"}
-        ``global`` ranks all layers together; each keeps at least ``min_keep`` of its weights.
-    exclude : list of str, optional
-        Module names or globs left dense. ``None`` excludes the output head; a list replaces that
-        default (``exclude=[]`` prunes the head too). Embeddings are never pruned.
-    blocksize, percdamp : SparseGPT's column block and Hessian damping (fraction of mean diag).
-    inplace : bool
-        Write the result into ``model`` (only after everything succeeded).
-    loss_fn : callable(model, batch) -> scalar, optional
-        For taylor/snip/grasp; default cross-entropy on ``(inputs, labels)`` batches.
-    iterations : int
-        SynFlow pruning rounds (exponential schedule, default 100 as in the paper).
-    seed : int
-        For ``random``.
-    prior_masks : dict, optional
-        Masks from an earlier round (gradual schedules): pruned weights stay pruned.
-    allocation : {"uniform", "owl"}
-        ``owl``: per-block sparsities from activation outliers (Yin et al. 2024), same overall
-        sparsity; wanda/sparsegpt, unstructured. See :mod:`graphprune.passes.sparsity.refine`.
-    refine : {None, "dsnot"}
-        ``dsnot``: training-free mask swaps per output row after Wanda (Zhang et al. 2024).
-    update : {None, "obs"}
-        ``obs``: after a mask-only criterion (wanda, obd, magnitude), update the kept weights with
-        SparseGPT's OBS reconstruction from the layer Hessian (needs ``calib``).
+    model : nn.Module
+        Read only (a deep copy is calibrated and masked).
+    config : SparsityConfig
+        From :func:`~graphprune.passes.sparsity.config.validate_config`, with ``calib`` as it
+        returned it.
+    example_inputs, exclude, loss_fn, prior_masks
+        As :func:`graphprune.api.sparsify.sparsify` documents them; ``exclude`` validated.
+    flatten_outputs : callable
+        The frontend's flattening of a model's outputs into a list of tensors (SynFlow sums the
+        first).
 
     Returns
     -------
-    SparsifyResult(model, masks, report)
+    MaskSet
+        ``masks`` by parameter name (bool, the parameter's shape), ``values`` for the layers whose
+        kept weights were reconstructed (SparseGPT, ``update='obs'``), and the report.
 
     Examples
     --------
-    >>> import torch
+    >>> from graphprune.passes.sparsity.config import validate_config
     >>> lin = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    >>> res = sparsify(lin, pattern="2:4", method="magnitude")
-    >>> res.masks["0.weight"].float().mean().item(), list(res.report.excluded)
-    (0.5, ['2'])
+    >>> cfg, _ = validate_config(pattern="2:4")
+    >>> found = compute_masks(lin, cfg, flatten_outputs=list)
+    >>> found.masks["0.weight"].float().mean().item(), list(found.report.excluded), found.values
+    (0.5, ['2'], {})
     """
-    if type(model).__name__ == "ModelProto":
-        from graphprune.passes.sparsity.onnx_weights import sparsify_onnx
-
-        if (allocation, refine, update) != ("uniform", None, None):
-            raise ConfigError("allocation/refine/update need a torch model (ONNX input supports "
-                              "magnitude and random masks only)")
-        return sparsify_onnx(model, sparsity=sparsity, pattern=pattern, method=method,
-                             calib=calib, scope=scope, min_keep=min_keep, exclude=exclude,
-                             seed=seed)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model: expected torch.nn.Module or onnx.ModelProto, got "
-                          f"{type(model).__name__}")
-    cfg, calib = _validate(sparsity, pattern, method, scope, min_keep, blocksize, percdamp,
-                           iterations, seed, calib, example_inputs, loss_fn, allocation, refine,
-                           update)
-    if exclude is not None and (isinstance(exclude, str) or not all(
-            isinstance(e, str) for e in exclude)):
-        raise ConfigError("exclude must be a list of module names or globs, e.g. ['lm_head']")
-    return _Sparsifier(model, cfg, calib, example_inputs, exclude, loss_fn, prior_masks).run(
-        inplace)
+    return _Sparsifier(model, config, calib, example_inputs, exclude, loss_fn, prior_masks,
+                       flatten_outputs).run()
 
 
 class _Sparsifier:
-    def __init__(self, model, cfg: _Config, calib, example_inputs, exclude, loss_fn, prior):
+    def __init__(self, model, cfg: SparsityConfig, calib, example_inputs, exclude, loss_fn, prior,
+                 flatten_outputs):
         self.user_model, self.cfg, self.calib = model, cfg, calib
         self.example_inputs, self.exclude, self.loss_fn = example_inputs, exclude, loss_fn
         self.prior = prior or {}
+        self.flatten_outputs = flatten_outputs
         self.report = SparsityReport(cfg.method, str(cfg.pattern), cfg.scope, cfg.sparsity, "none")
 
     # --- selection of layers -------------------------------------------------------------
@@ -350,9 +207,13 @@ class _Sparsifier:
         # The old weights are kept only for the error report, which needs calibration rows.
         old = t.weight2d().clone() if x is not None else t.weight2d()
         w2 = (new if new is not None else old) * keep
+        # Written into the pass's own copy: sequential calibration feeds the next block the
+        # outputs of this one as sparsified.
         with torch.no_grad():
             t.module.weight.copy_(t.to_param_shape(w2.to(old.dtype)))
         self.masks[t.param_name] = t.to_param_shape(keep)
+        if new is not None:
+            self.values[t.param_name] = t.module.weight.detach()
         self.report.layers.append(LayerSparsity(
             t.param_name, tuple(t.module.weight.shape), int(keep.sum()), keep.numel(),
             check_mask(keep, self.cfg.pattern), self._group(),
@@ -448,7 +309,8 @@ class _Sparsifier:
 
     def _synflow(self, active) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        flow = SynFlow(self.work, [t.name for t in active], self.example_inputs)
+        flow = SynFlow(self.work, [t.name for t in active], self.example_inputs,
+                       self.flatten_outputs)
         keep = {t.name: p for t in active if (p := self._prior2d(t)) is not None} or None
         for k in range(1, cfg.iterations + 1):
             # Exponential schedule: density (1 - s)^(k / n), as in Tanaka et al. (2020).
@@ -457,10 +319,11 @@ class _Sparsifier:
         self.report.calibration = f"data-free ({cfg.iterations} SynFlow rounds)"
         return keep
 
-    def run(self, inplace: bool) -> SparsifyResult:
+    def run(self) -> MaskSet:
         t0 = time.perf_counter()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.masks: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
         self.layer_sparsity: dict[str, float] = {}
         self.work = copy.deepcopy(self.user_model).eval()
         active = self._select_targets()
@@ -476,11 +339,4 @@ class _Sparsifier:
         if not done:
             self._one_shot(active)
         self.report.seconds = time.perf_counter() - t0
-        if not inplace:
-            self.work.train(self.user_model.training)
-            return SparsifyResult(self.work, self.masks, self.report)
-        mods = dict(self.user_model.named_modules())
-        with torch.no_grad():
-            for t in active:
-                mods[t.name].weight.copy_(t.module.weight)
-        return SparsifyResult(self.user_model, self.masks, self.report)
+        return MaskSet(self.masks, self.values, self.report)

@@ -19,7 +19,7 @@ import torch
 from codegen_helpers import check_auto_decisions, sparse_records
 
 from graphprune.codegen import compiler
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 
 
 def test_digits_cnn_auto_matches_masked_model(digits, digits_cnn, tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ def test_compile_auto_vit_tiny_matches_masked_model(tmp_path, monkeypatch):
     decisions and their timings are in the manifest and in the on-disk cache, and a second
     compile reuses the cache."""
     import graphprune.models as zoo
-    from graphprune.passes.sparsity.sparsify import sparsify
+    from graphprune.api.sparsify import sparsify
 
     cache = tmp_path / "kernel_cache.json"
     monkeypatch.setenv("GRAPHPRUNE_KERNEL_CACHE", str(cache))

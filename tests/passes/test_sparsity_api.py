@@ -11,7 +11,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.ir.errors import ConfigError
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 from graphprune.passes.sparsity.patterns import prune_count
 
 

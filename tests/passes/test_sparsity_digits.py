@@ -14,8 +14,7 @@ import copy
 import pytest
 
 from graphprune.models.digits import accuracy, fit
-from graphprune.passes.sparsity.gradual import sparsify_gradually
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify, sparsify_gradually
 
 
 def test_digits_accuracy_orderings(digits, digits_cnn):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 from graphprune.passes.sparsity.methods import sparsegpt_prune
 from graphprune.passes.sparsity.patterns import NM, Unstructured, prune_count
 

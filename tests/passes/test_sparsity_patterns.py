@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphprune.ir.errors import ConfigError
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 from graphprune.passes.sparsity.patterns import (
     NM,
     Block,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from graphprune.ir.errors import ConfigError
-from graphprune.passes.sparsity.sparsify import sparsify
+from graphprune.api.sparsify import sparsify
 from graphprune.passes.sparsity.methods import _inverse_cholesky, sparsegpt_prune
 from graphprune.passes.sparsity.patterns import NM, Unstructured, prune_count
 from graphprune.passes.sparsity.refine import dsnot_refine, outlier_ratio, owl_sparsities

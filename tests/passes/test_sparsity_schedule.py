@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from graphprune.ir.errors import ConfigError
-from graphprune.passes.sparsity.sparsify import sparsify
-from graphprune.passes.sparsity.gradual import keep_masks, schedule_sparsity, sparsify_gradually
+from graphprune.api.sparsify import sparsify, sparsify_gradually
+from graphprune.frontends.torch.masks import keep_masks
+from graphprune.passes.sparsity.gradual import schedule_sparsity
 
 
 def _mlp():
