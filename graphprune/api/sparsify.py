@@ -126,7 +126,8 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
     >>> res = sparsify(lin, (torch.randn(2, 8),), pattern="2:4", method="magnitude")
     >>> res.masks["0.weight"].float().mean().item(), list(res.report.excluded)
     (0.5, ['2'])
-    >>> res.graph.masks["0.weight"].shape, bool((res.model[0].weight[~res.masks["0.weight"]] == 0).all())
+    >>> keep = res.graph.masks["0.weight"]
+    >>> keep.shape, bool((res.model[0].weight[~torch.from_numpy(keep)] == 0).all())
     ((8, 8), True)
     """
     model = model_or_onnx
@@ -277,5 +278,6 @@ def _record_on(graph: PruneGraph | str, found: MaskSet, user_graph: bool) -> Pru
     return graph
 
 
-def _record(model, kind: str, graph: PruneGraph | None, inputs, found: MaskSet) -> PruneGraph | None:
+def _record(model, kind: str, graph: PruneGraph | None, inputs,
+            found: MaskSet) -> PruneGraph | None:
     return _record_on(_graph_of(model, kind, graph, inputs), found, user_graph=graph is not None)

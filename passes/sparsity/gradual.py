@@ -14,7 +14,6 @@ one round stay pruned in the next.
 from __future__ import annotations
 
 from graphprune.ir.errors import ConfigError
-
 from graphprune.passes.sparsity.patterns import NM, parse_pattern
 
 __all__ = ["schedule_sparsity", "validate_schedule"]

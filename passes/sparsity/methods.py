@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from graphprune.ir.errors import ConfigError
-
 from graphprune.passes.sparsity.patterns import NM, Pattern, Unstructured, prune_count
 from graphprune.passes.sparsity.targets import Target, call_model, find_targets
 

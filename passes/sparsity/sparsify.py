@@ -4,8 +4,8 @@ Pipeline position: the plan step of ``graphprune.sparsify`` (:mod:`graphprune.ap
 between capture and write-back. :func:`compute_masks` picks the target layers
 (:mod:`graphprune.passes.sparsity.targets`), gathers calibration statistics
 (:mod:`graphprune.passes.sparsity.calibration`), scores weights with one of the criteria in
-:mod:`graphprune.passes.sparsity.methods`, selects masks (:mod:`graphprune.passes.sparsity.patterns`)
-and optionally refines them (:mod:`graphprune.passes.sparsity.refine`: OWL per-block ratios,
+:mod:`graphprune.passes.sparsity.methods`, selects masks
+(:mod:`graphprune.passes.sparsity.patterns`) and optionally refines them (:mod:`graphprune.passes.sparsity.refine`: OWL per-block ratios,
 DSnoT mask swaps, SparseGPT's OBS weight update applied to another criterion's mask). It returns
 a :class:`~graphprune.passes.sparsity.report.MaskSet`; the API records the masks on the IR
 (``PruneGraph.masks``) and the torch frontend writes them into the model.
@@ -22,14 +22,19 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from graphprune.ir.errors import ConfigError
-
-from graphprune.passes.sparsity.calibration import BlocksDoNotChain, LayerStats, SequentialBlocks, collect_whole
+from graphprune.passes.sparsity.calibration import (
+    BlocksDoNotChain,
+    LayerStats,
+    SequentialBlocks,
+    collect_whole,
+)
 from graphprune.passes.sparsity.config import SparsityConfig
 from graphprune.passes.sparsity.methods import (
     ACTIVATION_METHODS,
@@ -42,12 +47,24 @@ from graphprune.passes.sparsity.methods import (
     sparsegpt_prune,
     wanda_scores,
 )
-from graphprune.passes.sparsity.patterns import NM, Block, check_mask, fits
-from graphprune.passes.sparsity.patterns import select_global, select_mask
+from graphprune.passes.sparsity.patterns import (
+    NM,
+    Block,
+    check_mask,
+    fits,
+    select_global,
+    select_mask,
+)
 from graphprune.passes.sparsity.refine import dsnot_refine, outlier_ratio, owl_sparsities
 from graphprune.passes.sparsity.report import LayerSparsity, MaskSet, SparsityReport, relative_error
-from graphprune.passes.sparsity.targets import Target, find_blocks, find_head, find_targets, is_embedding
-from graphprune.passes.sparsity.targets import match_exclude
+from graphprune.passes.sparsity.targets import (
+    Target,
+    find_blocks,
+    find_head,
+    find_targets,
+    is_embedding,
+    match_exclude,
+)
 
 __all__ = ["compute_masks"]
 

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from graphprune.ir.errors import ConfigError
-
 from graphprune.passes.sparsity.config import SparsityConfig
 from graphprune.passes.sparsity.patterns import NM, check_mask, fits, select_global, select_mask
 from graphprune.passes.sparsity.report import LayerSparsity, MaskSet, SparsityReport
@@ -62,8 +61,9 @@ def _from2d(m2d: np.ndarray, shape, red_axis: int) -> np.ndarray:
     return m2d.T if len(shape) == 2 and red_axis == 0 else m2d.reshape(shape)
 
 
-def compute_array_masks(weights: Mapping[str, np.ndarray], uses: Iterable[tuple[str, str, str, int]],
-                        config: SparsityConfig, exclude: list[str] | None = None) -> MaskSet:
+def compute_array_masks(weights: Mapping[str, np.ndarray],
+                        uses: Iterable[tuple[str, str, str, int]], config: SparsityConfig,
+                        exclude: list[str] | None = None) -> MaskSet:
     """Masks for the weights named in ``uses`` (4-tuples as :class:`WeightUse`), read from
     ``weights`` (only those not excluded are read). Nothing is written.
 
