@@ -132,6 +132,7 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
     """
     model = model_or_onnx
     kind = _kind_of(model)
+    _check_graph(graph, kind)
     found, capture_inputs = _compute(
         model, kind, example_inputs, sparsity=sparsity, pattern=pattern, method=method,
         calib=calib, scope=scope, min_keep=min_keep, exclude=exclude, blocksize=blocksize,
@@ -164,6 +165,7 @@ def sparsify_gradually(model, sparsity: float, steps: int, fine_tune=None,
                       kwargs.get("pattern", "unstructured"), fine_tune)
     if _kind_of(model) != "torch":
         raise ConfigError("sparsify_gradually fine-tunes between rounds: it needs a torch model")
+    _check_graph(graph, "torch")
     calib = kwargs.pop("calib", None)
     work = model if inplace else copy.deepcopy(model)
     masks, found, notes, captured = None, None, [], None
@@ -227,14 +229,18 @@ def _compute(model, kind: str, example_inputs=None, sparsity=None, pattern="unst
     return found, example_inputs
 
 
+def _check_graph(graph: PruneGraph | None, kind: str) -> None:
+    """The caller's ``graph=`` must be a PruneGraph of the model's frontend (its parameters are
+    checked against the masks once they are computed, before anything is written)."""
+    if graph is not None and (not isinstance(graph, PruneGraph) or graph.frontend != kind):
+        got = graph.frontend if isinstance(graph, PruneGraph) else type(graph).__name__
+        raise ConfigError(f"graph= is not a capture of this model: the model is {kind}, "
+                          f"the graph {got}; pass gp.capture(model, example_inputs)")
+
+
 def _graph_of(model, kind: str, graph: PruneGraph | None, inputs) -> PruneGraph | str:
-    """The caller's graph (checked to be of this frontend), else a capture of ``model``, else
-    why there is none (a string)."""
+    """The caller's graph, else a capture of ``model``, else why there is none (a string)."""
     if graph is not None:
-        if not isinstance(graph, PruneGraph) or graph.frontend != kind:
-            got = graph.frontend if isinstance(graph, PruneGraph) else type(graph).__name__
-            raise ConfigError(f"graph= is not a capture of this model: the model is {kind}, "
-                              f"the graph {got}; pass gp.capture(model, example_inputs)")
         return graph
     if kind == "torch" and inputs is None:
         return "no example_inputs (nor calib batches of model inputs) to capture it with"
@@ -273,8 +279,11 @@ def _record_on(graph: PruneGraph | str, found: MaskSet, user_graph: bool) -> Pru
                                   "result.graph is None")
         return None
     graph.masks.clear()
-    graph.masks.update({names[k]: m.detach().cpu().numpy().astype(bool)
-                        for k, m in found.masks.items()})
+    for k, m in found.masks.items():
+        keep = m.detach().cpu().numpy().astype(bool)
+        # Two names of one tied tensor, each masked: what is written is both masks' product.
+        prior = graph.masks.get(names[k])
+        graph.masks[names[k]] = keep if prior is None else prior & keep
     return graph
 
 

@@ -9,8 +9,10 @@ with ``topk`` when ties make it inexact), so ties cannot change how many weights
 unstructured selection prunes exactly ``round(sparsity * size)`` entries of its comparison group,
 N:M keeps exactly N of every M, and a block is kept or dropped as a whole.
 
-Runs in the plan step of the sparsity pipeline: methods (``sparsity_methods``) produce scores,
-this module picks the mask, ``sparsify`` writes it back.
+Runs in the plan step of the sparsity pipeline: the criteria
+(:mod:`graphprune.passes.sparsity.methods`) produce scores, this module picks the mask, and the
+passes (:mod:`graphprune.passes.sparsity.sparsify`, :mod:`graphprune.passes.sparsity.weight_arrays`)
+return it; the frontends write it back.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@
   Counts per row never change. Defaults (50 cycles, threshold 0.1, variance power 1) are the
   paper's.
 
-Both run in the plan step of ``sparsify`` (they only need calibration statistics from
-``sparsity_calib``), before masks are written back.
+Both run in the plan step of :mod:`graphprune.passes.sparsity.sparsify` (they only need
+calibration statistics from :mod:`graphprune.passes.sparsity.calibration`), before the masks are
+returned.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ between capture and write-back. :func:`compute_masks` picks the target layers
 (:mod:`graphprune.passes.sparsity.targets`), gathers calibration statistics
 (:mod:`graphprune.passes.sparsity.calibration`), scores weights with one of the criteria in
 :mod:`graphprune.passes.sparsity.methods`, selects masks
-(:mod:`graphprune.passes.sparsity.patterns`) and optionally refines them (:mod:`graphprune.passes.sparsity.refine`: OWL per-block ratios,
-DSnoT mask swaps, SparseGPT's OBS weight update applied to another criterion's mask). It returns
+(:mod:`graphprune.passes.sparsity.patterns`) and optionally refines them
+(:mod:`graphprune.passes.sparsity.refine`: OWL per-block ratios, DSnoT mask swaps, SparseGPT's
+OBS weight update applied to another criterion's mask). It returns
 a :class:`~graphprune.passes.sparsity.report.MaskSet`; the API records the masks on the IR
 (``PruneGraph.masks``) and the torch frontend writes them into the model.
 

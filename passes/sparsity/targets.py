@@ -6,8 +6,9 @@ run, found by one forward pass when inputs are available, else the last one regi
 excluded by default. Repeated blocks (an ``nn.ModuleList`` of same-type children holding
 targets) are found here so calibration can walk them one at a time.
 
-Precondition: the model is an ``nn.Module``; nothing here mutates it except the one traced
-forward (in ``torch.no_grad``, hooks removed afterwards).
+Precondition: the model is an ``nn.Module`` (the torch pass receives one by contract: the API
+dispatched on the model's kind). Nothing here mutates it except the one traced forward (in
+``torch.no_grad``, hooks removed afterwards).
 """
 
 from __future__ import annotations

@@ -329,3 +329,17 @@ def test_sparsity_passes_import_only_the_ir_and_passes(path):
     assert not bad, f"{path.name} imports {bad}"
     assert "onnx" not in {m.split(".")[0] for m in imported}
     assert "ModelProto" not in path.read_text()
+
+
+@pytest.mark.parametrize("name", [
+    "graphprune.api.sparsify", "graphprune.frontends.torch.masks",
+    "graphprune.frontends.onnx.masks", "graphprune.passes.sparsity.config",
+    "graphprune.passes.sparsity.sparsify", "graphprune.passes.sparsity.weight_arrays",
+    "graphprune.passes.sparsity.gradual",
+])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
