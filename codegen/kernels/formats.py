@@ -1,8 +1,8 @@
 """Compressed sparse weight formats and their numpy compressors (CSR, BSR, N:M).
 
 Input of every compressor is a *dense masked* Linear weight ``W[N, K]`` (out × in, PyTorch's
-layout; pruned entries are exact zeros, as :func:`graphprune.sparsify` leaves them). Output is the arrays a kernel in :mod:`.cpu_csr` / :mod:`.cpu_bsr` / :mod:`.cpu_nm`
-reads, plus :meth:`to_dense` (the test oracle) and :meth:`nbytes` (the byte model the benchmark
+layout; pruned entries are exact zeros, as :func:`graphprune.sparsify` leaves them). Output is
+the arrays a kernel in :mod:`.cpu_csr` / :mod:`.cpu_bsr` / :mod:`.cpu_nm` reads, plus :meth:`to_dense` (the test oracle) and :meth:`nbytes` (the byte model the benchmark
 and the ``auto`` chooser quote). Runs at compile time, before the Relax rewrite
 (:mod:`graphprune.codegen.sparse_rewrite`) binds the arrays as weights.
 
