@@ -1,10 +1,11 @@
 """Compressed sparse weight formats and their numpy compressors (CSR, BSR, N:M).
 
-Input of every compressor is a *dense masked* Linear weight ``W[N, K]`` (out × in, PyTorch's
-layout; pruned entries are exact zeros, as :func:`graphprune.sparsify` leaves them). Output is
-the arrays a kernel in :mod:`.cpu_csr` / :mod:`.cpu_bsr` / :mod:`.cpu_nm` reads, plus :meth:`to_dense` (the test oracle) and :meth:`nbytes` (the byte model the benchmark
-and the ``auto`` chooser quote). Runs at compile time, before the Relax rewrite
-(:mod:`graphprune.codegen.sparse_rewrite`) binds the arrays as weights.
+Input of every compressor is a *dense masked* Linear weight ``W[N, K]`` (out × in, PyTorch's layout;
+pruned entries are exact zeros, as :func:`graphprune.sparsify` leaves them). Output is the arrays a
+kernel in :mod:`.cpu_csr` / :mod:`.cpu_bsr` / :mod:`.cpu_nm` reads, plus :meth:`to_dense` (the test
+oracle) and :meth:`nbytes` (the byte model the benchmark and the ``auto`` chooser quote). Runs at
+compile time, before the Relax rewrite (:mod:`graphprune.codegen.sparse_rewrite`) binds the arrays
+as weights.
 
 Index widths: column indices are ``int16`` when the width allows (``K`` or the block-column count
 below 2**15), which is what makes 90% CSR beat dense by more than 5× on bytes (6.7× bound).
