@@ -40,16 +40,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Capture a zoo model, show its groups and what pruning ``--ratio`` of each would remove."""
     import torch
 
-    import graphprune as gp
+    from graphprune.api.graph import capture, explain
+    from graphprune.api.remove import remove_channels
     from graphprune.passes.prune.criteria import CriterionContext, l2, lowest
     from graphprune.testing.oracle import run_oracle
 
     model, inputs = _load_model(args.model)
     t0 = time.perf_counter()
-    pg = gp.capture(model, inputs)
+    pg = capture(model, inputs)
     groups = build_coupling(pg).groups
     t1 = time.perf_counter()
-    print(gp.explain(pg))
+    print(explain(pg))
     print(f"\ncapture + dependency analysis: {t1 - t0:.2f} s ({pg.capture_method})\n")
     removal = {}
     ctx = CriterionContext(pg)
@@ -59,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             removal[g.id] = lowest(l2(ctx, g), args.ratio)
             print(f"  group {g.id:>3}: {len(removal[g.id]):>4} of {g.size:<4} "
                   f"({g.granularity} per index)  {g.describe()}")  # fmt: skip
-    small = gp.remove_channels(pg, removal)
+    small = remove_channels(pg, removal)
     n0 = sum(p.numel() for p in model.parameters()) if kind_of(model) == "torch" else 0
     n1 = sum(p.numel() for p in small.parameters())
     with torch.no_grad():
@@ -74,11 +75,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import graphprune as gp
+    from graphprune.api.graph import capture, explain
 
     model, inputs = _load_model(args.model)
-    pg = gp.capture(model, inputs)
-    print(gp.explain(pg, limit=args.limit))
+    pg = capture(model, inputs)
+    print(explain(pg, limit=args.limit))
     if args.json:
         _write(args.json, pg.to_json())
     if args.dot:
@@ -159,13 +160,13 @@ def _save_model(model: Any, path: str, inputs: Any, out: _Out) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Structured pruning of one model; ONNX in gives ONNX out."""
-    import graphprune as gp
+    from graphprune.api.structured import prune
 
     out = _Out(args)
     out.force = args.force
     model, inputs = _load_model(args.model)
     out.progress(f"pruning {args.model} (criterion={args.criterion}, scope={args.scope})")
-    res = gp.prune(model, inputs, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
+    res = prune(model, inputs, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
                    target_macs=args.target_macs, target_params=args.target_params,
                    round_to=args.round_to, heads=args.heads, ignore=args.ignore,
                    min_keep=args.min_keep)  # fmt: skip
@@ -180,7 +181,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_sparsify(args: argparse.Namespace) -> int:
     """Weight sparsity masks of one model; ONNX in gives ONNX out (magnitude / random)."""
-    import graphprune as gp
+    from graphprune.api.sparsify import sparsify
 
     out = _Out(args)
     out.force = args.force
@@ -190,7 +191,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
 
         model = onnx.load(model)
     out.progress(f"sparsifying {args.model} (pattern={args.pattern}, method={args.method})")
-    res = gp.sparsify(model, inputs, sparsity=args.sparsity, pattern=args.pattern,
+    res = sparsify(model, inputs, sparsity=args.sparsity, pattern=args.pattern,
                       method=args.method)  # fmt: skip
     _save_model(res.model, args.out, inputs, out)
     rep = res.report
