@@ -31,12 +31,26 @@ class CriterionContext:
     _grads: GradStats | None = None
     notes: list[str] = field(default_factory=list)
 
-    def per_position(self, group: Group, member_values: dict[str, np.ndarray]) -> np.ndarray:
-        """Sum per-position arrays of members (value id → array along the member axis)."""
+    def per_position(self, group: Group, member_values: dict) -> np.ndarray:
+        """Sum per-position arrays of members into one score per group index.
+
+        ``member_values`` maps ``(value id, axis)`` to an array along that member's axis. A
+        plain value id is accepted where the value is in the group on one axis only (a weight
+        read on two axes of one group, e.g. by ``x`` and ``cat(x, x)``, needs the axis)."""
         cp = build_coupling(self.pg)
         out = np.zeros(group.size)
+        axes_of: dict[str, int] = {}
         for m in group.members:
-            arr = member_values.get(m.value)
+            axes_of[m.value] = axes_of.get(m.value, 0) + 1
+        for m in group.members:
+            arr = member_values.get((m.value, m.axis))
+            if arr is None and m.value in member_values:
+                if axes_of[m.value] > 1:
+                    raise ConfigError(
+                        f"criterion scores for {m.value!r} are keyed by value alone, but it is in "
+                        f"group {group.id} on {axes_of[m.value]} axes: key them by (value, axis)"
+                    )
+                arr = member_values[m.value]
             if arr is None:
                 continue
             coords = cp.coords(cp.axis_var[(m.value, m.axis)], group.var)
@@ -80,7 +94,8 @@ def _param_norms(ctx: CriterionContext, group: Group, p: int) -> np.ndarray:
     for m in group.params:
         w = np.asarray(ctx.pg.weights[m.param], dtype=np.float64)
         if w.ndim and ctx.pg.value(m.value).trainable:
-            vals[m.value] = (np.abs(np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)) ** p).sum(1)
+            rows = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
+            vals[m.value, m.axis] = (np.abs(rows) ** p).sum(1)
     return ctx.per_position(group, vals)
 
 
@@ -135,7 +150,8 @@ def _bn_scale_members(ctx: CriterionContext, group: Group) -> dict[str, np.ndarr
     for m in group.params:
         for op, slot in ctx.pg.consumers(m.value):
             if ctx.pg.op(op).kind == "batch_norm" and slot == 1:
-                vals[m.value] = np.abs(np.asarray(ctx.pg.weights[m.param], dtype=np.float64))
+                gamma = np.asarray(ctx.pg.weights[m.param], dtype=np.float64)
+                vals[m.value, m.axis] = np.abs(gamma)
     return vals
 
 
@@ -156,7 +172,7 @@ def _grad_members(ctx: CriterionContext, group: Group, table: dict[str, np.ndarr
         t = table.get(m.param)
         if t is None or not np.ndim(t):
             continue
-        vals[m.value] = reduce(np.moveaxis(t, m.axis, 0).reshape(t.shape[m.axis], -1))
+        vals[m.value, m.axis] = reduce(np.moveaxis(t, m.axis, 0).reshape(t.shape[m.axis], -1))
     return ctx.per_position(group, vals)
 
 
@@ -189,7 +205,7 @@ def _value_members(ctx: CriterionContext, group: Group, fn: Callable[[AxisStats]
             prod = ctx.pg.producer(m.value)
             if prod is None or ctx.pg.op(prod).kind != "activation":
                 continue
-        vals[m.value] = fn(s)
+        vals[m.value, m.axis] = fn(s)
     return vals
 
 
@@ -232,7 +248,7 @@ def wanda(ctx: CriterionContext, group: Group) -> np.ndarray:
             if xs is None or m.axis != in_axis or len(xs.norm) != w.shape[in_axis]:
                 continue
             rows = np.abs(np.moveaxis(w, in_axis, 0).reshape(w.shape[in_axis], -1)).sum(1)
-            vals[m.value] = vals.get(m.value, 0) + rows * xs.norm
+            vals[m.value, m.axis] = vals.get((m.value, m.axis), 0) + rows * xs.norm
     if not vals:
         ctx.notes.append(f"group {group.id}: no consumer weight reads it, wanda fell back to l1")
         return l1(ctx, group)

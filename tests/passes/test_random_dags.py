@@ -389,18 +389,19 @@ def test_every_op_kind_has_the_properties(check, case):
     check(model, x, pg, case)
 
 
-@pytest.mark.xfail(strict=True, raises=gp.PassError, reason=(
-    "found by these properties: a group whose channels reach one conv weight on two axes (x and "
-    "cat(x, x) both read by it) crashes the l1/l2 scores: CriterionContext.per_position keys "
-    "member values by value id, not (value, axis), so the 4-long axis-0 norms meet the 2-long "
-    "group (IndexError in passes/prune/criteria.py)"))
 def test_a_weight_on_two_axes_of_one_group_can_be_scored():
     case = Case("cnn", (("conv", 0, 2, 1, 1), ("cat", 1, 1), ("conv", 1, 4, 1, 1), ("add", 2, 3)),
                 "pool", 0)  # fmt: skip
     model, x = case.build()
     pg = gp.capture(model, x)
-    check_oracle(model, x, pg, case)  # the analysis and the writer are right ...
-    check_ratio_zero(model, x, pg, case)  # ... the l2 criterion is not
+    """Found by these properties: a group whose channels reach one conv weight on two axes (x and
+    cat(x, x) both read by it) crashed the l1/l2 scores (member values keyed by value id, not
+    (value, axis)). Every criterion without calibration now scores it."""
+    check_oracle(model, x, pg, case)
+    check_ratio_zero(model, x, pg, case)
+    for name in ("l1", "l2", "fpgm", "random"):
+        res = gp.prune(model, x, ratio=0.5, criterion=name)
+        assert res.report.params_after < res.report.params_before, name
 
 
 def test_coverage_names_every_op_kind_and_head():
