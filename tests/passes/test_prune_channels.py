@@ -334,3 +334,18 @@ def test_globs_match_the_other_names_of_tied_weights():
         res = gp.prune(model, (ids,), ratio=0.5, ratios={name: 0.25}, graph=pg)
         assert len(res.selection.removal[hidden.id]) == hidden.size // 4
         assert res.report.params_after == sum(p.numel() for p in res.model.parameters())
+
+
+def test_every_name_of_a_tied_weight_is_pruned_and_stays_tied():
+    """torch.export lists both names of a tied weight and reads one: the pruned GraphModule must
+    not keep the other name pointing at the unpruned tensor (state_dict would disagree with the
+    graph, and a reload of that state_dict would bring the old width back)."""
+    torch.manual_seed(0)
+    model, ids = _TiedHead().eval(), torch.randint(0, 32, (2, 5))
+    res = gp.prune(model, (ids,), ratio=0.5)
+    named = dict(res.model.named_parameters(remove_duplicate=False))
+    embed = next(t for n, t in named.items() if n.endswith("embed.weight"))
+    head = next(t for n, t in named.items() if n.endswith("head.weight"))
+    assert embed is head and embed.shape[1] < 16
+    assert all(t.shape[1] == embed.shape[1] for n, t in res.model.state_dict().items()
+               if n.endswith(("embed.weight", "head.weight")))  # fmt: skip

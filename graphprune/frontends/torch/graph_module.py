@@ -132,11 +132,11 @@ ARG_REWRITES: dict[str, Callable[[_Ctx, torch.fx.Node], None]] = {
 
 
 def _set_tensor(gm: torch.nn.Module, target: str, new: torch.Tensor) -> None:
+    """Put ``new`` at ``target``; a tensor set under several (tied) names stays one object."""
     *path, leaf = target.split(".")
     owner = gm.get_submodule(".".join(path)) if path else gm
-    old = getattr(owner, leaf)
-    if isinstance(old, torch.nn.Parameter):
-        setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+    if isinstance(new, torch.nn.Parameter):
+        setattr(owner, leaf, new)
     elif leaf in getattr(owner, "_buffers", {}):
         owner._buffers[leaf] = new
     else:
@@ -148,14 +148,25 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> 
     gm = pg.source.graph_module()
     vid = pg.source.value_ids(gm)
     c = _Ctx(pg, plan, vid)
+    for n in list(gm.graph.nodes):  # torch.export lists each name of a tied weight; one is read
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
     state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    aliases: dict[int, list[str]] = {}  # a tied tensor is reachable under several names
+    for name, t in [*gm.named_parameters(remove_duplicate=False),
+                    *gm.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        aliases.setdefault(id(t), []).append(name)
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.name in vid and vid[n.name] in plan.new_shapes:
             old = state.get(n.target)
             if old is None:
                 old = get_tensor(gm, n.target)
             arr = slice_array(old.detach().cpu().numpy(), vid[n.name], plan)
-            _set_tensor(gm, n.target, torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype))
+            new = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
+            if isinstance(old, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            for target in aliases.get(id(old), [n.target]):
+                _set_tensor(gm, target, new)
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.name in pg.nx:
             rw = ARG_REWRITES.get(aten_name(n.target))
