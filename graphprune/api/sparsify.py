@@ -63,7 +63,7 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
 
     Parameters
     ----------
-    model_or_onnx : nn.Module or onnx.ModelProto
+    model_or_onnx : nn.Module, onnx.ModelProto or path of a .onnx file
         Targets are Linear / Conv1d / Conv2d (reduction dim ``in_channels/groups * kh * kw``) and
         transformers' Conv1D. ONNX input supports ``magnitude`` and ``random``.
     example_inputs : tensor, tuple or dict, optional
@@ -130,7 +130,7 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
     >>> keep.shape, bool((res.model[0].weight[~torch.from_numpy(keep)] == 0).all())
     ((8, 8), True)
     """
-    model = model_or_onnx
+    model = _load_path(model_or_onnx, inplace)
     kind = _kind_of(model)
     _check_graph(graph, kind)
     found, capture_inputs = _compute(
@@ -190,11 +190,20 @@ def sparsify_gradually(model, sparsity: float, steps: int, fine_tune=None,
 
 # -- steps ------------------------------------------------------------------------------------
 def _kind_of(model: Any) -> str:
-    if isinstance(model, (str, os.PathLike)):
-        raise ConfigError(f"model: sparsify takes a loaded model (torch.nn.Module or "
-                          f"onnx.ModelProto), not the path {os.fspath(model)!r}; load it with "
-                          "onnx.load(path)")
     return frontends.kind_of(model)
+
+
+def _load_path(model: Any, inplace: bool) -> Any:
+    """The ``onnx.ModelProto`` of a ``.onnx`` path (external data loaded), as ``gp.prune`` takes
+    one; anything else as given."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    if inplace:
+        raise ConfigError(f"inplace=True with the path {os.fspath(model)!r}: the file is not "
+                          "rewritten; drop inplace and save result.model (onnx.save)")
+    from graphprune.frontends.onnx.files import load_onnx
+
+    return load_onnx(model)[0]
 
 
 def _compute(model, kind: str, example_inputs=None, sparsity=None, pattern="unstructured",

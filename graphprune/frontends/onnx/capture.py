@@ -11,13 +11,13 @@ appear as tensor slots; float initializers that ops compute with become paramete
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.frontends.onnx.files import check_model, infer_shapes, load_onnx
 from graphprune.frontends.onnx.nodes import const_input
 from graphprune.frontends.onnx.patterns import merge_chunk_slices
 from graphprune.frontends.onnx.shapes import example_feeds, prepare
@@ -156,22 +156,6 @@ def _dtype(t: gs.Tensor) -> str:
         return str(t.dtype)
 
 
-def _load(model_or_path: Any) -> tuple[onnx.ModelProto, str]:
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, model_or_path.graph.name or "onnx_model"
-    path = os.fspath(model_or_path)
-    if not os.path.exists(path):
-        raise CaptureError(f"ONNX file {path!r} does not exist")
-    try:
-        model = onnx.load(path)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several kinds
-        raise CaptureError(
-            f"{path!r} is not a readable ONNX model ({type(e).__name__}: {e}); the file may be "
-            "truncated or corrupt: export it again."
-        ) from e
-    return model, os.path.splitext(os.path.basename(path))[0]
-
-
 def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: Any = None,
                  dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> PruneGraph:  # fmt: skip
     """Capture an ONNX model (never modified) into a PruneGraph.
@@ -181,17 +165,17 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
     the analysis only; shape subgraphs are folded (:mod:`~graphprune.frontends.onnx.shapes`) and
     what is written back keeps the symbolic dims.
     """
-    model, default_name = _load(model_or_path)
+    model, default_name = load_onnx(model_or_path)
     where = name or default_name
     try:
-        onnx.checker.check_model(model)
+        check_model(model)
     except Exception as e:  # noqa: BLE001
         raise CaptureError(
             f"ONNX model {where!r} fails onnx.checker: {e}. Fix or re-export it.") from e
     feeds = example_feeds(model, example_inputs)
     folded, dynamic = prepare(model, feeds, dynamic_shapes)
     try:
-        inferred = onnx.shape_inference.infer_shapes(folded, strict_mode=False, data_prop=True)
+        inferred = infer_shapes(folded)
     except Exception as e:  # noqa: BLE001
         raise CaptureError(f"ONNX shape inference fails on {where!r}: {e}") from e
     graph = gs.import_onnx(inferred)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from graphprune.frontends.onnx.files import is_large, on_disk
+
 __all__ = ["feeds_for", "ort_session", "run_onnx"]
 
 
@@ -53,6 +55,11 @@ def ort_session(model_or_path: Any, threads: int | None = None, optimize: bool =
         source = os.fspath(model_or_path)
     elif isinstance(model_or_path, bytes):
         source = model_or_path
+    elif is_large(model_or_path):
+        # Past protobuf's 2 GB the model cannot be serialised: onnxruntime reads it from a path
+        # with external data (it has read or mapped the data once the session exists).
+        with on_disk(model_or_path) as path:
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     else:
         source = model_or_path.SerializeToString()
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.frontends.onnx.files import check_model, infer_shapes
 from graphprune.frontends.onnx.nodes import const_input
 from graphprune.ir.errors import VerificationError
 from graphprune.ir import PruneGraph
@@ -140,8 +141,8 @@ def verify_onnx(pg: PruneGraph, plan: RemovalPlan, model: onnx.ModelProto) -> No
     the model is *run* in onnxruntime on the example (or synthesised) inputs at every size the
     source checks: shape inference does not check a Reshape against its input's size."""
     try:
-        onnx.checker.check_model(model)
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        check_model(model)
+        inferred = infer_shapes(model, strict_mode=True)
     except Exception as e:  # noqa: BLE001
         raise VerificationError(f"the pruned ONNX model is invalid: {str(e)[:500]}") from e
     producer = {o: n.name for n in inferred.graph.node for o in n.output}
