@@ -9,6 +9,7 @@ is what lets kept indices be composed across steps and mapped back to an earlier
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from graphprune.api.graph import capture
+from graphprune.api.options import check_iterative_options
 from graphprune.api.structured import PruneReport, PruneResult, prune
 from graphprune.ir.errors import ConfigError
 from graphprune.passes.coupling import build_coupling
@@ -79,10 +81,12 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: Any, ratio: float,
     >>> [round(f, 3) for f in res.fractions], res.model[0].out_features
     ([0.438, 0.5], 16)
     """
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio={ratio} is outside [0, 1)")
     if "inplace" in prune_kwargs:
         raise ConfigError("prune_iteratively always works on copies; drop inplace=")
+    unknown = sorted(set(prune_kwargs) - set(inspect.signature(prune).parameters))
+    if unknown:
+        raise ConfigError(f"prune_iteratively got {unknown}, which gp.prune does not take")
+    check_iterative_options(ratio, steps, schedule, fine_tune, prune_kwargs)
     fractions = schedule_fractions(ratio, steps, schedule)
     current, done, reports, kept = model, 0.0, [], {}
     for step, target in enumerate(fractions, 1):

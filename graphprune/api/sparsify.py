@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from graphprune import frontends
+from graphprune.api.options import check_sparsify_options
 from graphprune.frontends.onnx import masks as onnx_masks
 from graphprune.frontends.torch import hf
 from graphprune.frontends.torch import masks as torch_masks
@@ -130,6 +131,7 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
     >>> keep.shape, bool((res.model[0].weight[~torch.from_numpy(keep)] == 0).all())
     ((8, 8), True)
     """
+    check_sparsify_options(seed=seed, inplace=inplace)
     model = _load_path(model_or_onnx, inplace)
     kind = _kind_of(model)
     _check_graph(graph, kind)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from graphprune.api.graph import capture
+from graphprune.api.options import check_prune_options
 from graphprune.ir import PruneGraph
 from graphprune.ir.errors import ConfigError
 from graphprune.ir.plan import RemovalPlan
@@ -134,7 +135,8 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     model_or_onnx : torch.nn.Module, onnx.ModelProto or path
     example_inputs : tuple of tensors (torch: required, batch >= 2; ONNX: optional, the sizes
         its symbolic dims are analysed and checked at)
-    ratio : fraction of the prunable group indices to remove (ignored when a target is given)
+    ratio : fraction of the prunable group indices to remove, in [0, 1) (ignored, and may be
+        ``None``, when a target or ``drop_blocks`` is given)
     criterion : ``l1``, ``l2``, ``random``, ``fpgm``, ``bn_scale``, ``taylor``, ``hessian``,
         ``activation``, ``apoz``, ``wanda`` or a callable ``fn(ctx, group) -> scores``
     scope : ``local`` (every group loses ``ratio``) or ``global`` (ranked across groups)
@@ -172,6 +174,12 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
     """
     from graphprune.frontends.torch import hf
 
+    check_prune_options(ratio=ratio, criterion=criterion, scope=scope, target_macs=target_macs,
+                        target_params=target_params, ratios=ratios, ignore=ignore,
+                        round_to=round_to, min_keep=min_keep, heads=heads, calib=calib,
+                        loss_fn=loss_fn, inplace=inplace, seed=seed, drop_blocks=drop_blocks,
+                        depth_unit=depth_unit, uniform=uniform)  # fmt: skip
+    ratio = 0.0 if ratio is None else ratio  # only where a target or drop_blocks replaces it
     is_hf = hf.is_hf(model_or_onnx)
     if drop_blocks:
         if inplace:

@@ -18,7 +18,7 @@ import torch
 
 from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir import PruneGraph
-from graphprune.ir.errors import ConfigError
+from graphprune.ir.errors import ConfigError, GraphPruneError
 
 
 @dataclass
@@ -36,6 +36,12 @@ class AxisStats:
 def calibration_batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]:
     """Calibration batches, split into chunks of the captured batch size (the captured program
     has static shapes, so each run must see exactly the example inputs' batch size)."""
+    return [b for _, b in _numbered_batches(calib, pg)]
+
+
+def _numbered_batches(calib: Any, pg: PruneGraph | None) -> list[tuple[int, tuple]]:
+    """``(index of the user's batch, chunk)`` for every chunk :func:`calibration_batches` cuts;
+    each batch is checked against the captured inputs (:func:`_check_batch`) first."""
     if calib is None:
         raise ConfigError("this criterion needs calibration data: pass calib=[batch, ...] where "
                           "each batch is a tuple of input tensors like example_inputs")  # fmt: skip
@@ -44,23 +50,88 @@ def calibration_batches(calib: Any, pg: PruneGraph | None = None) -> list[tuple]
     if pg is not None and pg.inputs and pg.value(pg.inputs[0]).shape:
         n0 = pg.value(pg.inputs[0]).shape[0]
     names = list(pg.source.kwargs) if pg is not None and pg.frontend == "torch" else []
-    for b in calib:
+    for i, b in enumerate(calib):
         if isinstance(b, Mapping):
             b = _from_dict(b, names)
         b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        if pg is not None:
+            _check_batch(pg, i, b)
         n = b[0].shape[0] if isinstance(b[0], torch.Tensor) and b[0].dim() else None
         if n0 is None or n == n0:
-            out.append(b)
+            out.append((i, b))
             continue
         if n is None or n % n0:
-            raise ConfigError(f"calibration batch of size {n}: the model was captured with batch "
-                              f"{n0}, so calibration batches must have a multiple of {n0} rows")
-        for i in range(0, n, n0):
-            out.append(tuple(t[i : i + n0] if isinstance(t, torch.Tensor) and t.dim() else t
-                             for t in b))  # fmt: skip
+            raise ConfigError(f"calibration batch {i} has size {n}: the model was captured with "
+                              f"batch {n0}, so calibration batches must have a multiple of {n0} "
+                              "rows")  # fmt: skip
+        for j in range(0, n, n0):
+            out.append((i, tuple(t[j : j + n0] if isinstance(t, torch.Tensor) and t.dim() else t
+                                 for t in b)))  # fmt: skip
     if not out:
         raise ConfigError("calib is empty: pass at least one batch")
     return out
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _dtype_kind(name: str) -> str:
+    return "bool" if name == "bool" else "float" if "float" in name else "integer"
+
+
+def _inputs_of(pg: PruneGraph, b: tuple) -> list[tuple[int, str, Any]]:
+    """``(position, input value id, tensor)`` for the leading items of ``b`` that feed the
+    captured inputs; empty when they do not line up one to one (a non-tensor argument)."""
+    items = b[: len(pg.inputs)]
+    if len(items) < len(pg.inputs) or not all(hasattr(t, "shape") and hasattr(t, "dtype")
+                                              for t in items):  # fmt: skip
+        return []
+    return list(zip(range(len(items)), pg.inputs, items))
+
+
+def _check_batch(pg: PruneGraph, i: int, b: tuple) -> None:
+    """Refuse a batch whose tensors cannot be the captured inputs: too few of them, another rank
+    or another kind of dtype (float / integer / bool). Sizes are left to the run (an axis may be
+    symbolic); :func:`_batch_error` explains a run that fails on them."""
+    if len(b) < len(pg.inputs):
+        raise ConfigError(f"calibration batch {i} holds {len(b)} item(s), but the model was "
+                          f"captured with {len(pg.inputs)} inputs {list(pg.inputs)}: each batch "
+                          "is a tuple of input tensors like example_inputs")  # fmt: skip
+    for k, vid, t in _inputs_of(pg, b):
+        want = pg.value(vid)
+        if want.shape is None:
+            continue
+        got = tuple(t.shape)
+        if len(got) != len(want.shape):
+            raise ConfigError(f"calibration batch {i}, input {k} ({vid!r}): expected rank "
+                              f"{len(want.shape)} (captured shape {tuple(want.shape)}), got rank "
+                              f"{len(got)} (shape {got}); pass tensors shaped like "
+                              "example_inputs")  # fmt: skip
+        if _dtype_kind(_dtype_name(t)) != _dtype_kind(want.dtype):
+            raise ConfigError(f"calibration batch {i}, input {k} ({vid!r}): expected dtype "
+                              f"{want.dtype} (as captured), got {_dtype_name(t)}; convert it, "
+                              f"e.g. tensor.to(torch.{want.dtype})")  # fmt: skip
+
+
+def _batch_error(pg: PruneGraph, i: int, b: tuple, e: BaseException) -> ConfigError | None:
+    """A :class:`ConfigError` for a calibration batch the captured model failed on, naming the
+    inputs that differ from the captured ones; ``None`` when none differs (then the failure is
+    not the batch's fault and the original error stands)."""
+    diffs = []
+    for k, vid, t in _inputs_of(pg, b):
+        want = pg.value(vid)
+        got, got_dtype = tuple(t.shape), _dtype_name(t)
+        if (want.shape is not None and got != tuple(want.shape)) or got_dtype != want.dtype:
+            diffs.append(f"input {k} ({vid!r}): expected {tuple(want.shape or ())} {want.dtype} "
+                         f"(as captured), got {got} {got_dtype}")  # fmt: skip
+    if not diffs:
+        return None
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return ConfigError(f"calibration batch {i} does not run through the captured model: "
+                       + "; ".join(diffs) + f" ({type(e).__name__}: {first}). Pass batches "
+                       "shaped like example_inputs (a batch may hold a multiple of the captured "
+                       "batch size).")  # fmt: skip
 
 
 def _from_dict(b: Mapping, names: list[str]) -> tuple:
@@ -97,8 +168,23 @@ def activation_stats(pg: PruneGraph, calib: Iterable,
             stats[(v, ax)] = s if o is None else AxisStats(
                 o.sq + s.sq, o.abs + s.abs, o.zeros + s.zeros, o.n + s.n)
 
+    current: list[tuple[int, tuple]] = []
+
+    def batches() -> Iterable[tuple]:
+        for i, b in _numbered_batches(calib, pg):
+            current[:] = [(i, b)]
+            yield b
+
     # A generator, so that a frontend that cannot run data says so before the batches are read.
-    pg.source.observe((b for b in calibration_batches(calib, pg)), axes, accumulate)
+    try:
+        pg.source.observe(batches(), axes, accumulate)
+    except GraphPruneError:
+        raise
+    except Exception as e:
+        err = _batch_error(pg, *current[0], e) if current else None
+        if err is None:
+            raise
+        raise err from e
     return stats
 
 
@@ -174,9 +260,15 @@ def gradient_stats(pg: PruneGraph, calib: Iterable,
     fisher: dict[str, np.ndarray] = {}
     n = 0
     n_in = len(pg.inputs)
-    for b in calibration_batches(calib, pg):
+    for i, b in _numbered_batches(calib, pg):
         gm.zero_grad(set_to_none=True)
-        out = _call(gm, pg, b)  # extra items in a batch (labels) are for loss_fn
+        try:
+            out = _call(gm, pg, b)  # extra items in a batch (labels) are for loss_fn
+        except Exception as e:
+            err = _batch_error(pg, i, b, e)
+            if err is None:
+                raise
+            raise err from e
         loss = loss_fn(out, b) if loss_fn is not None else default_loss(out, b, n_in)
         loss.backward()
         n += 1
