@@ -37,7 +37,7 @@ def kind_of(model: Any) -> str:
 def capture(model: Any, example_inputs: Any = None, name: str | None = None,
             dynamic_shapes: Any = None) -> PruneGraph:  # fmt: skip
     """Capture ``model`` with the frontend :func:`kind_of` picks (see :func:`graphprune.capture`).
-    ``dynamic_shapes`` (ONNX only): ``{dim_param: (min, max)}``."""
+    ``dynamic_shapes``: ONNX ``{dim_param: (min, max)}``; torch, torch.export's own format."""
     if kind_of(model) == "onnx":
         from graphprune.frontends.onnx.capture import capture_onnx
 
@@ -46,7 +46,7 @@ def capture(model: Any, example_inputs: Any = None, name: str | None = None,
     else:
         from graphprune.frontends.torch.capture import capture_torch
 
-        pg = capture_torch(model, example_inputs, name=name)
+        pg = capture_torch(model, example_inputs, name=name, dynamic_shapes=dynamic_shapes)
     annotate_dim_roles(pg)
     return pg
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import networkx as nx
 import numpy as np
 
+from graphprune.ir.symbolic import eval_dim
+
 T = TypeVar("T")
 
 # Normalised op kinds. The frontends map every source op onto one of these (or "unknown", which
@@ -67,6 +69,29 @@ class Value:
     param: str | None = None
     dim_roles: tuple[str, ...] | None = None
     trainable: bool = True  # False for buffers (BN running statistics, rotary tables, ...)
+    #: Per axis, the size as an expression over the graph's dynamic dim names (``"batch"``,
+    #: ``"17*batch"``; see :mod:`graphprune.ir.symbolic`), ``None`` for a static axis; ``None``
+    #: for a value with no dynamic axis. ``shape`` holds the sizes at the example inputs.
+    #: Channel axes are always static.
+    symbols: tuple[str | None, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DynamicAxis:
+    """A model input axis that stays symbolic: axis ``axis`` of input ``input`` is the dim
+    ``name``, any size in ``[min, max]`` (``max`` None: unbounded); ``size`` is its size in the
+    example inputs."""
+
+    input: str
+    axis: int
+    name: str
+    min: int
+    max: int | None
+    size: int
+
+    def describe(self) -> str:
+        hi = "inf" if self.max is None else str(self.max)
+        return f"{self.input}[{self.axis}] = {self.name} in [{self.min}, {hi}]"
 
 
 class PruneGraph:
@@ -101,6 +126,10 @@ class PruneGraph:
         # Other names of the same tensor (tied weights: ``lm_head.weight`` for
         # ``model.embed_tokens.weight``), keyed by the name in :attr:`weights`.
         self.aliases: dict[str, tuple[str, ...]] = {}
+        # Input axes kept symbolic (batch, sequence) and, for axes asked to be dynamic that could
+        # not be, ``"input[axis]"`` -> why. Values name their symbolic axes in ``Value.symbols``.
+        self.dynamic_axes: list[DynamicAxis] = []
+        self.static_axes: dict[str, str] = {}
         # Frontend-private data the writers need (the ExportedProgram, the ONNX model, ...).
         self.source: Any = None
         self._cache: dict[str, Any] = {}
@@ -108,6 +137,40 @@ class PruneGraph:
     def param_names(self, name: str) -> tuple[str, ...]:
         """``name`` and every other name the same parameter is reachable by (tied weights)."""
         return (name, *self.aliases.get(name, ()))
+
+    def dim_sizes(self) -> dict[str, int]:
+        """Each dynamic dim's size in the example inputs, by name."""
+        return {a.name: a.size for a in self.dynamic_axes}
+
+    def dim_ranges(self) -> dict[str, tuple[int, int | None]]:
+        """Each dynamic dim's allowed ``(min, max)``, by name."""
+        return {a.name: (a.min, a.max) for a in self.dynamic_axes}
+
+    def shape_at(self, v: str, sizes: dict[str, int] | None = None,
+                 shape: tuple[int, ...] | None = None) -> tuple[int, ...]:  # fmt: skip
+        """Value ``v``'s shape with its symbolic axes evaluated at ``sizes`` (dim name -> size;
+        unnamed dims keep their example size). ``shape`` replaces the example shape (a planned
+        shape after removal: channel axes changed, symbolic axes not).
+
+        Examples
+        --------
+        >>> import torch, graphprune as gp
+        >>> pg = gp.capture(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
+        >>> out = pg.outputs[0]
+        >>> pg.value(out).shape, pg.shape_at(out, {"batch": 5})
+        ((2, 3), (5, 3))
+        """
+        val = self.value(v)
+        base = tuple(val.shape or ()) if shape is None else tuple(shape)
+        if not sizes or not val.symbols:
+            return base
+        at = {**self.dim_sizes(), **sizes}
+        out = list(base)
+        for i, expr in enumerate(val.symbols[: len(out)]):
+            if expr is not None:
+                n = eval_dim(expr, at)
+                out[i] = out[i] if n is None else n
+        return tuple(out)
 
     # -- construction --------------------------------------------------------------------------
     def add_value(self, vid: str, value: Value) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from graphprune.frontends.torch import dynamic
 from graphprune.frontends.torch.nodes import aten_name
 from graphprune.frontends.torch.source import TorchSource
 from graphprune.ir.errors import CaptureError
@@ -71,7 +72,8 @@ def _slice_attrs(n: torch.fx.Node) -> dict:
     shape = _meta_shape(n.args[0])
     axis = _axis(n, _arg(n, 1, "dim", 0))
     size = shape[axis]
-    start, end, step = _arg(n, 2, "start", None), _arg(n, 3, "end", None), _arg(n, 4, "step", 1)
+    start, end, step = (_concrete(_arg(n, 2, "start", None)), _concrete(_arg(n, 3, "end", None)),
+                        _concrete(_arg(n, 4, "step", 1)))  # fmt: skip
     start, end, _ = slice(start, end, step).indices(size)
     return {"axis": axis, "start": start, "end": max(end, start), "step": step}
 
@@ -79,8 +81,9 @@ def _slice_attrs(n: torch.fx.Node) -> dict:
 def _narrow_attrs(n: torch.fx.Node) -> dict:
     axis = _axis(n, n.args[1])
     size = _meta_shape(n.args[0])[axis]
-    start = n.args[2] % size if n.args[2] < 0 else n.args[2]
-    return {"axis": axis, "start": start, "end": start + n.args[3], "step": 1}
+    start, length = _concrete(n.args[2]), _concrete(n.args[3])
+    start = start % size if start < 0 else start
+    return {"axis": axis, "start": start, "end": start + length, "step": 1}
 
 
 def _sdpa_attrs(n: torch.fx.Node) -> dict:
@@ -208,8 +211,22 @@ def _meta_shape(n: Any) -> tuple[int, ...] | None:
         return None
     v = n.meta.get("val")
     if isinstance(v, torch.Tensor):
-        return tuple(int(s) for s in v.shape)
+        return _shape_of(v)
     return None
+
+
+def _shape_of(t: torch.Tensor) -> tuple[int, ...]:
+    """Sizes at the example inputs (a symbolic size's hint)."""
+    return tuple(dynamic.hint(s) for s in t.shape)
+
+
+def _concrete(a: Any) -> Any:
+    """An argument with symbolic sizes (fx nodes of SymInts) replaced by their example values."""
+    if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.SymInt):
+        return dynamic.hint(a.meta["val"])
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete(x) for x in a)
+    return a
 
 
 def _dtype_str(t: Any) -> str:
@@ -252,7 +269,8 @@ def _tensor_slots(node: torch.fx.Node) -> list[torch.fx.Node | None]:
     return [a if _is_tensor_node(a) else None for a in args]
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str]:
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict,
+            spec: Any = None) -> tuple[Any, str]:  # fmt: skip
     # Under no_grad, `torch.no_grad()` regions inside the model (HF rotary embeddings) stay plain
     # ops instead of `wrap_with_set_grad_enabled` subgraphs the coupling table cannot see into.
     # Source stack traces on every node cost a quarter of the export time; messages name nodes.
@@ -262,20 +280,25 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str
     fx_config.do_not_emit_stack_traces = True
     try:
         with torch.no_grad():
-            return _export_inner(model, args, kwargs)
+            return _export_inner(model, args, kwargs, spec)
     finally:
         fx_config.do_not_emit_stack_traces = saved
 
 
-def _export_inner(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str]:
+def _export_inner(model: torch.nn.Module, args: tuple, kwargs: dict, spec: Any) -> tuple[Any, str]:
     try:
-        return torch.export.export(model, args, kwargs, strict=False), "torch.export"
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+        return ep, "torch.export"
     except Exception as e_export:  # noqa: BLE001 - any export failure triggers the fx route
+        if spec is not None and dynamic.is_constraint_error(e_export):
+            raise dynamic.Specialised(str(e_export)) from e_export
         try:
             traced = torch.fx.symbolic_trace(model)
-            ep = torch.export.export(traced, args, kwargs, strict=False)
+            ep = torch.export.export(traced, args, kwargs, dynamic_shapes=spec, strict=False)
             return ep, "torch.fx.symbolic_trace -> torch.export"
         except Exception as e_fx:  # noqa: BLE001
+            if spec is not None and dynamic.is_constraint_error(e_fx):
+                raise dynamic.Specialised(str(e_fx)) from e_fx
             raise CaptureError(
                 f"could not capture {type(model).__name__}: torch.export failed with "
                 f"{type(e_export).__name__}: {_first_line(e_export)}; torch.fx.symbolic_trace "
@@ -290,8 +313,14 @@ def _first_line(e: BaseException) -> str:
     return s[0][:300] if s else ""
 
 
-def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None = None) -> PruneGraph:
-    """Capture ``model`` (never modified) into a PruneGraph through torch.export."""
+def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None = None,
+                  dynamic_shapes: Any = None) -> PruneGraph:  # fmt: skip
+    """Capture ``model`` (never modified) into a PruneGraph through torch.export.
+
+    ``dynamic_shapes`` is torch.export's own (``torch.export.Dim`` per input axis); without it
+    batch, and the sequence axis of integer inputs, are dynamic where the model allows (see
+    :mod:`graphprune.frontends.torch.dynamic`). ``pg.dynamic_axes`` lists what stayed dynamic,
+    ``pg.static_axes`` what fell back to static and why."""
     if example_inputs is None:
         raise CaptureError(
             f"capturing a torch model ({type(model).__name__}) needs example_inputs: pass a tuple "
@@ -306,12 +335,18 @@ def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None 
     # Export reads the module without changing it; only a module in training mode is copied, so
     # that switching it to eval mode leaves the user's object alone.
     work = copy.deepcopy(model).eval() if model.training else model
+    if dynamic_shapes is None:
+        request = dynamic.default_request(work, args, kwargs)
+    else:
+        request = dynamic.explicit_request(work, args, kwargs, dynamic_shapes)
     try:
-        ep, method = _export(work, args, kwargs)
+        ep, method = dynamic.export_dynamic(lambda spec: _export(work, args, kwargs, spec), request)
     except CaptureError as e:
         _check_inputs(work, args, kwargs, e)
         raise
     pg = _from_exported(ep, method, name or type(model).__name__, args, kwargs)
+    if request is not None:
+        pg.static_axes = dict(request.static)
     pg.aliases = _aliases(model, pg.weights)
     return pg
 
@@ -355,6 +390,10 @@ def _from_exported(ep: Any, method: str, name: str, args: tuple, kwargs: dict) -
     param_value: dict[str, str] = {}  # parameter / buffer name → value id
     multi: dict[str, list[str]] = {}  # fx node name → its output value ids (tuple results)
     taken = set()
+    pg.dynamic_axes, names = dynamic.axes_of(ep, [
+        (n.name, n.meta["val"]) for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in user_inputs
+        and isinstance(n.meta.get("val"), torch.Tensor)])  # fmt: skip
 
     for node in ep.graph.nodes:
         if node.op != "placeholder":
@@ -374,7 +413,8 @@ def _from_exported(ep: Any, method: str, name: str, args: tuple, kwargs: dict) -
             vid[node.name] = pid
             param_value[pname] = pid
         elif node.name in user_inputs and isinstance(val, torch.Tensor):
-            pg.add_value(node.name, Value(tuple(int(s) for s in val.shape), _dtype_str(val), "input"))
+            pg.add_value(node.name, Value(_shape_of(val), _dtype_str(val), "input",
+                                          symbols=dynamic.symbols_of(val, names)))
             pg.inputs.append(node.name)
             vid[node.name] = node.name
         taken.add(vid.get(node.name, node.name))
@@ -401,14 +441,16 @@ def _from_exported(ep: Any, method: str, name: str, args: tuple, kwargs: dict) -
                   for a in _tensor_slots(node)]  # fmt: skip
         if isinstance(val, torch.Tensor):
             out_id = "%" + node.name
-            pg.add_value(out_id, Value(tuple(int(s) for s in val.shape), _dtype_str(val)))
+            pg.add_value(out_id, Value(_shape_of(val), _dtype_str(val),
+                                       symbols=dynamic.symbols_of(val, names)))
             outputs = [out_id]
             vid[node.name] = out_id
         elif isinstance(val, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in val):
             outputs = []
             for i, v in enumerate(val):
                 oid = f"%{node.name}.{i}"
-                pg.add_value(oid, Value(tuple(int(s) for s in v.shape), _dtype_str(v)))
+                pg.add_value(oid, Value(_shape_of(v), _dtype_str(v),
+                                        symbols=dynamic.symbols_of(v, names)))
                 outputs.append(oid)
             multi[node.name] = outputs
         else:

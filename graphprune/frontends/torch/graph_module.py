@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from graphprune.frontends.torch.dynamic import install_input_check
 from graphprune.frontends.torch.nodes import aten_name, get_tensor
 from graphprune.ir.errors import VerificationError
 from graphprune.ir import PruneGraph
@@ -48,17 +49,27 @@ def _get_arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any
     return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
 
 
+def _sizes(old: Any, new: tuple[int, ...]) -> list[Any]:
+    """The new size list of a shape argument: symbolic sizes (fx nodes computing a batch or
+    sequence length) and ``-1`` stay as they are, so the module still runs at any size; static
+    entries take the planned size (channel axes are always static)."""
+    if not isinstance(old, (list, tuple)) or len(old) != len(new):
+        return list(new)
+    return [o if isinstance(o, torch.fx.Node) or o == -1 else int(w) for o, w in zip(old, new)]
+
+
 def _rw_reshape(c: _Ctx, n: torch.fx.Node) -> None:
-    _set_arg(n, 1, "size" if "view" in str(n.target) else "shape", list(c.shape(n)))
+    name = "size" if "view" in str(n.target) else "shape"
+    _set_arg(n, 1, name, _sizes(_get_arg(n, 1, name), c.shape(n)))
 
 
 def _rw_unflatten(c: _Ctx, n: torch.fx.Node) -> None:
     dim = n.args[1] % len(c.shape(n.args[0]))
-    _set_arg(n, 2, "sizes", list(c.shape(n)[dim : dim + len(n.args[2])]))
+    _set_arg(n, 2, "sizes", _sizes(n.args[2], c.shape(n)[dim : dim + len(n.args[2])]))
 
 
 def _rw_expand(c: _Ctx, n: torch.fx.Node) -> None:
-    _set_arg(n, 1, "size", list(c.shape(n)))
+    _set_arg(n, 1, "size", _sizes(_get_arg(n, 1, "size"), c.shape(n)))
 
 
 def _outs(c: _Ctx, n: torch.fx.Node) -> list[str]:
@@ -67,6 +78,8 @@ def _outs(c: _Ctx, n: torch.fx.Node) -> list[str]:
 
 def _rw_split(c: _Ctx, n: torch.fx.Node) -> None:
     axis = c.pg.op(n.name).attrs["axis"]
+    if c.plan.kept(c.vid[n.args[0].name], axis) is None:
+        return  # not a pruned axis (perhaps a symbolic one): the sizes stand
     sizes = [c.shape(o)[axis] for o in _outs(c, n)]
     if aten_name(n.target) == "split_with_sizes":
         _set_arg(n, 1, "split_sizes", sizes)
@@ -176,6 +189,8 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> 
     if verify:
         verify_shapes(pg, plan, gm, c)
     restore_layers(gm)
+    if pg.dynamic_axes:
+        install_input_check(gm, pg)
     return gm
 
 
