@@ -22,12 +22,12 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from graphprune.codegen.staging import make_staging_dir
 from graphprune.ir.errors import ArtifactError
 from graphprune.runtime import FORMAT, FORMAT_VERSION, file_sha256, manifest_digest
 
@@ -93,7 +93,7 @@ def write_artifact(out_dir, executable, weights: list[np.ndarray], info: dict) -
     """
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_staging_dir(out_dir)  # also removes what interrupted writes left beside it
     try:
         executable.export_library(str(tmp / LIBRARY))
         names = [f"w{i:04d}" for i in range(len(weights))]
@@ -131,7 +131,7 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
                 f"{out_dir} exists and is not a graphprune artifact; refusing to replace it "
                 f"(choose another out_dir or remove it)"
             )
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = make_staging_dir(out_dir, "old")
         os.rename(out_dir, old / "artifact")
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)

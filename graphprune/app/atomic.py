@@ -1,26 +1,74 @@
 """Write files and directories all at once: build them beside their place, then rename.
 
 A reader never sees half a file or half an artifact. The pipeline assembles an artifact in
-``.NAME.tmp-*`` next to ``NAME`` and renames it only when every step succeeded, so an interrupted
-or failed run leaves no partial artifact (a ``kill -9`` can leave the hidden folder, never a
-half-written ``NAME``). An existing ``NAME`` is replaced only with ``force`` and only when it is
-an earlier artifact (it holds ``manifest.json``) or empty. Reports, ``bench.json`` and the CLI's
-``inspect --json/--dot`` files go through :func:`write_text_atomic`.
+``.NAME.tmp-PID-*`` next to ``NAME`` and renames it only when every step succeeded, so an
+interrupted or failed run leaves no partial artifact (a ``kill -9`` can leave the hidden entry,
+never a half-written ``NAME``; the next write into that directory removes it, see
+:mod:`graphprune.codegen.staging`). An existing ``NAME`` is replaced only with ``force`` and
+only when it is an earlier artifact (it holds ``manifest.json``) or empty. Reports,
+``bench.json`` and the CLI's ``inspect --json/--dot`` files go through :func:`write_text_atomic`,
+the CLI's models through :func:`write_file_atomic`.
+
+A missing parent directory is created (:func:`make_parent` says which, so that the CLI can
+report it); a parent that cannot be written to is a :class:`ConfigError` naming it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from graphprune.codegen.staging import make_staging_dir, remove_stale, staging_path
 from graphprune.ir.errors import ConfigError
 
-__all__ = ["check_replaceable", "staging_dir", "swap_into_place", "write_text_atomic"]
+__all__ = ["check_replaceable", "check_writable", "make_parent", "staging_dir",
+           "swap_into_place", "write_file_atomic", "write_text_atomic"]  # fmt: skip
+
+
+def make_parent(path: str | os.PathLike) -> Path | None:
+    """Create the missing directories above ``path``; return the topmost one created (``None``
+    when the parent existed). A parent that is a file is a :class:`ConfigError`."""
+    parent = Path(os.path.abspath(path)).parent
+    top = None
+    for d in [parent, *parent.parents]:
+        if d.exists() or d.is_symlink():
+            if not d.is_dir():
+                raise ConfigError(f"cannot write {path}: {d} is a file, not a directory")
+            break
+        top = d
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the directory {parent} for {path}: {e.strerror}") from e
+    return top
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """A :class:`ConfigError` when ``path``'s (existing) directory cannot be written to."""
+    parent = Path(os.path.abspath(path)).parent
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: the directory {parent} is not writable "
+                          "(permission denied); choose another output path")  # fmt: skip
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` writes a hidden file beside ``path`` (stale ones of interrupted runs are
+    removed first), which is then renamed over ``path``; on any failure it is removed."""
+    path = Path(path)
+    check_writable(path)
+    remove_stale(path.parent, path.name)
+    tmp = staging_path(path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except PermissionError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from e
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -28,15 +76,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
     The file gets the usual permissions (``0o666`` less the umask), as a plain write would give.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "x") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_file_atomic(path, write)
 
 
 def check_replaceable(out: Path, force: bool) -> None:
@@ -53,10 +98,12 @@ def check_replaceable(out: Path, force: bool) -> None:
 
 @contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``out`` (``.NAME.tmp-*``), removed with what is left in it
-    on leaving, whether the block succeeded, failed or was interrupted."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    """A fresh hidden folder beside ``out`` (``.NAME.tmp-PID-*``), removed with what is left in
+    it on leaving, whether the block succeeded, failed or was interrupted. Stale ones that
+    interrupted runs left beside it are removed first."""
+    make_parent(out)
+    check_writable(out)
+    tmp = make_staging_dir(out)
     try:
         yield tmp
     finally:
@@ -68,7 +115,7 @@ def swap_into_place(new: Path, out: Path, force: bool) -> None:
     rename fails, then deleted."""
     if out.exists() or out.is_symlink():
         check_replaceable(out, force)  # re-check: it may have appeared while we were working
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = make_staging_dir(out, "old")
         os.rename(out, old / "previous")
         try:
             os.rename(new, out)
