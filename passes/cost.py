@@ -1,7 +1,9 @@
 """Cost model: parameters and multiply-accumulates (MACs) per op, from the IR's shapes.
 
 Reads shapes from the graph or, after a planned removal, from ``RemovalPlan.new_shapes``, so a
-pass can cost a plan before anything is written back. Elementwise ops, norms and reshapes count
+pass can cost a plan before anything is written back. MACs are counted at a stated shape: by
+default the example inputs', or ``at={"batch": 1, "seq": 128}`` for a graph with dynamic axes
+(``Value.symbols``; channel axes are static, so a plan's shapes combine with any ``at``). Elementwise ops, norms and reshapes count
 zero MACs (the convention of the published MAC counts for ResNet-50 / BERT).
 """
 
@@ -14,6 +16,19 @@ from typing import Callable, Mapping
 from graphprune.ir import PruneGraph
 
 Shapes = Mapping[str, tuple[int, ...]]
+
+
+class _At(dict):
+    """Planned shapes with the dynamic dims set to stated sizes (``at``)."""
+
+    def __init__(self, pg: PruneGraph, shapes: Shapes, at: Mapping[str, int]):
+        super().__init__()
+        self.pg, self.shapes, self.at = pg, shapes, dict(at)
+
+    def get(self, v: str, default: tuple[int, ...] = ()) -> tuple[int, ...]:
+        if v not in self:
+            self[v] = self.pg.shape_at(v, self.at, self.shapes.get(v, default))
+        return self[v]
 
 
 def _shape(pg: PruneGraph, shapes: Shapes, v: str | None) -> tuple[int, ...]:
@@ -61,9 +76,23 @@ class Cost:
     per_param: dict[str, int] = field(default_factory=dict)
 
 
-def count(pg: PruneGraph, shapes: Shapes | None = None) -> Cost:
-    """Parameters (unique tensors, counted once even when tied) and MACs of ``pg``."""
+def count(pg: PruneGraph, shapes: Shapes | None = None,
+          at: Mapping[str, int] | None = None) -> Cost:  # fmt: skip
+    """Parameters (unique tensors, counted once even when tied) and MACs of ``pg``.
+
+    ``shapes`` overrides value shapes (a plan's ``new_shapes``); ``at`` sets dynamic dims by
+    name (see :meth:`PruneGraph.dim_ranges`), others stay at their example size.
+
+    Examples
+    --------
+    >>> import torch, graphprune as gp
+    >>> pg = gp.capture(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
+    >>> count(pg).macs, count(pg, at={"batch": 8}).macs
+    (24, 96)
+    """
     shapes = shapes or {}
+    if at:
+        shapes = _At(pg, shapes, at)
     per_op = {}
     for o in pg.ops():
         rule = MAC_RULES.get(pg.op(o).kind)

@@ -10,7 +10,7 @@ from graphprune.passes.coupling import build_coupling
 
 
 def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = None,
-            dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> PruneGraph:  # fmt: skip
+            dynamic_shapes: Any = None) -> PruneGraph:  # fmt: skip
     """Capture a model into a :class:`PruneGraph`.
 
     Parameters
@@ -21,9 +21,16 @@ def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = N
     example_inputs : tuple of tensors, optional
         Required for torch modules; use a batch size >= 2. For ONNX (optional): the sizes the
         model's symbolic dims are analysed at (by input name or position).
-    dynamic_shapes : dict, optional
-        ONNX only: ``{dim_param: (min, max)}`` for the model's symbolic input dims (default
-        ``(1, 64)`` each); the pruned model keeps them symbolic and is checked at both ends.
+    dynamic_shapes : dict or tuple, optional
+        Torch: ``torch.export``'s own format, a ``torch.export.Dim`` (with ``min``/``max``) per
+        input axis, e.g. ``{"x": {0: Dim("batch", min=1, max=64)}}``. Default: the batch axis
+        of every input (``Dim("batch", min=1, max=1024)``) and, for integer inputs (token ids,
+        attention masks), the sequence axis up to the model's maximum positions; where the
+        model fixes such an axis it falls back to static (``pg.static_axes`` says why).
+        ``pg.dynamic_axes`` lists what stayed dynamic; ``Value.symbols`` names each value's
+        symbolic sizes. ONNX: ``{dim_param: (min, max)}`` for the model's symbolic input dims
+        (default ``(1, 64)`` each); the pruned model keeps them symbolic and is checked at both
+        ends.
 
     Examples
     --------
@@ -31,6 +38,8 @@ def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = N
     >>> pg = gp.capture(torch.nn.Conv2d(3, 8, 3), (torch.randn(2, 3, 8, 8),))
     >>> pg.capture_method
     'torch.export'
+    >>> [a.describe() for a in pg.dynamic_axes]
+    ['x[0] = batch in [1, 1024]']
     """
     return frontends.capture(model_or_onnx, example_inputs, name=name,
                              dynamic_shapes=dynamic_shapes)

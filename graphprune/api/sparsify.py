@@ -58,7 +58,7 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
              method="magnitude", calib=None, scope="layer", min_keep=0.0, exclude=None,
              blocksize=128, percdamp=0.01, inplace=False, loss_fn=None, iterations=100,
              seed=0, prior_masks=None, allocation="uniform", refine=None, update=None, *,
-             graph: PruneGraph | None = None) -> SparsifyResult:
+             graph: PruneGraph | None = None, dynamic_shapes=None) -> SparsifyResult:
     """Unstructured / N:M / block sparsity masks, recorded on the IR; the returned model's masked
     weights are exact zeros.
 
@@ -113,6 +113,10 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
         A capture of the model (``gp.capture``): the masks are recorded in its ``masks``
         (replacing what it held) and it is returned as ``result.graph``. Without it the model is
         captured here.
+    dynamic_shapes : optional
+        How the graph is captured (see :func:`graphprune.capture`): torch.export's ``Dim`` spec
+        for torch (default: batch, and the sequence axis of integer inputs), ``{dim_param: (min,
+        max)}`` for ONNX. The returned torch module is the user's own and runs at any shape.
 
     Returns
     -------
@@ -140,7 +144,7 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
         calib=calib, scope=scope, min_keep=min_keep, exclude=exclude, blocksize=blocksize,
         percdamp=percdamp, loss_fn=loss_fn, iterations=iterations, seed=seed,
         prior_masks=prior_masks, allocation=allocation, refine=refine, update=update)
-    graph = _record(model, kind, graph, capture_inputs, found)
+    graph = _record(model, kind, graph, capture_inputs, found, dynamic_shapes)
     if kind == "onnx":
         out = onnx_masks.apply_masks(model, found.masks, inplace)
     else:
@@ -249,7 +253,8 @@ def _check_graph(graph: PruneGraph | None, kind: str) -> None:
                           f"the graph {got}; pass gp.capture(model, example_inputs)")
 
 
-def _graph_of(model, kind: str, graph: PruneGraph | None, inputs) -> PruneGraph | str:
+def _graph_of(model, kind: str, graph: PruneGraph | None, inputs,
+              dynamic_shapes=None) -> PruneGraph | str:  # fmt: skip
     """The caller's graph, else a capture of ``model``, else why there is none (a string)."""
     if graph is not None:
         return graph
@@ -257,7 +262,7 @@ def _graph_of(model, kind: str, graph: PruneGraph | None, inputs) -> PruneGraph 
         return "no example_inputs (nor calib batches of model inputs) to capture it with"
     try:
         with hf.capture_mode(model):
-            return frontends.capture(model, inputs)
+            return frontends.capture(model, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # noqa: BLE001 - any capture failure: sparsify works without a graph
         return f"capture failed ({type(e).__name__}: {e})"
 
@@ -299,5 +304,6 @@ def _record_on(graph: PruneGraph | str, found: MaskSet, user_graph: bool) -> Pru
 
 
 def _record(model, kind: str, graph: PruneGraph | None, inputs,
-            found: MaskSet) -> PruneGraph | None:
-    return _record_on(_graph_of(model, kind, graph, inputs), found, user_graph=graph is not None)
+            found: MaskSet, dynamic_shapes=None) -> PruneGraph | None:  # fmt: skip
+    return _record_on(_graph_of(model, kind, graph, inputs, dynamic_shapes), found,
+                      user_graph=graph is not None)  # fmt: skip

@@ -49,6 +49,10 @@ class PruneReport:
     frozen: dict[int, str] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Input axes the result accepts at any size in a range (``DynamicAxis``: input, axis, dim
+    #: name, min, max) and, by ``"input[axis]"``, why an axis meant to be dynamic is static.
+    dynamic_axes: list = field(default_factory=list)
+    static_axes: dict[str, str] = field(default_factory=dict)
 
     @property
     def params_ratio(self) -> float:
@@ -80,7 +84,18 @@ class PruneReport:
             out.append(f"  frozen group {gid}: {why}")
         for gid, why in self.excluded.items():
             out.append(f"  excluded group {gid}: {why}")
+        if self.dynamic_axes:
+            out.append("dynamic axes: " + "; ".join(a.describe() for a in self.dynamic_axes))
+            notes = {a.name: a.note for a in self.dynamic_axes if getattr(a, "note", "")}
+            out += [f"  {name}: {why}" for name, why in notes.items()]
+        for where, why in self.static_axes.items():
+            out.append(f"  static axis {where}: {why}")
         out += [f"note: {n}" for n in self.notes]
+        if self.form == "graph_module":
+            out.append("form: res.model is a torch.fx.GraphModule (it runs without graphprune"
+                       + (", at any size in the dynamic axes' ranges" if self.dynamic_axes
+                          else "") + "); save it with torch.export.save(res.exported_program(), "
+                       "'model.pt2'), run it with torch.export.load('model.pt2').module()")  # fmt: skip
         return "\n".join(out)
 
 
@@ -96,6 +111,21 @@ class PruneResult:
     dropped: list = field(default_factory=list)
     source_config: Any = None  # a transformers model's config before pruning
 
+    def __post_init__(self) -> None:
+        if self.graph is not None and not self.report.dynamic_axes:
+            self.report.dynamic_axes = list(getattr(self.graph, "dynamic_axes", []))
+            self.report.static_axes = dict(getattr(self.graph, "static_axes", {}))
+
+    def exported_program(self) -> Any:
+        """A torch ``GraphModule`` result as a ``torch.export.ExportedProgram`` with the same
+        dynamic axes, for ``torch.export.save`` (reload: ``torch.export.load(p).module()``)."""
+        from graphprune.frontends.torch.dynamic import export_pruned
+
+        if self.graph is None or self.graph.frontend != "torch" or self.report.form == "module":
+            raise ConfigError(f"exported_program() is for torch GraphModule results; this result "
+                              f"is a {self.report.form}: save it the way its type saves")  # fmt: skip
+        return export_pruned(self.model, self.graph)
+
     def save_pretrained(self, path: str) -> None:
         """Save a pruned ``transformers`` model so that it reloads.
 
@@ -110,7 +140,7 @@ class PruneResult:
             raise ConfigError(
                 f"save_pretrained is for transformers models returned in module form; this "
                 f"result is a {self.report.form}: save a torch.fx.GraphModule with "
-                "torch.export.export(model, inputs) and torch.export.save"
+                "torch.export.save(res.exported_program(), path)"
             )
         if hf.rebuilds(self.model):
             self.model.save_pretrained(path)
@@ -127,7 +157,7 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
           calib: Any = None, loss_fn: Callable | None = None, inplace: bool = False,
           seed: int = 0, graph: PruneGraph | None = None, drop_blocks: int = 0,
           depth_unit: str = "branch", uniform: bool | None = None,
-          dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> PruneResult:  # fmt: skip
+          dynamic_shapes: Any = None) -> PruneResult:  # fmt: skip
     """Remove coupled channels, neurons and heads; return a smaller model and a report.
 
     Parameters
@@ -161,8 +191,12 @@ def prune(model_or_onnx: Any, example_inputs: Any = None, ratio: float = 0.5,
         a ``transformers`` model reloads with its own ``from_pretrained`` (as NVIDIA Minitron
         does). Default: True for ``transformers`` models, False otherwise. The report says what
         was left alone and why.
-    dynamic_shapes : ONNX only, ``{dim_param: (min, max)}`` (default ``(1, 64)`` for each
-        symbolic input dim): the pruned ONNX keeps the dims symbolic and runs at both ends
+    dynamic_shapes : torch: ``torch.export``'s own (``{"x": {0: torch.export.Dim("batch",
+        min=1, max=64)}}``); default batch dynamic for every input and the sequence axis of
+        integer inputs within the model's maximum positions (an axis the model fixes falls back
+        to static; ``report.dynamic_axes`` / ``report.static_axes`` say which). ONNX:
+        ``{dim_param: (min, max)}`` (default ``(1, 64)`` for each symbolic input dim): the
+        pruned ONNX keeps the dims symbolic and runs at both ends
 
     Examples
     --------
@@ -294,7 +328,7 @@ def _report(pg: PruneGraph, plan: RemovalPlan, sel: Selection, cfg: PruneConfig,
                      "removing them changes those statistics")  # fmt: skip
     if form == "graph_module":
         notes.append("the model's forward hard-codes sizes, so a torch.fx.GraphModule with "
-                     "rewritten shapes is returned (it runs without graphprune)")  # fmt: skip
+                     "rewritten shapes is returned")  # fmt: skip
     return PruneReport(
         form, crit, cfg.scope, sel.ratio_used, before.params, after.params, before.macs,
         after.macs, rows,

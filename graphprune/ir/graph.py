@@ -80,7 +80,7 @@ class Value:
 class DynamicAxis:
     """A model input axis that stays symbolic: axis ``axis`` of input ``input`` is the dim
     ``name``, any size in ``[min, max]`` (``max`` None: unbounded); ``size`` is its size in the
-    example inputs."""
+    example inputs; ``note`` says why the range is narrower than asked, if it is."""
 
     input: str
     axis: int
@@ -88,6 +88,7 @@ class DynamicAxis:
     min: int
     max: int | None
     size: int
+    note: str = ""
 
     def describe(self) -> str:
         hi = "inf" if self.max is None else str(self.max)

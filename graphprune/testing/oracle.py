@@ -97,12 +97,43 @@ def _mask_reductions(gm: torch.fx.GraphModule, pg: PruneGraph, plan: RemovalPlan
     gm.recompile()
 
 
+def inputs_at(pg: PruneGraph, sizes: dict[str, int], seed: int = 0) -> tuple[tuple, dict]:
+    """Inputs like the example ones with each dynamic dim set from ``sizes`` (by name, see
+    ``pg.dynamic_axes``), as ``(args, kwargs)``. Floats are random normal; integer inputs are
+    random within the example's values (token ids), or all ones where the example holds only 0
+    and 1 (an attention mask: no fully masked rows)."""
+    import torch.utils._pytree as pytree
+
+    g = torch.Generator().manual_seed(seed)
+    leaves, spec = pytree.tree_flatten((pg.source.args, pg.source.kwargs))
+    names = iter(pg.inputs)
+    out = []
+    for t in leaves:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        shape = pg.shape_at(next(names), sizes)
+        if t.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=g, dtype=t.dtype))
+        elif t.numel() and int(t.min()) >= 0 and int(t.max()) <= 1:
+            out.append(torch.ones(shape, dtype=t.dtype))
+        else:
+            lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 1)
+            out.append(torch.randint(lo, hi + 1, shape, generator=g).to(t.dtype))
+    return pytree.tree_unflatten(out, spec)
+
+
 def run_oracle(pg: PruneGraph, gid: int | dict[int, Iterable[int]],
-               indices: Iterable[int] | None = None, seed: int = 0) -> OracleResult:  # fmt: skip
+               indices: Iterable[int] | None = None, seed: int = 0,
+               shapes: Iterable[dict[str, int]] = (),
+               inputs: Iterable[tuple[tuple, dict]] = ()) -> OracleResult:  # fmt: skip
     """Kill the chosen indices in a copy of the model, prune them, compare outputs.
 
     ``gid`` is one group id (``indices`` default to a random half of it) or a dict
-    ``{group id: indices}`` to remove several groups at once.
+    ``{group id: indices}`` to remove several groups at once. Outputs are compared on the
+    example inputs and, for a graph with dynamic axes, also at each of ``shapes`` (dim name ->
+    size, inputs from :func:`inputs_at`) and on each ``(args, kwargs)`` of ``inputs``; the
+    result's ``reference``/``pruned`` hold every output at every shape, in that order.
     """
     if pg.frontend != "torch":
         from graphprune.testing.oracle_onnx import run_oracle_onnx
@@ -114,6 +145,11 @@ def run_oracle(pg: PruneGraph, gid: int | dict[int, Iterable[int]],
     pruned = pg.source.apply_plan(pg, plan)
     r = _flat(pg.source.run(ref))
     p = _flat(pg.source.run(pruned))
+    batches = [inputs_at(pg, sz, seed) for sz in shapes] + list(inputs)
+    with torch.no_grad():
+        for args, kwargs in batches:
+            r += _flat(ref(*args, **kwargs))
+            p += _flat(pruned(*args, **kwargs))
     diff = max((float(np.abs(a - b).max()) if a.shape == b.shape and a.size else np.inf)
                for a, b in zip(r, p)) if r else 0.0  # fmt: skip
     first = next(iter(removal))
@@ -143,4 +179,4 @@ def dead_reference(pg: PruneGraph, removal: dict[int, list[int]],
 
 
 __all__ = ["OracleResult", "choose_indices", "choose_removal", "dead_positions", "dead_reference",
-           "get_tensor", "run_oracle"]
+           "get_tensor", "inputs_at", "run_oracle"]

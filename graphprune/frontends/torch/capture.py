@@ -347,6 +347,7 @@ def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None 
     pg = _from_exported(ep, method, name or type(model).__name__, args, kwargs)
     if request is not None:
         pg.static_axes = dict(request.static)
+        pg.dynamic_axes = request.annotate(pg.dynamic_axes)
     pg.aliases = _aliases(model, pg.weights)
     return pg
 

@@ -20,6 +20,7 @@ refuses an input outside the declared ranges with a :class:`ConfigError` that na
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class DynamicRequest:
     build: Callable[[list[dict[int, Any]]], Any]  # dims per leaf -> torch's dynamic_shapes
     explicit: Any = None  # the user's own spec, passed through unchanged
     static: dict[str, str] = field(default_factory=dict)  # "label[axis]" -> why
+    narrowed: dict[str, str] = field(default_factory=dict)  # dim name -> why its range shrank
 
     def spec(self) -> Any:
         if self.explicit is not None:
@@ -70,11 +72,15 @@ class DynamicRequest:
                 self.static[f"{self.labels[i]}[{axis}]"] = why
 
     def replace(self, name: str, new: Any, why: str) -> None:
-        for i, d in enumerate(self.dims):
+        for d in self.dims:
             for axis, dim in d.items():
                 if dim.__name__ == name:
                     d[axis] = new
-                    self.static[f"{self.labels[i]}[{axis}]"] = why
+        self.narrowed[new.__name__] = why
+
+    def annotate(self, axes: list[DynamicAxis]) -> list[DynamicAxis]:
+        """``axes`` with the reason of each narrowed range."""
+        return [dataclasses.replace(a, note=self.narrowed.get(a.name, a.note)) for a in axes]
 
     def all_static(self, why: str) -> None:
         for name in {dim.__name__ for d in self.dims for dim in d.values()}:
@@ -180,34 +186,45 @@ _DIM = re.compile(r"Dim\('(\w+)'(?:,\s*min=(\d+))?(?:,\s*max=(\d+))?\)")
 
 
 def apply_fixes(request: DynamicRequest, message: str) -> bool:
-    """Follow torch.export's "Suggested fixes" for a default request; False if there were none."""
+    """Follow torch.export's "Suggested fixes" for a default request: a narrower range, a tie to
+    another dim, or a constant (static); a dim it names without a fix becomes static. False when
+    the message names no dim of the request."""
     from torch.export import Dim
 
     text = str(message)
-    if "Suggested fixes:" not in text:
-        return False
     reasons = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
-    fixes = text.split("Suggested fixes:", 1)[1].splitlines()
     names = {dim.__name__: dim for d in request.dims for dim in d.values()}
-    changed = False
+    fixes = text.split("Suggested fixes:", 1)[1].splitlines() if "Suggested fixes:" in text else []
+
+    def reason(name: str, default: str) -> str:
+        return next((r for r in reasons if re.search(rf"\b{name}\b", r)), default)[:300]
+
+    def why(name: str, default: str) -> str:
+        return f"torch.export specialises it: {reason(name, default)}"
+
+    changed = set()
     for line in fixes:
         m = _FIX.match(line)
         if not m or m.group(1) not in names:
             continue
         name, rhs = m.groups()
-        why = next((r for r in reasons if re.search(rf"\b{name}\b", r)), rhs)
-        why = f"torch.export specialises it: {why[:300]}"
         d = _DIM.fullmatch(rhs)
         if d and d.group(1) == name:
             lo, hi = int(d.group(2) or 1), int(d.group(3)) if d.group(3) else None
-            request.replace(name, Dim(name, min=max(lo, 1), max=hi), f"range narrowed: {why}")
+            request.replace(name, Dim(name, min=max(lo, 1), max=hi),
+                            f"range narrowed by torch.export: {reason(name, rhs)}")  # fmt: skip
         elif rhs in names and rhs != name:
-            request.replace(name, names[rhs], f"tied to {rhs}: {why}")
+            request.replace(name, names[rhs], f"{name} tied to {rhs}: {reason(name, rhs)}")
         else:
-            request.make_static(name, why)
-        changed = True
-    # Narrowed axes stay dynamic: only a changed range is worth a note, not a "static" entry.
-    return changed
+            request.make_static(name, why(name, rhs))
+        changed.add(name)
+    violated = re.search(r"Constraints violated \(([^)]*)\)", text)
+    for name in (violated.group(1).split(",") if violated else []):
+        name = name.strip()
+        if name in names and name not in changed:
+            request.make_static(name, why(name, "no suggested fix"))
+            changed.add(name)
+    return bool(changed)
 
 
 def axes_of(ep: Any, inputs: list[tuple[str, torch.Tensor | Any]]) -> tuple[list[DynamicAxis], dict]:
@@ -364,3 +381,38 @@ def install_input_check(gm: torch.nn.Module, pg: Any) -> None:
     shapes = {i: tuple(pg.value(i).shape or ()) for i in pg.inputs}
     check = InputRanges(list(pg.inputs), list(pg.dynamic_axes), shapes)
     gm.register_forward_pre_hook(check, prepend=True, with_kwargs=True)
+
+
+def export_pruned(gm: torch.nn.Module, pg: Any) -> Any:
+    """``gm`` (a pruned GraphModule of ``pg``'s model) as an ``ExportedProgram`` with the same
+    dynamic dims, for ``torch.export.save``; ``torch.export.load(path).module()`` runs it."""
+    from torch.export import Dim
+
+    dims = {a.name: Dim(a.name, min=max(a.min, 1), max=a.max) for a in pg.dynamic_axes}
+    per_input: dict[str, dict[int, Any]] = {}
+    for a in pg.dynamic_axes:
+        per_input.setdefault(a.input, {})[a.axis] = dims[a.name]
+    args, kwargs = pg.source.args, pg.source.kwargs
+    bound = _bound(gm, args, kwargs)
+    spec = None
+    if bound is not None and per_input:
+        labelled = _labelled_leaves(bound)
+        by_id = {id(t): per_input.get(name) for name, t in zip(pg.inputs, (t for _, t in labelled))}
+
+        def per(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return by_id.get(id(v))
+            if isinstance(v, (list, tuple)):
+                return type(v)(per(x) for x in v)
+            if isinstance(v, dict):
+                return {k: per(x) for k, x in v.items()}
+            return None
+
+        spec = {name: per(v) for name, v in bound.items()}
+    try:
+        with torch.no_grad():
+            return torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        raise CaptureError(
+            f"exporting the pruned GraphModule failed: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e

@@ -95,6 +95,10 @@ class TorchSource:
 
     def bypass(self, pg: PruneGraph, replace: dict[str, str]) -> torch.fx.GraphModule:
         from graphprune.frontends.torch.bypass import bypass_ops
+        from graphprune.frontends.torch.dynamic import install_input_check
 
         gm = self.graph_module()
-        return bypass_ops(gm, self.value_ids(gm), pg, replace)
+        gm = bypass_ops(gm, self.value_ids(gm), pg, replace)
+        if pg.dynamic_axes:
+            install_input_check(gm, pg)
+        return gm
