@@ -58,6 +58,7 @@ def test_end_to_end_default_model(demo):
     rows = {r["param"]: r for r in demo.summary["layers"]}
     assert any(r["channels_after"] < r["channels_before"] for r in rows.values())
     assert any(r.get("pattern") == "2:4" for r in rows.values())
+    assert demo.artifact.manifest["masks"] == "graph"  # sparsify's masks, not zeros re-detected
     assert _leftovers(art.parent) == []
 
 
@@ -139,6 +140,7 @@ def test_onnx_in_onnx_out(tmp_path):
     res = gp.run({"model": str(path), "prune": {"ratio": 0.3}, "sparsify": {"pattern": "2:4"},
                   "out": str(tmp_path / "art")})  # fmt: skip
     assert res.summary["frontend"] == "onnx" and res.summary["verify"]["passed"]
+    assert res.artifact.manifest["masks"] == "graph"
     pruned = tmp_path / "art" / "model.onnx"
     onnx.checker.check_model(onnx.load(str(pruned)))
     sess = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])

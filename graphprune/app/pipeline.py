@@ -167,10 +167,10 @@ def _run_into(rec: Recipe, art_dir: Path, clock: StepClock, fine_tune) -> Pipeli
     data["inputs"] = loaded.specs  # resolved: a replay builds the same inputs
     _seed(seed)
     model, graph, prune_report = _prune(data["prune"], loaded, seed, clock)
-    model, sp_report, masks = _sparsify(data["sparsify"], model, loaded, seed, clock)
+    model, sp_report, masks, sp_graph = _sparsify(data["sparsify"], model, loaded, seed, clock)
     if fine_tune is not None:
         model = _fine_tune(fine_tune, model, loaded, masks, clock)
-    art = _compile(data["compile"], model, loaded.inputs, art_dir, clock)
+    art = _compile(data["compile"], model, loaded.inputs, art_dir, clock, sp_graph)
     with clock.step("verify", "verifying the artifact against the model it was compiled from"):
         verify = verify_artifact(art, model, loaded.source, loaded.inputs, data["verify"])
     summary = {"model": data["model"], "frontend": loaded.kind,
@@ -209,9 +209,10 @@ def _prune(settings: dict | None, loaded: LoadedModel, seed: int, clock: StepClo
 
 def _sparsify(settings: dict | None, model: Any, loaded: LoadedModel, seed: int,
               clock: StepClock):  # fmt: skip
-    """``(model, report, masks)`` after the recipe's ``sparsify:`` (unchanged without one)."""
+    """``(model, report, masks, graph)`` after the recipe's ``sparsify:`` (unchanged without one);
+    ``graph`` carries the masks compile uses (None when the sparsified model did not capture)."""
     if settings is None:
-        return model, None, {}
+        return model, None, {}, None
     from graphprune.api.sparsify import sparsify
 
     s = settings
@@ -221,7 +222,7 @@ def _sparsify(settings: dict | None, model: Any, loaded: LoadedModel, seed: int,
             res = sparsify(model, loaded.inputs, calib=loaded.calib, seed=seed, **kw)
         else:
             res = sparsify(model, None, seed=seed, **kw)
-    return res.model, res.report, res.masks
+    return res.model, res.report, res.masks, res.graph
 
 
 def _fine_tune(fine_tune: Callable, model: Any, loaded: LoadedModel, masks: dict,
@@ -248,13 +249,16 @@ def _reapply_masks(model: Any, masks: dict) -> None:
                 params[name].mul_(m.to(params[name].dtype))
 
 
-def _compile(settings: dict, model: Any, inputs: tuple, art_dir: Path, clock: StepClock) -> Any:
+def _compile(settings: dict, model: Any, inputs: tuple, art_dir: Path, clock: StepClock,
+             graph: Any = None) -> Any:  # fmt: skip
+    """The artifact; ``graph`` (sparsify's) gives the sparsity masks, which are then not
+    re-detected from zeros (a fine-tune keeps them: its result is re-masked)."""
     from graphprune.codegen.compiler import compile as compile_model
 
     c = settings
     with clock.step("compile", f"compiling for {c['target']} (schedule {c['schedule']})"):
         return compile_model(model, inputs, target=c["target"], out_dir=art_dir,
-                             schedule=c["schedule"], kernels=c["kernels"],
+                             schedule=c["schedule"], kernels=c["kernels"], graph=graph,
                              progress=lambda m: clock.progress("  " + m))  # fmt: skip
 
 
