@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.codegen.staging import make_staging_dir
+from graphprune.staging import make_staging_dir
 from graphprune.ir.errors import ArtifactError
 from graphprune.runtime import FORMAT, FORMAT_VERSION, file_sha256, manifest_digest
 

@@ -19,7 +19,7 @@ from graphprune.codegen.build import build
 from graphprune.codegen.lower import lower
 from graphprune.codegen.masks import apply_masks
 from graphprune.codegen.sparse_rewrite import rewrite_sparse
-from graphprune.codegen.target import make_target, target_to_dict
+from graphprune.codegen.target import check_device, make_target, target_to_dict
 from graphprune.ir import PruneGraph
 from graphprune.ir.errors import ConfigError
 
@@ -39,6 +39,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     tuning_dir=None,
     *,
     graph: PruneGraph | None = None,
+    load: bool = True,
 ):
     """Compile a model to a TVM artifact directory and return it loaded.
 
@@ -77,9 +78,14 @@ def compile(  # noqa: A001 - the public name the issue asks for
         without one stay dense; otherwise sparsity is detected from the weights' zeros. The
         manifest says which: ``"masks": "graph"`` or ``"detected"``. See :mod:`.masks`.
 
+    load : bool
+        Load the written artifact and return it (default). ``load=False`` only builds and writes
+        it and returns its directory: for a target this machine cannot run (``target="cuda"``
+        without a CUDA device, which is refused at once when ``load=True``).
+
     Returns
     -------
-    graphprune.runtime.Artifact
+    graphprune.runtime.Artifact, or the artifact's directory (a ``Path``) with ``load=False``
 
     Examples
     --------
@@ -90,7 +96,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     >>> art(torch.randn(2, 8)).shape                                          # doctest: +SKIP
     (2, 4)
     """
-    from graphprune.runtime import load
+    from graphprune.runtime import load as load_artifact
 
     if out_dir is None:
         raise ConfigError("compile needs out_dir: the directory the artifact is written to")
@@ -107,6 +113,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     model, graph = _model_and_graph(model_or_onnx, graph)
     step = progress or (lambda msg: None)
     tgt = make_target(target)
+    check_device(tgt, load)
     step("lowering to Relax")
     lowered = lower(model, example_inputs)
     masks = None
@@ -132,7 +139,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     if built.padded_channels:  # kernels run these widths; the model's MACs are unchanged
         info["padded_channels"] = built.padded_channels
     path = write_artifact(Path(out_dir), built.executable, built.weights, info)
-    return load(path)
+    return load_artifact(path) if load else path
 
 
 def _model_and_graph(model_or_result, graph):

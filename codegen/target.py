@@ -3,7 +3,8 @@
 This TVM wheel silently downgrades ``mcpu="native"`` to a generic CPU (no AVX), so for ``llvm``
 we read the feature flags from ``/proc/cpuinfo`` and name an explicit ``mcpu``; ``num-cores`` is
 set too because MetaSchedule and our thread count need it. CUDA targets get an ``arch``
-(default ``sm_80``) and an llvm host.
+(default ``sm_80``) and an llvm host. :func:`check_device` runs before any build, so that a
+CUDA artifact meant to be loaded here is refused at once on a machine without a CUDA device.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from graphprune.ir.errors import ConfigError
 
-__all__ = ["detect_mcpu", "make_target", "target_to_dict"]
+__all__ = ["check_device", "detect_mcpu", "make_target", "target_to_dict"]
 
 # First match wins: the newest ISA extension the flags prove, mapped to an LLVM CPU name.
 _X86_MCPU = [
@@ -133,3 +134,27 @@ def target_to_dict(target) -> dict:
             value = target.attrs[key]
             out[key] = int(value) if key == "num-cores" else str(value)
     return out
+
+
+def check_device(target, load: bool = True) -> None:
+    """Refuse, before anything is built, a CUDA artifact that would be loaded on a machine
+    without a CUDA device; ``load=False`` (build and write only) is always allowed.
+
+    ``target`` is a ``tvm.target.Target`` (:func:`make_target`). A CUDA build itself needs no
+    GPU: the library carries CUDA source that is compiled when it is loaded on one.
+    """
+    if target.kind.name != "cuda" or not load:
+        return
+    import tvm
+
+    try:
+        present = bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - a TVM without the CUDA runtime raises instead
+        present = False
+    if not present:
+        raise ConfigError(
+            "target='cuda': there is no CUDA device on this machine (tvm.cuda(0) does not "
+            "exist), so the artifact could not be loaded here. Pass load=False to build and "
+            "write it without loading it (then load it with graphprune.load on a machine with "
+            "an NVIDIA GPU), or use target='llvm'"
+        )

@@ -1,8 +1,9 @@
 """Hidden staging entries beside an output, and the removal of those an interrupted run left.
 
-An artifact directory (:mod:`.artifact`), a pipeline artifact and every file the application
-writes atomically (:mod:`graphprune.app.atomic`) are assembled in a hidden sibling and renamed
-into place. A ``kill -9`` (or a power cut) leaves that sibling behind, and nothing else would
+An artifact directory (:mod:`graphprune.codegen.artifact`), an ONNX file with its external
+data (:func:`graphprune.frontends.onnx.files.save_onnx`), a pipeline artifact and every file
+the application writes atomically (:mod:`graphprune.app.atomic`) are assembled in a hidden
+sibling and renamed into place. A ``kill -9`` (or a power cut) leaves that sibling behind, and nothing else would
 ever remove it. So every staging entry is named ``.NAME.tmp-PID-XXXXXXXX`` (``.old-`` for an
 artifact moved aside while it is replaced) after the process that made it, and each new staging
 entry first removes the stale ones in the same directory: those whose process is gone, or older
@@ -12,8 +13,9 @@ old way (``.NAME.tmp-`` and eight random characters, from ``tempfile.mkdtemp``) 
 for the same ``NAME`` and only past :data:`STALE_AFTER_S`.
 
 Process ids are those of this machine: two machines writing into one shared (NFS) directory
-could each see the other's live writer as gone. Kept in codegen, the lowest layer that writes
-artifacts, so that the application layer reuses it; it imports no TVM.
+could each see the other's live writer as gone. In the bottom layer (beside the IR and the
+runtime; standard library only) so that every writer uses it: the ONNX frontend's
+``save_onnx``, codegen's artifacts and the application's files.
 """
 
 from __future__ import annotations

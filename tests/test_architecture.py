@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("graphprune.ir", "graphprune.errors", "graphprune.runtime"),
+    ("graphprune.ir", "graphprune.errors", "graphprune.runtime", "graphprune.staging"),
     ("graphprune.frontends",),
     ("graphprune.passes",),
     ("graphprune.codegen",),

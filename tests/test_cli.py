@@ -165,3 +165,163 @@ def test_prune_torch_to_onnx_and_pt2(tmp_path):
     assert r.returncode == 0, r.stderr
     ep = torch.export.load(str(tmp_path / "s.pt2"))
     assert ep.module()(*x).shape == (2, 10)
+
+
+# --- user errors: exit 2 and one line on stderr, checked before any work -------------------------
+
+
+def cli(*argv, capsys):
+    """``graphprune ARGV`` in this process: (exit code, stdout, stderr)."""
+    from graphprune.app.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    """resnet_tiny as a static ONNX and with a dynamic batch axis (``dynamic_axes``)."""
+    d = tmp_path_factory.mktemp("onnx")
+    model, x = models.get("resnet_tiny")
+    torch.onnx.export(model, x, str(d / "s.onnx"), dynamo=False, input_names=["x"])
+    torch.onnx.export(model, x, str(d / "d.onnx"), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})  # fmt: skip
+    return d
+
+
+def test_compile_onto_a_file_or_foreign_folder_is_refused_before_building(tmp_path, onnx_files,
+                                                                          capsys):  # fmt: skip
+    (tmp_path / "afile").write_text("mine")
+    rc, _, err = cli("compile", onnx_files / "s.onnx", "-o", tmp_path / "afile", capsys=capsys)
+    assert rc == 2
+    assert "afile is an existing file, and an artifact is a directory" in one_line(err)
+    assert (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "art").mkdir()  # an earlier artifact: replaced only with --force
+    (tmp_path / "art" / "manifest.json").write_text("{}")
+    rc, _, err = cli("compile", onnx_files / "s.onnx", "-o", tmp_path / "art", capsys=capsys)
+    assert rc == 2 and "exists: choose another out or pass --force" in one_line(err)
+    (tmp_path / "notes").mkdir()  # someone's folder: never replaced, even with --force
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    rc, _, err = cli("compile", onnx_files / "s.onnx", "-o", tmp_path / "notes", "--force",
+                     capsys=capsys)  # fmt: skip
+    assert rc == 2 and "is not a graphprune artifact" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "art", "notes"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="uses /proc, which takes no files")
+@pytest.mark.parametrize("cmd", [["prune", "S", "-o", "/proc/gp/x.onnx"],
+                                 ["sparsify", "S", "-o", "/proc/x.onnx"],
+                                 ["inspect", "S", "--json", "/proc/g.json"],
+                                 ["compile", "S", "-o", "/proc/gp/art"],
+                                 ["run", "examples/demo.yaml", "-o", "/proc/art"]])  # fmt: skip
+def test_an_unwritable_output_is_refused_before_any_work(cmd, onnx_files, capsys):
+    # /proc refuses new files even to root (for whom permission bits do not apply)
+    argv = [onnx_files / "s.onnx" if a == "S" else a for a in cmd]
+    rc, _, err = cli(*argv, capsys=capsys)
+    assert rc == 2 and "/proc does not take new files" in one_line(err), err
+
+
+def test_prune_output_errors_and_created_parents(tmp_path, onnx_files, capsys):
+    src = onnx_files / "s.onnx"
+    rc, _, err = cli("prune", src, "-o", tmp_path, capsys=capsys)  # a folder
+    assert rc == 2 and "-o" in one_line(err) and "use .onnx, .pt2" in err
+    (tmp_path / "d.onnx").mkdir()
+    rc, _, err = cli("prune", src, "-o", tmp_path / "d.onnx", "--force", capsys=capsys)
+    assert rc == 2 and "is a directory: give a file path" in one_line(err)
+    (tmp_path / "f").write_text("")
+    rc, _, err = cli("prune", src, "-o", tmp_path / "f" / "p.onnx", capsys=capsys)
+    assert rc == 2 and "is a file, not a directory" in one_line(err)
+    rc, _, err = cli("prune", src, "-o", tmp_path / "p.onnx", "--ratio", "abc", capsys=capsys)
+    assert rc == 2 and "argument --ratio: invalid float value: 'abc'" in one_line(err)
+    rc, _, err = cli("prune", src, "-o", tmp_path / "p.onnx", "--ratio", "1.5", capsys=capsys)
+    assert rc == 2 and "ratio=1.5 is outside [0, 1)" in one_line(err)
+    rc, _, err = cli("prune", src, "-o", tmp_path / "p.onnx", "--criterion", "taylor",
+                     capsys=capsys)  # fmt: skip
+    assert rc == 2 and "needs calibration data" in one_line(err)
+    rc, _, err = cli("prune", src, capsys=capsys)
+    assert rc == 2 and "required: -o/--out" in one_line(err)
+    # a missing parent is created, and said so
+    out = tmp_path / "new" / "deeper" / "p.onnx"
+    rc, _, err = cli("prune", src, "-o", out, "--ratio", "0.25", capsys=capsys)
+    assert rc == 0 and out.is_file(), err
+    assert f"created directory {tmp_path / 'new'}" in err
+    rc, _, err = cli("prune", src, "-o", out, capsys=capsys)  # exists: needs --force
+    assert rc == 2 and "exists: choose another output or pass --force" in one_line(err)
+    rc, _, err = cli("prune", src, "-o", out, "--force", "-q", capsys=capsys)
+    assert rc == 0 and err == ""
+    assert [p.name for p in out.parent.iterdir()] == ["p.onnx"]  # no staging file left
+
+
+def test_help_states_the_output_rules(capsys):
+    for cmd in ("prune", "compile", "run", "sparsify", "inspect"):
+        rc, out, _ = cli(cmd, "-h", capsys=capsys)
+        text = " ".join(out.split())
+        assert rc == 0 and "replaced only with --force; missing parent directories are created" in text, cmd
+
+
+# --- ONNX with dynamic axes: --shape / --dynamic ------------------------------------------------
+
+
+def _batch_dims(path: Path) -> list:
+    import onnx
+
+    m = onnx.load(str(path))
+    return [next(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
+            for v in (*m.graph.input, *m.graph.output)]  # fmt: skip
+
+
+def test_prune_inspect_sparsify_take_shape_of_a_dynamic_onnx(tmp_path, onnx_files, capsys):
+    src = onnx_files / "d.onnx"
+    out = tmp_path / "p.onnx"
+    rc, stdout, err = cli("prune", src, "-o", out, "--shape", "x=4,3,32,32", "--dynamic",
+                          "batch=1,8", "--json", capsys=capsys)  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(stdout)["params_after"] < json.loads(stdout)["params_before"]
+    assert _batch_dims(out) == ["batch", "batch"]  # the batch stays symbolic
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 8):
+        x = np.random.default_rng(n).standard_normal((n, 3, 32, 32)).astype("float32")
+        assert sess.run(None, {"x": x})[0].shape == (n, 10)
+    rc, stdout, err = cli("inspect", src, "--shape", "x=3,3,32,32", "--json", tmp_path / "g.json",
+                          capsys=capsys)  # fmt: skip
+    assert rc == 0 and "prunable" in stdout, err
+    graph = json.loads((tmp_path / "g.json").read_text())
+    x = next(n for n in graph["nodes"] if n["id"] == "x")
+    assert x["shape"] == [3, 3, 32, 32]  # analysed at the --shape batch
+    rc, _, err = cli("sparsify", src, "-o", tmp_path / "s.onnx", "--shape", "x=2,3,32,32",
+                     "--pattern", "2:4", "-q", capsys=capsys)  # fmt: skip
+    assert rc == 0 and _batch_dims(tmp_path / "s.onnx") == ["batch", "batch"], err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "y=1,3,32,32"], ("--shape names ['y'], which are not inputs of the model; "
+                                  "its inputs are ['x']")),
+    (["--shape", "x=4,3,32"], "--shape x=4,3,32: the input has rank 4"),
+    (["--shape", "x=4,3,16,16"], "--shape x: axis 2 is fixed at 32 in the model, got 16"),
+    (["--shape", "x=16,3,32,32", "--dynamic", "batch=1,8"],
+     "dim 'batch' = 16 is outside its --dynamic range 1,8"),
+    (["--dynamic", "batch=8,1"], "--dynamic 'batch=8,1': need 1 <= MIN <= MAX"),
+    (["--shape", "x=a,b"], "--shape 'x=a,b': dims must be integers"),
+])  # fmt: skip
+def test_bad_shape_options_are_one_line_errors(args, message, tmp_path, onnx_files, capsys):
+    rc, _, err = cli("prune", onnx_files / "d.onnx", "-o", tmp_path / "p.onnx", *args,
+                     capsys=capsys)  # fmt: skip
+    assert rc == 2 and message in one_line(err)
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_shape_is_refused_for_a_torch_model(tmp_path, capsys):
+    rc, _, err = cli("prune", "resnet_tiny", "-o", tmp_path / "p.onnx", "--shape", "x=1,3,32,32",
+                     capsys=capsys)  # fmt: skip
+    assert rc == 2 and "--shape and --dynamic are for ONNX models" in one_line(err)

@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from graphprune.app.atomic import staging_dir, write_file_atomic, write_text_atomic
-from graphprune.codegen.staging import STALE_AFTER_S, make_staging_dir, remove_stale
+from graphprune.staging import STALE_AFTER_S, make_staging_dir, remove_stale
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_next_write_removes_dead_writers_leftovers_and_keeps_live_ones(tmp_path,
         write_text_atomic(tmp_path / "out.json", "{}")
         assert (tmp_path / "out.json").read_text() == "{}"
     elif write == "file":
-        write_file_atomic(tmp_path / "m.onnx", lambda p: open(p, "wb").write(b"x"))
+        write_file_atomic(tmp_path / "m.onnx", lambda p: Path(p).write_bytes(b"x"))
     elif write == "staging_dir":
         with staging_dir(tmp_path / "art") as tmp:
             assert tmp.name.startswith(f".art.tmp-{os.getpid()}-") and tmp.is_dir()
@@ -85,7 +86,7 @@ def test_old_entries_go_by_age_even_with_a_live_pid_and_legacy_names_only_by_age
 
 def test_failed_write_leaves_nothing(tmp_path):
     def fails(p):
-        open(p, "w").write("half")
+        Path(p).write_text("half")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):

@@ -4,7 +4,7 @@ A reader never sees half a file or half an artifact. The pipeline assembles an a
 ``.NAME.tmp-PID-*`` next to ``NAME`` and renames it only when every step succeeded, so an
 interrupted or failed run leaves no partial artifact (a ``kill -9`` can leave the hidden entry,
 never a half-written ``NAME``; the next write into that directory removes it, see
-:mod:`graphprune.codegen.staging`). An existing ``NAME`` is replaced only with ``force`` and
+:mod:`graphprune.staging`). An existing ``NAME`` is replaced only with ``force`` and
 only when it is an earlier artifact (it holds ``manifest.json``) or empty. Reports,
 ``bench.json`` and the CLI's ``inspect --json/--dot`` files go through :func:`write_text_atomic`,
 the CLI's models through :func:`write_file_atomic`.
@@ -21,29 +21,73 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from graphprune.codegen.staging import make_staging_dir, remove_stale, staging_path
 from graphprune.ir.errors import ConfigError
+from graphprune.staging import make_staging_dir, remove_stale, staging_path
 
-__all__ = ["check_replaceable", "check_writable", "make_parent", "staging_dir",
-           "swap_into_place", "write_file_atomic", "write_text_atomic"]  # fmt: skip
+__all__ = ["check_output", "check_replaceable", "check_writable", "make_parent",
+           "missing_parent", "staging_dir", "swap_into_place", "write_file_atomic",
+           "write_text_atomic"]  # fmt: skip
+
+
+def missing_parent(path: str | os.PathLike) -> Path | None:
+    """The topmost directory above ``path`` that does not exist yet (``None``: the parent
+    exists). An ancestor that is a file is a :class:`ConfigError`."""
+    top = None
+    for d in Path(os.path.abspath(path)).parents:
+        if d.exists() or d.is_symlink():
+            if not d.is_dir():
+                raise ConfigError(f"cannot write {path}: {d} is a file, not a directory")
+            return top
+        top = d
+    return top
 
 
 def make_parent(path: str | os.PathLike) -> Path | None:
     """Create the missing directories above ``path``; return the topmost one created (``None``
-    when the parent existed). A parent that is a file is a :class:`ConfigError`."""
+    when the parent existed)."""
+    top = missing_parent(path)
     parent = Path(os.path.abspath(path)).parent
-    top = None
-    for d in [parent, *parent.parents]:
-        if d.exists() or d.is_symlink():
-            if not d.is_dir():
-                raise ConfigError(f"cannot write {path}: {d} is a file, not a directory")
-            break
-        top = d
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the directory {parent} for {path}: {e.strerror}") from e
     return top
+
+
+def check_output(path: str | os.PathLike, force: bool, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output the command would fail to write or must not replace.
+
+    An existing ``path`` needs ``force``, and is replaced only by the same kind of thing: a file
+    by a file, a directory (``directory=True``) only when it is an earlier artifact or empty.
+    The nearest existing directory above ``path`` must take a new file (tried, not inferred
+    from permission bits, which root and read-only mounts do not follow); missing directories
+    between are created when the output is written (:func:`make_parent`).
+    """
+    p = Path(os.path.abspath(path))
+    if p.exists() or p.is_symlink():
+        if directory and not p.is_dir():
+            raise ConfigError(f"{path} is an existing file, and an artifact is a directory: choose "
+                              "another output directory or remove the file")  # fmt: skip
+        if directory:
+            check_replaceable(p, force)
+        elif p.is_dir():
+            raise ConfigError(f"{path} is a directory: give a file path, e.g. "
+                              f"{os.path.join(str(path), 'model.onnx')}")  # fmt: skip
+        elif not force:
+            raise ConfigError(f"{path} exists: choose another output or pass --force to replace it")
+    anc = p.parent
+    while not (anc.exists() or anc.is_symlink()):
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"cannot write {path}: {anc} is a file, not a directory")
+    probe = staging_path(anc / "probe", "tmp")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {anc} does not take new files ({e.strerror}); "
+                          "choose another output path")  # fmt: skip
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_writable(path: str | os.PathLike) -> None:

@@ -4,9 +4,15 @@ Sub-commands: ``demo``, ``inspect``, ``prune``, ``sparsify``, ``compile``, ``run
 ``bench ARTIFACT``, ``report ARTIFACT``. Progress goes to stderr as ``[  1.2s] step`` lines
 (``--quiet`` silences it), results to stdout (``--json`` makes them one JSON object).
 
-Exit codes: 0 success, 2 user error (a :class:`GraphPruneError`: bad model, file, option),
-1 internal failure (a bug: please report it with the traceback), 130 interrupted (Ctrl-C or
-SIGTERM; a ``run`` interrupted midway leaves no partial artifact).
+Exit codes: 0 success, 2 user error (a :class:`GraphPruneError`: bad model, file, option, an
+output path that cannot be written; reported as one ``graphprune: error: ...`` line on stderr,
+never a traceback), 1 internal failure (a bug: please report it with the traceback), 130
+interrupted (Ctrl-C or SIGTERM; a ``run`` interrupted midway leaves no partial artifact).
+
+Outputs (``-o``, ``--json``/``--dot`` files) are checked before any work: an existing one is
+replaced only with ``--force`` (an artifact directory only by an artifact, a file only by a
+file), a path that cannot be written is refused, and missing parent directories are created
+and reported on stderr (``created directory ...``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,20 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from graphprune.app.atomic import check_output, make_parent, write_file_atomic
+from graphprune.app.cli_options import (
+    DYNAMIC_HELP,
+    OUTPUT_NOTE,
+    SHAPE_HELP,
+    OneLineParser,
+    onnx_example_inputs,
+    parse_range,
+    parse_shape,
+    user_error,
+)
 from graphprune.frontends import kind_of
 from graphprune.ir.errors import ConfigError, GraphPruneError
 from graphprune.passes.coupling import build_coupling
@@ -74,16 +92,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx_inputs(args: argparse.Namespace, model: Any, inputs: Any) -> tuple[Any, dict | None]:
+    """``(example inputs, dynamic_shapes)`` from ``--shape`` / ``--dynamic`` (ONNX only)."""
+    shapes, ranges = dict(getattr(args, "shape", None) or []), dict(
+        getattr(args, "dynamic", None) or [])  # fmt: skip
+    if not shapes and not ranges:
+        return inputs, None
+    if kind_of(model) != "onnx":
+        raise ConfigError(f"--shape and --dynamic are for ONNX models; {args.model} brings its own "
+                          "example inputs")  # fmt: skip
+    from graphprune.frontends.onnx.files import load_onnx
+
+    proto = load_onnx(model)[0] if isinstance(model, str) else model
+    return (onnx_example_inputs(proto, shapes, ranges) if shapes else None), (ranges or None)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graphprune.api.graph import capture, explain
 
+    out = _Out(args)
+    for path in (args.json, args.dot):
+        if path:
+            check_output(path, args.force)
     model, inputs = _load_model(args.model)
-    pg = capture(model, inputs)
+    inputs, dynamic = _onnx_inputs(args, model, inputs)
+    pg = capture(model, inputs, dynamic_shapes=dynamic)
     print(explain(pg, limit=args.limit))
     if args.json:
-        _write(args.json, pg.to_json())
+        _write(args.json, pg.to_json(), out)
     if args.dot:
-        _write(args.dot, _to_dot(pg))
+        _write(args.dot, _to_dot(pg), out)
     return 0
 
 
@@ -100,9 +138,16 @@ def _to_dot(pg: Any) -> str:
     return "\n".join(lines + ["}"])
 
 
-def _write(path: str, text: str) -> None:
+def _made_parent(path: str, out: _Out) -> None:
+    created = make_parent(path)
+    if created is not None:
+        out.progress(f"created directory {created}")
+
+
+def _write(path: str, text: str, out: _Out) -> None:
     from graphprune.app.atomic import write_text_atomic
 
+    _made_parent(path, out)
     write_text_atomic(os.path.abspath(path), text)
     print(f"wrote {path}")
 
@@ -126,50 +171,65 @@ class _Out:
             print(text)
 
 
+_SUFFIXES = (".onnx", ".pt2", ".pt")
+
+
+def _check_model_out(path: str, force: bool) -> None:
+    """Before any work: ``-o`` has a suffix we write and can be written (see :func:`check_output`)."""
+    if not path.endswith(_SUFFIXES):
+        raise ConfigError(f"-o {path}: use .onnx, .pt2 (torch.export) or .pt (pickle)")
+    check_output(path, force)
+
+
 def _save_model(model: Any, path: str, inputs: Any, out: _Out) -> None:
     """Write a pruned / sparsified model: ``.onnx`` (ONNX in stays ONNX, torch is exported),
-    ``.pt2`` (``torch.export.save``) or ``.pt`` (the pickled module)."""
-    if os.path.exists(path) and not getattr(out, "force", False):
-        raise ConfigError(f"{path} exists: choose another -o or pass --force")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-    try:
-        if kind_of(model) == "onnx":
-            import onnx
+    ``.pt2`` (``torch.export.save``) or ``.pt`` (the pickled module), atomically."""
+    onnx_in = kind_of(model) == "onnx"
+    if onnx_in and not path.endswith(".onnx"):
+        raise ConfigError(f"-o {path}: an ONNX model is written as .onnx")
+    _made_parent(path, out)
 
-            if not path.endswith(".onnx"):
-                raise ConfigError(f"-o {path}: an ONNX model is written as .onnx")
-            onnx.save(model, tmp)
+    if onnx_in:  # large models go with their external data
+        from graphprune.frontends.onnx.files import save_onnx
+
+        save_onnx(model, path)
+        out.progress(f"wrote {path}")
+        return
+
+    def write(tmp: str) -> None:
+        import torch
+
+        if path.endswith(".onnx"):
+            torch.onnx.export(model, tuple(inputs), tmp, dynamo=False)
+        elif path.endswith(".pt2"):
+            torch.export.save(torch.export.export(model, tuple(inputs)), tmp)
         else:
-            import torch
+            torch.save(model, tmp)
 
-            if path.endswith(".onnx"):
-                torch.onnx.export(model, tuple(inputs), tmp, dynamo=False)
-            elif path.endswith(".pt2"):
-                torch.export.save(torch.export.export(model, tuple(inputs)), tmp)
-            elif path.endswith(".pt"):
-                torch.save(model, tmp)
-            else:
-                raise ConfigError(f"-o {path}: use .onnx, .pt2 (torch.export) or .pt (pickle)")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomic(path, write)
     out.progress(f"wrote {path}")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Structured pruning of one model; ONNX in gives ONNX out."""
+    from graphprune.api.options import check_prune_options
     from graphprune.api.structured import prune
+    from graphprune.passes.prune.channels import PruneConfig
 
     out = _Out(args)
-    out.force = args.force
+    options = {"ratio": args.ratio, "criterion": args.criterion, "scope": args.scope,
+               "target_macs": args.target_macs, "target_params": args.target_params,
+               "round_to": args.round_to, "min_keep": args.min_keep}  # fmt: skip
+    check_prune_options(**options)  # options first, before any work (as gp.prune would)
+    PruneConfig(**options).validate()
+    _check_model_out(args.out, args.force)
     model, inputs = _load_model(args.model)
+    inputs, dynamic = _onnx_inputs(args, model, inputs)
     out.progress(f"pruning {args.model} (criterion={args.criterion}, scope={args.scope})")
     res = prune(model, inputs, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
                    target_macs=args.target_macs, target_params=args.target_params,
                    round_to=args.round_to, heads=args.heads, ignore=args.ignore,
-                   min_keep=args.min_keep)  # fmt: skip
+                   min_keep=args.min_keep, dynamic_shapes=dynamic)  # fmt: skip
     _save_model(res.model, args.out, inputs, out)
     r = res.report
     out.result(r.to_text() + f"\nwrote {args.out}", {
@@ -182,14 +242,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_sparsify(args: argparse.Namespace) -> int:
     """Weight sparsity masks of one model; ONNX in gives ONNX out (magnitude / random)."""
     from graphprune.api.sparsify import sparsify
+    from graphprune.passes.sparsity.config import validate_config
 
     out = _Out(args)
-    out.force = args.force
+    validate_config(sparsity=args.sparsity, pattern=args.pattern, method=args.method,
+                    example_inputs=())  # the options alone, before any work
+    _check_model_out(args.out, args.force)
     model, inputs = _load_model(args.model)
+    inputs, _ = _onnx_inputs(args, model, inputs)
     if isinstance(model, str):  # an .onnx path: sparsify works on the ModelProto
-        import onnx
+        from graphprune.frontends.onnx.files import load_onnx
 
-        model = onnx.load(model)
+        model = load_onnx(model)[0]
     out.progress(f"sparsifying {args.model} (pattern={args.pattern}, method={args.method})")
     res = sparsify(model, inputs, sparsity=args.sparsity, pattern=args.pattern,
                       method=args.method)  # fmt: skip
@@ -210,6 +274,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from graphprune.app.pipeline import run
 
     out = _Out(args)
+    dest = args.out
+    if dest is None:
+        from graphprune.app.recipe import load_recipe
+
+        dest = load_recipe(args.recipe)["out"]
+    if dest is not None:  # else the pipeline says out: is missing
+        check_output(dest, args.force, directory=True)
+        _made_parent(dest, out)
     res = run(args.recipe, out=args.out, force=args.force, progress=out.progress)
     t = res.summary["totals"]
     v = res.summary["verify"]
@@ -249,31 +321,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     from graphprune.app.report import write_report
 
     out = _Out(args)
+    if args.out:
+        _made_parent(os.path.join(args.out, "report.html"), out)
     out.progress(f"rendering the report of {args.artifact}")
     html, md = write_report(args.artifact, args.out)
     out.result(f"report: {html}\n        {md}", {"html": str(html), "markdown": str(md)})
     return 0
 
 
+def _onnx_shape_args(parser: argparse.ArgumentParser, dynamic: bool = True) -> None:
+    parser.add_argument("--shape", action="append", type=parse_shape, default=[],
+                        metavar="NAME=D0,D1,...", help=SHAPE_HELP)  # fmt: skip
+    if dynamic:
+        parser.add_argument("--dynamic", action="append", type=parse_range, default=[],
+                            metavar="DIM=MIN,MAX", help=DYNAMIC_HELP)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="graphprune", description=__doc__.splitlines()[0], epilog=OUTPUT_NOTE)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     common.add_argument("--json", dest="json_out", action="store_true",
                         help="print the result as one JSON object on stdout")  # fmt: skip
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
     d = sub.add_parser("demo", help="capture an embedded model, show groups and a pruning plan")
     d.add_argument("--model", default="resnet_tiny", help="zoo name or .onnx path")
     d.add_argument("--ratio", type=float, default=0.5)
     d.set_defaults(fn=cmd_demo)
-    i = sub.add_parser("inspect", help="graph summary and coupled groups")
+    i = sub.add_parser("inspect", help="graph summary and coupled groups", epilog=OUTPUT_NOTE)
     i.add_argument("model", help="zoo name or .onnx path")
     i.add_argument("--json", help="write the graph as JSON")
     i.add_argument("--dot", help="write the graph as Graphviz dot")
     i.add_argument("--limit", type=int, default=None, help="show at most N groups")
+    i.add_argument("--force", action="store_true", help="overwrite the --json/--dot files")
+    _onnx_shape_args(i)
     i.set_defaults(fn=cmd_inspect)
     model_help = "zoo name, .onnx path or pkg.module:factory"
-    pr = sub.add_parser("prune", parents=[common], help="structured pruning of one model")
+    pr = sub.add_parser("prune", parents=[common], help="structured pruning of one model",
+                        epilog=OUTPUT_NOTE)  # fmt: skip
     pr.add_argument("model", help=model_help)
     pr.add_argument("-o", "--out", required=True, help="output model: .onnx, .pt2 or .pt")
     pr.add_argument("--ratio", type=float, default=0.5)
@@ -288,18 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layers never to prune (parameter/module name glob; repeatable)")
     pr.add_argument("--no-heads", dest="heads", action="store_false")
     pr.add_argument("--force", action="store_true", help="overwrite the output file")
+    _onnx_shape_args(pr)
     pr.set_defaults(fn=cmd_prune)
-    sp = sub.add_parser("sparsify", parents=[common], help="weight sparsity of one model")
+    sp = sub.add_parser("sparsify", parents=[common], help="weight sparsity of one model",
+                        epilog=OUTPUT_NOTE)  # fmt: skip
     sp.add_argument("model", help=model_help)
     sp.add_argument("-o", "--out", required=True, help="output model: .onnx, .pt2 or .pt")
     sp.add_argument("--sparsity", type=float, default=None)
     sp.add_argument("--pattern", default="unstructured", help="unstructured, N:M or block:RxC")
     sp.add_argument("--method", default="magnitude")
     sp.add_argument("--force", action="store_true", help="overwrite the output file")
+    _onnx_shape_args(sp, dynamic=False)
     sp.set_defaults(fn=cmd_sparsify)
     sub.add_parser("compile", help="compile a model to a TVM artifact (graphprune compile -h)",
                    add_help=False)  # fmt: skip
-    r = sub.add_parser("run", parents=[common], help="run a recipe (YAML/JSON) end to end")
+    r = sub.add_parser("run", parents=[common], help="run a recipe (YAML/JSON) end to end",
+                       epilog=OUTPUT_NOTE)  # fmt: skip
     r.add_argument("recipe", help="recipe file, e.g. examples/demo.yaml or ARTIFACT/recipe.json")
     r.add_argument("-o", "--out", default=None, help="artifact directory (overrides out:)")
     r.add_argument("--force", action="store_true", help="replace an existing artifact")
@@ -310,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--no-save", action="store_true", help="do not write ARTIFACT/bench.json")
     b.set_defaults(fn=cmd_bench)
-    rp = sub.add_parser("report", parents=[common], help="HTML + markdown report of an artifact")
+    rp = sub.add_parser("report", parents=[common], help="HTML + markdown report of an artifact",
+                        epilog=OUTPUT_NOTE)  # fmt: skip
     rp.add_argument("artifact", help="artifact directory written by graphprune run")
     rp.add_argument("-o", "--out", default=None, help="folder for the report (default: artifact)")
     rp.set_defaults(fn=cmd_report)
@@ -335,18 +425,26 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compile"]:
         from graphprune.app.cli_compile import compile_main
 
-        return compile_main(argv[1:])
+        return guarded(lambda: compile_main(argv[1:]))
     args = build_parser().parse_args(argv)
+    return guarded(lambda: args.fn(args))
+
+
+def guarded(fn: Callable[[], int | None]) -> int:
+    """Run a command: graphprune's errors and the operating system's refusals of a named file
+    (permission, missing folder, not a directory) are user errors, exit 2 with one line; Ctrl-C
+    and SIGTERM exit 130; anything else is a bug and keeps its traceback."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     _signalled.clear()
     try:
-        return int(args.fn(args) or 0)
+        return int(fn() or 0)
     except GraphPruneError as e:
         # A signal raised inside TVM's FFI comes back wrapped in a build error: still a stop.
-        if not _signalled:
-            print(f"graphprune: error: {e}", file=sys.stderr)
-            return 2
-        return _interrupted()
+        return _interrupted() if _signalled else user_error(str(e))
+    except OSError as e:
+        if e.filename is None or _signalled:
+            raise
+        return user_error(f"{e.filename}: {e.strerror or e}")
     except KeyboardInterrupt:
         return _interrupted()
     finally:

@@ -7,34 +7,34 @@ it. Progress goes to stderr (one line per stage with elapsed time), the summary 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
 
-from graphprune.ir.errors import GraphPruneError
+from graphprune.app.atomic import check_output, missing_parent
+from graphprune.app.cli_options import (
+    OUTPUT_NOTE,
+    OneLineParser,
+    onnx_example_inputs,
+    parse_shape,
+    user_error,
+)
+from graphprune.ir.errors import ConfigError, GraphPruneError
 
 __all__ = ["compile_main"]
 
 
-def _parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    name, _, dims = text.rpartition("=")
-    if not name or not dims:
-        raise argparse.ArgumentTypeError(f"--shape wants NAME=D0,D1,..., got {text!r}")
-    try:
-        return name, tuple(int(d) for d in dims.split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--shape {text!r}: dims must be integers") from e
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="graphprune compile", description="Compile an ONNX model to a TVM artifact."
-    )
+    p = OneLineParser(prog="graphprune compile", epilog=OUTPUT_NOTE,
+                      description="Compile an ONNX model to a TVM artifact.")  # fmt: skip
     p.add_argument("model", help="path of the .onnx file")
     p.add_argument("-o", "--out", required=True, help="artifact directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     p.add_argument("--schedule", default="ours", choices=["ours", "stock", "dlight"])
-    p.add_argument("--shape", action="append", type=_parse_shape, default=[],
+    p.add_argument("--shape", action="append", type=parse_shape, default=[],
+                   metavar="NAME=D0,D1,...",
                    help="static shape for a dynamic input, NAME=D0,D1,... (repeatable)")  # fmt: skip
     return p
 
@@ -54,47 +54,60 @@ def _summary(art, seconds: float) -> str:
 
 
 def compile_main(argv: list[str] | None = None) -> int:
-    """Run ``graphprune compile``; returns the process exit code (0 ok, 2 error)."""
+    """Run ``graphprune compile``; returns the process exit code (0 ok, 2 user error, one line
+    on stderr). The output is checked before anything is built: an existing artifact needs
+    ``--force``, an existing file or a non-artifact folder is never replaced, and a directory
+    that cannot be written is refused; a missing parent directory is created (once the build
+    succeeded: a failed compile leaves nothing) and reported."""
     args = _parser().parse_args(argv)
-    from graphprune.codegen.compiler import compile as compile_model
-
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    model = args.model
     try:
+        check_output(args.out, args.force, directory=True)
+        _check_readable(args.model)
+        model, example = args.model, None
         if args.shape:
-            import numpy as np
-            import onnx
+            from graphprune.frontends.onnx.files import load_onnx
 
-            proto = onnx.load(model)
+            model = load_onnx(args.model)[0]
             shapes = dict(args.shape)
-            inits = {t.name for t in proto.graph.initializer}
-            names = [i.name for i in proto.graph.input if i.name not in inits]
-            unknown = set(shapes) - set(names)
-            if unknown:
-                print(f"error: --shape names {sorted(unknown)} are not inputs {names}",
-                      file=sys.stderr)  # fmt: skip
-                return 2
-            example = [np.zeros(shapes[n], "float32") if n in shapes else None for n in names]
-            if any(e is None for e in example):
-                missing = [n for n, e in zip(names, example) if e is None]
-                print(f"error: with --shape, give every input's shape (missing {missing})",
-                      file=sys.stderr)  # fmt: skip
-                return 2
-            art = compile_model(proto, example, target=args.target, out_dir=args.out,
-                                schedule=args.schedule, progress=progress)  # fmt: skip
-        else:
-            art = compile_model(model, None, target=args.target, out_dir=args.out,
-                                schedule=args.schedule, progress=progress)  # fmt: skip
+            example = list(onnx_example_inputs(model, shapes).values())
+            missing = [n for n in _input_names(model) if n not in shapes]
+            if missing:
+                raise ConfigError(f"with --shape, give every input's shape (missing {missing})")
+        created = missing_parent(os.path.join(args.out, "manifest.json"))
+        from graphprune.codegen.compiler import compile as compile_model
+
+        art = compile_model(model, example, target=args.target, out_dir=args.out,
+                            schedule=args.schedule, progress=progress)  # fmt: skip
     except GraphPruneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(str(e))
+    if created is not None:  # by the artifact writer, only once the build succeeded
+        progress(f"created directory {created}")
     progress("done")
     print(_summary(art, time.perf_counter() - start))
     return 0
+
+
+def _check_readable(path: str) -> None:
+    """Refuse, before any work, a model that is not a readable ONNX file (its external data is
+    not read here)."""
+    import onnx
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"model file {path} not found")
+    try:
+        onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several kinds
+        raise ConfigError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e})") from e
+
+
+def _input_names(proto) -> list[str]:
+    inits = {t.name for t in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in inits]
 
 
 if __name__ == "__main__":

@@ -113,13 +113,13 @@ def test_prune_iteratively_refuses_bad_options_before_any_work(ratio, kwargs, me
 
 @pytest.mark.parametrize("criterion", ["taylor", "activation"])
 @pytest.mark.parametrize("batch, message", [
-    ((torch.randn(2, 9),), r"calibration batch 1 does not run through the captured model: input 0 "
-                           r"\('\w+'\): expected \(2, 8\) float32 \(as captured\), got \(2, 9\) "
-                           r"float32 .*Pass batches shaped like example_inputs"),
-    ((torch.randn(2, 8, 1),), r"calibration batch 1, input 0 \('\w+'\): expected rank 2 .* got "
-                              r"rank 3 \(shape \(2, 8, 1\)\)"),
-    ((torch.ones(2, 8, dtype=torch.int64),), r"calibration batch 1, input 0 \('\w+'\): expected "
-                                             r"dtype float32 .* got int64"),
+    ((torch.randn(2, 9),), (r"calibration batch 1 does not run through the captured model: "
+                            r"input 0 \('\w+'\): expected \(2, 8\) float32 \(as captured\), "
+                            r"got \(2, 9\) float32 .*Pass batches shaped like example_inputs")),
+    ((torch.randn(2, 8, 1),), (r"calibration batch 1, input 0 \('\w+'\): expected rank 2 .* "
+                               r"got rank 3 \(shape \(2, 8, 1\)\)")),
+    ((torch.ones(2, 8, dtype=torch.int64),), (r"calibration batch 1, input 0 \('\w+'\): "
+                                              r"expected dtype float32 .* got int64")),
     ((), r"calibration batch 1 holds 0 item\(s\), but the model was captured with 1 inputs"),
     ((torch.randn(3, 8),), r"calibration batch 1 has size 3: .* multiple of 2 rows"),
 ])  # fmt: skip

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from codegen_helpers import assert_matches, torch_outputs
 from codegen_models import ConvBlock, seeded
 
 from graphprune.app.cli_compile import compile_main
-from graphprune.codegen.target import detect_mcpu, make_target
+from graphprune.codegen.target import check_device, detect_mcpu, make_target
 from graphprune.ir.errors import ConfigError
 from graphprune.runtime import load
 
@@ -24,10 +26,53 @@ def test_cli_compiles_onnx_and_prints_summary(tmp_path, capsys):
     assert_matches(load(tmp_path / "out")(x.numpy()), torch_outputs(model, (x,)))
 
 
+def test_cli_force_shape_and_created_parent(tmp_path, capsys):
+    model, x = seeded(ConvBlock), torch.randn(2, 3, 8, 8)
+    src, out = str(tmp_path / "m.onnx"), tmp_path / "a" / "b" / "art"
+    torch.onnx.export(model, (x,), src, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    assert compile_main([src, "-o", str(out), "--shape", "x=2,3,8,8"]) == 0
+    assert f"created directory {tmp_path / 'a'}" in capsys.readouterr().err
+    assert_matches(load(out)(x.numpy()), torch_outputs(model, (x,)))
+    # an existing artifact is replaced only with --force, as by prune and run
+    first = (out / "manifest.json").read_text()
+    rc = compile_main([src, "-o", str(out), "--shape", "x=2,3,8,8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("graphprune: error:") and "pass --force" in err
+    assert (out / "manifest.json").read_text() == first
+    model.stem.weight.data.mul_(2)  # a different model replaces it
+    torch.onnx.export(model, (x,), src, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    assert compile_main([src, "-o", str(out), "--shape", "x=2,3,8,8", "--force"]) == 0
+    assert_matches(load(out)(x.numpy()), torch_outputs(model, (x,)))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["art"]  # no staging left
+
+
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
-    assert compile_main([str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "o")]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert compile_main([str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "new" / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "bad.onnx"]  # no folder made for nothing
+
+
+def test_cuda_without_a_device_is_refused_at_once_and_load_false_builds(tmp_path):
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("this machine has a CUDA device")
+    import graphprune as gp
+
+    model, x = seeded(ConvBlock), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ConfigError, match="no CUDA device on this machine .* load=False"):
+        gp.compile(model, (x,), target="cuda", out_dir=tmp_path / "a" / "art")
+    assert list(tmp_path.iterdir()) == []  # nothing built, nothing left
+    path = gp.compile(model, (x,), target="cuda", out_dir=tmp_path / "art", load=False)
+    assert path == tmp_path / "art"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["target"]["kind"] == "cuda" and (path / "model.so").stat().st_size > 0
+    check_device(make_target("llvm"))  # CPU targets need no check
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import onnx
 from onnx import external_data_helper
 
 from graphprune.ir.errors import ArtifactError, CaptureError
+from graphprune.staging import make_staging_dir
 
 __all__ = ["check_model", "infer_shapes", "is_large", "load_onnx", "on_disk", "save_onnx"]
 
@@ -120,7 +121,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike,
     os.makedirs(folder, exist_ok=True)
     name = os.path.basename(path)
     data_name = f"{name}.data"
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
+    tmp = str(make_staging_dir(path))  # also removes what interrupted writes left beside it
     try:
         if external:
             copy = onnx.ModelProto()
