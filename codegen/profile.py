@@ -24,6 +24,7 @@ Examples
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,30 +35,39 @@ from graphprune.ir.errors import ArtifactError
 
 __all__ = ["KernelProfile", "KernelTime", "category", "profile_artifact"]
 
-# First match wins, on the lower-cased kernel/op name (ours, ONNX Runtime's and OpenVINO's op
-# types share these words), so that per-category totals compare across runtimes.
+# First match wins. A name is split into lower-case words (``fused_conv2d_add`` -> fused, conv,
+# d, add; ``FusedConv`` -> fusedconv); a word matches a key it starts or ends with. Ours, ONNX
+# Runtime's and OpenVINO's op names share these keys, so per-category totals compare across the
+# three. Arithmetic comes before data movement: ``fused_reshape_add`` is an add that TVM fused
+# with a reshape, not a copy.
 _CATEGORIES = [
-    ("conv", ("conv",)),
-    ("gemm", ("matmul", "gemm", "dense", "fullyconnected", "linear", "sparse_", "csr", "bsr")),
+    ("conv", ("conv", "groupconv")),
+    ("gemm", ("matmul", "gemm", "dense", "fullyconnected", "linear", "sparse", "csr", "bsr")),
     ("attention", ("attention", "sdpa")),
     ("softmax", ("softmax",)),
-    ("norm", ("layer_norm", "layernorm", "layernormalization", "mvn", "rms_norm", "group_norm")),
+    ("norm", ("norm", "layernorm", "skiplayernorm", "mvn")),
     ("pool/reduce", ("pool", "reduce", "mean", "sum")),
+    ("elementwise", ("add", "multiply", "mul", "subtract", "sub", "divide", "div", "erf", "gelu",
+                     "tanh", "relu", "sigmoid", "exp", "clip", "maximum", "minimum", "where",
+                     "power", "sqrt", "eltwise", "subgraph")),
     ("data movement", ("transpose", "permute", "reshape", "concat", "split", "slice", "gather",
-                       "take", "reorder", "copy", "layout", "squeeze", "expand", "pad")),
+                       "take", "reorder", "copy", "layout", "squeeze", "expand", "pad",
+                       "flatten", "broadcast")),
 ]  # fmt: skip
 
 
 def category(name: str) -> str:
-    """A coarse op category (``conv``, ``gemm``, ``softmax``, ..., else ``elementwise``) from a
-    kernel or op type name.
+    """A coarse op category (``conv``, ``gemm``, ``attention``, ``softmax``, ``norm``,
+    ``pool/reduce``, ``elementwise``, ``data movement``) from a kernel or op type name.
 
     >>> category("fused_conv2d_add_relu3"), category("FullyConnected"), category("Add")
     ('conv', 'gemm', 'elementwise')
+    >>> category("fused_reshape1_add_add"), category("Transpose")
+    ('elementwise', 'data movement')
     """
-    low = name.lower()
-    for cat, words in _CATEGORIES:
-        if any(w in low for w in words):
+    words = re.findall(r"[a-z]+", name.lower())
+    for cat, keys in _CATEGORIES:
+        if any(w.startswith(k) or w.endswith(k) for w in words for k in keys):
             return cat
     return "elementwise"
 
