@@ -135,7 +135,7 @@ def _mask_reductions(graph: gs.Graph, pg: PruneGraph, plan, ops: set[str]) -> No
         # Scatter back by a one-hot MatMul over the last axis: exact (one nonzero term per
         # output) and free of static shapes, so it runs at every size of a symbolic batch.
         size = pg.value(x.name).shape[a]
-        onehot = np.zeros((len(k), size), dtype=np.float32)
+        onehot = np.zeros((len(k), size), dtype=pg.value(x.name).dtype)  # fp16 models too
         onehot[np.arange(len(k)), k] = 1
         perm = [i for i in range(rank) if i != a] + [a]
         back = [perm.index(i) for i in range(rank)]

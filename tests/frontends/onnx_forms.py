@@ -31,6 +31,17 @@ def export(model: torch.nn.Module, inputs: tuple, path: str, form: str) -> str:
     return os.fspath(path)
 
 
+def with_attention_mask(model, inputs):
+    """A :class:`graphprune.models.hf.TensorOutputs` decoder taking an ``attention_mask`` of
+    ones too, as deployed exports do: without one, transformers' mask code calls ``aten::diff``
+    (its packed-sequence check), which the legacy exporter cannot write."""
+    from graphprune.models.hf import TensorOutputs
+
+    names = tuple(model.input_names) + ("attention_mask",)
+    wrapped = TensorOutputs(model.model, names, model.output_names).eval()
+    return wrapped, tuple(inputs) + (torch.ones_like(inputs[0]),)
+
+
 def signatures(pg) -> list[tuple]:
     """Each prunable group as (size, sorted shapes of its matrix/kernel parameters), shapes
     sorted too: the legacy exporter folds BatchNorm into Conv and both exporters transpose

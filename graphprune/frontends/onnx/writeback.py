@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx.files import check_model, infer_shapes
 from graphprune.frontends.onnx.nodes import const_input
-from graphprune.ir.errors import VerificationError
+from graphprune.ir.errors import CaptureError, VerificationError
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
 
@@ -159,22 +159,47 @@ def verify_onnx(pg: PruneGraph, plan: RemovalPlan, model: onnx.ModelProto) -> No
                 f"{dims} after pruning; the plan expects {list(want)}."
             )
     for feeds in pg.source.check_feeds(pg):
-        run_checked(model, feeds)
+        try:
+            run_checked(model, feeds)
+        except VerificationError:
+            _check_source_runs(pg, feeds)
+            raise
 
 
-def run_checked(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run ``model`` in onnxruntime; a failure is a :class:`VerificationError` naming the node."""
+def _check_source_runs(pg: PruneGraph, feeds: dict[str, np.ndarray]) -> None:
+    """After the written model failed: if the model as given fails too, say so (an exporter's
+    invalid output is not a pruning error)."""
+    why = _ort_failure(pg.source.model, feeds)
+    if why is not None:
+        raise CaptureError(
+            f"the input ONNX model itself fails in onnxruntime {why}; nothing was pruned. "
+            "Re-export it (check an exporter's output in onnxruntime; for fp16, export in fp32 "
+            "and convert the ONNX model)."
+        )
+
+
+def _ort_failure(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> str | None:
+    """Where and why ``model`` fails in onnxruntime on ``feeds``, or ``None`` when it runs."""
     from graphprune.frontends.onnx.session import run_onnx
 
     try:
-        return run_onnx(model, feeds, threads=1)
+        run_onnx(model, feeds, threads=1)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own (Fail, InvalidArgument, ...)
         msg = str(e)
         m = re.search(r"(\w+) node\. Name:'([^']*)'", msg)
-        where = f"node {m.group(2)!r} ({m.group(1)})" if m else "a node"
+        t = re.search(r"Optype \((\w+)\).* in node \(([^)]*)\)", msg)
+        where = (f"node {m.group(2)!r} ({m.group(1)})" if m else
+                 f"node {t.group(2)!r} ({t.group(1)})" if t else "a node")  # fmt: skip
         shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+        return f"at {where} on inputs {shapes}: {msg[:400]}"
+    return None
+
+
+def run_checked(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    """Run ``model`` in onnxruntime; a failure is a :class:`VerificationError` naming the node."""
+    why = _ort_failure(model, feeds)
+    if why is not None:
         raise VerificationError(
-            f"the pruned ONNX model fails in onnxruntime at {where} on inputs {shapes}: "
-            f"{msg[:400]}. The plan is wrong for this node; report the model (and prune with "
-            "the groups through it excluded meanwhile)."
-        ) from e
+            f"the pruned ONNX model fails in onnxruntime {why}. The plan is wrong for this node; "
+            "report the model (and prune with the groups through it excluded meanwhile)."
+        )
