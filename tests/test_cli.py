@@ -300,7 +300,7 @@ def test_prune_inspect_sparsify_take_shape_of_a_dynamic_onnx(tmp_path, onnx_file
     x = next(n for n in graph["nodes"] if n["id"] == "x")
     assert x["shape"] == [3, 3, 32, 32]  # analysed at the --shape batch
     rc, _, err = cli("sparsify", src, "-o", tmp_path / "s.onnx", "--shape", "x=2,3,32,32",
-                     "--pattern", "2:4", "-q", capsys=capsys)  # fmt: skip
+                     "--dynamic", "batch=1,4", "--pattern", "2:4", "-q", capsys=capsys)  # fmt: skip
     assert rc == 0 and _batch_dims(tmp_path / "s.onnx") == ["batch", "batch"], err
 
 

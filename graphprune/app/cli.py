@@ -249,14 +249,14 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
                     example_inputs=())  # the options alone, before any work
     _check_model_out(args.out, args.force)
     model, inputs = _load_model(args.model)
-    inputs, _ = _onnx_inputs(args, model, inputs)
+    inputs, dynamic = _onnx_inputs(args, model, inputs)
     if isinstance(model, str):  # an .onnx path: sparsify works on the ModelProto
         from graphprune.frontends.onnx.files import load_onnx
 
         model = load_onnx(model)[0]
     out.progress(f"sparsifying {args.model} (pattern={args.pattern}, method={args.method})")
     res = sparsify(model, inputs, sparsity=args.sparsity, pattern=args.pattern,
-                      method=args.method)  # fmt: skip
+                      method=args.method, dynamic_shapes=dynamic)  # fmt: skip
     _save_model(res.model, args.out, inputs, out)
     rep = res.report
     rows = [(ls.name, 1 - ls.kept / max(ls.total, 1)) for ls in rep.layers]
@@ -329,12 +329,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_shape_args(parser: argparse.ArgumentParser, dynamic: bool = True) -> None:
+def _onnx_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", action="append", type=parse_shape, default=[],
                         metavar="NAME=D0,D1,...", help=SHAPE_HELP)  # fmt: skip
-    if dynamic:
-        parser.add_argument("--dynamic", action="append", type=parse_range, default=[],
-                            metavar="DIM=MIN,MAX", help=DYNAMIC_HELP)  # fmt: skip
+    parser.add_argument("--dynamic", action="append", type=parse_range, default=[],
+                        metavar="DIM=MIN,MAX", help=DYNAMIC_HELP)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pattern", default="unstructured", help="unstructured, N:M or block:RxC")
     sp.add_argument("--method", default="magnitude")
     sp.add_argument("--force", action="store_true", help="overwrite the output file")
-    _onnx_shape_args(sp, dynamic=False)
+    _onnx_shape_args(sp)
     sp.set_defaults(fn=cmd_sparsify)
     sub.add_parser("compile", help="compile a model to a TVM artifact (graphprune compile -h)",
                    add_help=False)  # fmt: skip

@@ -11,7 +11,8 @@ name); ``--dynamic`` gives a symbolic dim's range, the API's ``dynamic_shapes={d
 (default ``(1, 64)``), within which the pruned model keeps the dim symbolic. Inputs ``--shape``
 does not name take their static dims, and for a symbolic dim the size another ``--shape`` gave
 the same ``dim_param``, else 2 clipped to its range (what the API picks without inputs).
-Used by ``prune``, ``inspect``, ``sparsify`` (:mod:`.cli`) and ``compile`` (:mod:`.cli_compile`).
+Used by ``prune``, ``inspect``, ``sparsify`` (:mod:`.cli`) and, ``--shape`` only, ``compile``
+(:mod:`.cli_compile`, which builds a static artifact at that shape).
 """
 
 from __future__ import annotations
