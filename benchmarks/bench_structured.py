@@ -6,7 +6,11 @@ their values), at ratios 0.3/0.5/0.7, with and without ``round_to=8``: prune wit
 and the same with Torch-Pruning's MagnitudePruner where it is installed. The goal: at ratio 0.5
 the measured speed-up is at least 0.8x the MAC reduction. Records its table in BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/bench_structured.py [--threads 2] [--runs 10] [--quick]
+``--peers`` adds the speed-up of the same dense and pruned models exported to ONNX and run by
+ONNX Runtime and OpenVINO (``peers.py``; dense and pruned timed in interleaved turns): whether
+the runtimes users deploy with turn the MAC reduction into latency at the pruned (odd) widths.
+
+    .venv/bin/python benchmarks/bench_structured.py [--threads 2] [--runs 10] [--quick] [--peers]
 """
 
 from __future__ import annotations
@@ -55,12 +59,35 @@ def tp_prune(model, inputs, ratio, round_to):
     return m, macs
 
 
+def peer_speedups(dense, pruned, inputs, threads: int, runs: int, mac_x: float) -> list[str]:
+    """ONNX Runtime's and OpenVINO's dense ms / pruned ms on the ONNX exports of both models,
+    each followed by that speed-up over the MAC reduction ``mac_x``."""
+    import tempfile
+
+    import peers
+
+    arrays = peers.as_arrays(inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        calls = {}
+        for tag, m in (("dense", dense), ("pruned", pruned)):
+            path = peers.export_onnx(m, inputs, os.path.join(tmp, f"{tag}.onnx"))
+            for name, fn in peers.peer_runners(path, arrays, threads).items():
+                calls[name, tag] = fn
+        ms = peers.time_turns(calls, runs)
+    out = []
+    for name in peers.PEERS:
+        speedup = ms[name, "dense"].median / ms[name, "pruned"].median
+        out += [f"{speedup:.2f}", f"{speedup / mac_x:.2f}"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="small models, for a smoke run")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--peers", action="store_true", help="ONNX Runtime / OpenVINO speed-ups")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -101,10 +128,15 @@ def main() -> None:
                         row += ["failed", type(e).__name__, "-"]
                 else:
                     row += ["-", "-", "-"]
+                if args.peers:
+                    row += peer_speedups(model, res.model, inputs, args.threads, args.runs, mac_x)
                 rows.append(row)
                 print(" | ".join(row), flush=True)
     head = ["model", "ratio", "round_to", "our form", "our MACs ratio", "dense ms", "our ms",
             "our speed-up", "speed-up / MAC reduction", "TP MACs ratio", "TP ms", "TP speed-up"]
+    if args.peers:
+        head += ["ORT speed-up", "ORT speed-up / MAC reduction", "OpenVINO speed-up",
+                 "OpenVINO speed-up / MAC reduction"]  # fmt: skip
     table = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                       + ["| " + " | ".join(r) + " |" for r in rows])  # fmt: skip
     load = os.getloadavg()[0]
