@@ -9,7 +9,9 @@ weights outside them in a copy of the model, or in the model itself with ``inpla
 Codegen reads ``graph.masks`` from the result (``gp.compile(res, ...)``) to pick sparse kernels.
 
 Guarantees: the input model is never mutated unless ``inplace=True``, and then only after every
-mask was computed and checked, so a failure leaves nothing half-applied. Every user error raises
+mask was computed and checked, so a failure leaves nothing half-applied (except for SparseGPT and
+``update='obs'``, which write each layer's reconstructed weights as they go, so that no second
+copy of the model is held; an error then names the layers already written). Every user error raises
 :class:`graphprune.ir.errors.ConfigError` (or, for something that is not a model,
 :class:`~graphprune.ir.errors.CaptureError`) naming the parameter and the fix. A model the
 capture cannot handle is still sparsified: ``result.graph`` is then ``None`` and the report's
@@ -92,7 +94,10 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
         default (``exclude=[]`` prunes the head too). Embeddings are never pruned.
     blocksize, percdamp : SparseGPT's column block and Hessian damping (fraction of mean diag).
     inplace : bool
-        Write the result into the model given (only after everything succeeded).
+        Write the result into the model given, without a copy of it: memory stays bounded for
+        large models (masks, one block's activations and statistics on top of the model). Mask-only
+        methods write only after everything succeeded; SparseGPT and ``update='obs'`` write each
+        layer's new weights as they are computed (an error then says which were written).
     loss_fn : callable(model, batch) -> scalar, optional
         For taylor/snip/grasp; default cross-entropy on ``(inputs, labels)`` batches.
     iterations : int
@@ -143,7 +148,8 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
         model, kind, example_inputs, sparsity=sparsity, pattern=pattern, method=method,
         calib=calib, scope=scope, min_keep=min_keep, exclude=exclude, blocksize=blocksize,
         percdamp=percdamp, loss_fn=loss_fn, iterations=iterations, seed=seed,
-        prior_masks=prior_masks, allocation=allocation, refine=refine, update=update)
+        prior_masks=prior_masks, allocation=allocation, refine=refine, update=update,
+        inplace=inplace)
     graph = _record(model, kind, graph, capture_inputs, found, dynamic_shapes)
     if kind == "onnx":
         out = onnx_masks.apply_masks(model, found.masks, inplace)
@@ -216,8 +222,9 @@ def _compute(model, kind: str, example_inputs=None, sparsity=None, pattern="unst
              method="magnitude", calib=None, scope="layer", min_keep=0.0, exclude=None,
              blocksize=128, percdamp=0.01, loss_fn=None, iterations=100, seed=0,
              prior_masks=None, allocation="uniform", refine=None,
-             update=None) -> tuple[MaskSet, Any]:
-    """Validate the options and run the sparsity pass for ``kind``; nothing is written.
+             update=None, inplace=False) -> tuple[MaskSet, Any]:
+    """Validate the options and run the sparsity pass for ``kind``; nothing is written (but
+    with ``inplace``, the weights a reconstruction method computes: see ``compute_masks``).
     Returns the masks and the inputs to capture the model with (``None`` if there are none)."""
     if kind == "onnx":
         if (allocation, refine, update) != ("uniform", None, None):
@@ -236,7 +243,7 @@ def _compute(model, kind: str, example_inputs=None, sparsity=None, pattern="unst
         return found, example_inputs
     found = compute_masks(model, cfg, calib=calib, example_inputs=example_inputs,
                           exclude=exclude, loss_fn=loss_fn, prior_masks=prior_masks,
-                          flatten_outputs=flatten_outputs)
+                          flatten_outputs=flatten_outputs, inplace=inplace)
     # Inputs to capture the model with: example_inputs, else the first calibration batch when
     # batches are model inputs (a loss method's are (inputs, labels)).
     if example_inputs is None and calib and method not in LOSS_METHODS:
@@ -296,7 +303,8 @@ def _record_on(graph: PruneGraph | str, found: MaskSet, user_graph: bool) -> Pru
         return None
     graph.masks.clear()
     for k, m in found.masks.items():
-        keep = m.detach().cpu().numpy().astype(bool)
+        # Shares memory with result.masks (no second copy of the masks for a large model).
+        keep = m.detach().cpu().numpy().astype(bool, copy=False)
         # Two names of one tied tensor, each masked: what is written is both masks' product.
         prior = graph.masks.get(names[k])
         graph.masks[names[k]] = keep if prior is None else prior & keep

@@ -16,6 +16,14 @@ config was validated (:func:`graphprune.passes.sparsity.config.validate_config`)
 module-based: transformer stacks are calibrated block by block on the outputs of the blocks
 already sparsified, so the pass works on its own deep copy of the model (masked weights are
 written into that copy as it goes); the caller's model is never touched.
+
+With ``inplace=True`` there is no copy (bounded memory for LLMs: the pass adds the masks, one
+block's activations and statistics, and one block's weights on top of the model). Mask-only
+methods then leave the weights as they were: a block is masked only while it runs to produce
+the next block's inputs, and restored after, so a failure changes nothing; the caller writes
+the masks. Methods that reconstruct weights (SparseGPT, ``update='obs'``) write each layer's new
+weights into the model as they go (a second copy is what bounded memory rules out); a failure
+after the first write says which layers were rewritten.
 """
 
 from __future__ import annotations
@@ -75,13 +83,15 @@ OWL_M, OWL_LAMBDA = 5.0, 0.08  # outlier threshold (x mean score) and ratio spre
 def compute_masks(model: nn.Module, config: SparsityConfig, *, calib: list | None = None,
                   example_inputs: Any = None, exclude: list[str] | None = None, loss_fn=None,
                   prior_masks: dict[str, torch.Tensor] | None = None,
-                  flatten_outputs: Callable[[Any], list[torch.Tensor]]) -> MaskSet:
-    """Masks for the Linear / Conv1d / Conv2d / Conv1D weights of ``model``; ``model`` unchanged.
+                  flatten_outputs: Callable[[Any], list[torch.Tensor]],
+                  inplace: bool = False) -> MaskSet:
+    """Masks for the Linear / Conv1d / Conv2d / Conv1D weights of ``model``; ``model`` unchanged
+    unless ``inplace`` (see the module docstring).
 
     Parameters
     ----------
     model : nn.Module
-        Read only (a deep copy is calibrated and masked).
+        Read only (a deep copy is calibrated and masked), unless ``inplace``.
     config : SparsityConfig
         From :func:`~graphprune.passes.sparsity.config.validate_config`, with ``calib`` as it
         returned it.
@@ -90,6 +100,10 @@ def compute_masks(model: nn.Module, config: SparsityConfig, *, calib: list | Non
     flatten_outputs : callable
         The frontend's flattening of a model's outputs into a list of tensors (SynFlow sums the
         first).
+    inplace : bool
+        Calibrate ``model`` itself (no copy). Its weights are unchanged on return for mask-only
+        methods; reconstructed weights (``values``) are written into it and are its own
+        parameters.
 
     Returns
     -------
@@ -107,13 +121,18 @@ def compute_masks(model: nn.Module, config: SparsityConfig, *, calib: list | Non
     (0.5, ['2'], {})
     """
     return _Sparsifier(model, config, calib, example_inputs, exclude, loss_fn, prior_masks,
-                       flatten_outputs).run()
+                       flatten_outputs, inplace).run()
 
 
 class _Sparsifier:
     def __init__(self, model, cfg: SparsityConfig, calib, example_inputs, exclude, loss_fn, prior,
-                 flatten_outputs):
+                 flatten_outputs, inplace=False):
         self.user_model, self.cfg, self.calib = model, cfg, calib
+        self.inplace = inplace
+        # Weights are written into the model being calibrated when it is the pass's own copy, or
+        # when the method computes new weights (no room for a second copy of them).
+        self.write_through = not inplace or cfg.method == "sparsegpt" or cfg.update == "obs"
+        self.written: list[str] = []
         self.example_inputs, self.exclude, self.loss_fn = example_inputs, exclude, loss_fn
         self.prior = prior or {}
         self.flatten_outputs = flatten_outputs
@@ -223,12 +242,14 @@ class _Sparsifier:
             keep = keep & p
         x = st.sample() if st is not None else None
         # The old weights are kept only for the error report, which needs calibration rows.
-        old = t.weight2d().clone() if x is not None else t.weight2d()
+        old = t.weight2d().clone() if x is not None and self.write_through else t.weight2d()
         w2 = (new if new is not None else old) * keep
-        # Written into the pass's own copy: sequential calibration feeds the next block the
-        # outputs of this one as sparsified.
-        with torch.no_grad():
-            t.module.weight.copy_(t.to_param_shape(w2.to(old.dtype)))
+        if self.write_through:
+            # Sequential calibration feeds the next block the outputs of this one as sparsified
+            # (otherwise :meth:`_masked` masks the block while it runs).
+            with torch.no_grad():
+                t.module.weight.copy_(t.to_param_shape(w2.to(old.dtype)))
+            self.written.append(t.param_name)
         self.masks[t.param_name] = t.to_param_shape(keep)
         if new is not None:
             self.values[t.param_name] = t.module.weight.detach()
@@ -260,11 +281,29 @@ class _Sparsifier:
                 for t in tb:
                     self._solve_layer(t, st[t.name])
             if i + 1 < len(blist):
-                seq.advance(i)
+                self._masked(tb, lambda i=i: seq.advance(i))
         for t in outside:
             self._solve_layer(t, st_out[t.name])
         self.report.calibration = f"sequential over {bname} ({len(blist)} blocks)"
         return True
+
+    def _masked(self, targets: list[Target], run: Callable[[], None]) -> None:
+        """``run()`` with ``targets`` masked: a copy of their weights (one block's) is taken, the
+        masks applied, and the weights restored after (when masks are not written through)."""
+        if self.write_through:
+            run()
+            return
+        saved = [t.module.weight.detach().clone() for t in targets]
+        try:
+            with torch.no_grad():
+                for t in targets:
+                    w = t.module.weight
+                    w.mul_(self.masks[t.param_name].to(w.dtype))
+            run()
+        finally:
+            with torch.no_grad():
+                for t, w0 in zip(targets, saved):
+                    t.module.weight.copy_(w0)
 
     def _owl(self, seq: SequentialBlocks, blist, per_block) -> None:
         """OWL: outlier ratio of each block's Wanda scores on the dense model, then ratios."""
@@ -338,12 +377,30 @@ class _Sparsifier:
         return keep
 
     def run(self) -> MaskSet:
-        t0 = time.perf_counter()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.masks: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.layer_sparsity: dict[str, float] = {}
-        self.work = copy.deepcopy(self.user_model).eval()
+        if not self.inplace:
+            self.work = copy.deepcopy(self.user_model).eval()
+            return self._run()
+        self.work = self.user_model
+        modes = {m: m.training for m in self.work.modules()}
+        self.work.eval()
+        try:
+            return self._run()
+        except ConfigError as e:
+            if not self.written:
+                raise
+            raise ConfigError(f"{e} [inplace=True, method {self.cfg.method!r}: the new weights of "
+                          f"{len(self.written)} layers ({', '.join(self.written[:3])}, ...) were "
+                          "already written into the model; reload it before retrying]") from e
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    def _run(self) -> MaskSet:
+        t0 = time.perf_counter()
         active = self._select_targets()
         cfg = self.cfg
         blocks = find_blocks(self.work, active)

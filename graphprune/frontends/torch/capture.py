@@ -16,6 +16,7 @@ import copy
 import math
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -406,8 +407,9 @@ def _from_exported(ep: Any, method: str, name: str, args: tuple, kwargs: dict) -
             pid = pname if pname not in taken else f"param:{pname}"
             pg.add_value(pid, Value(tuple(t.shape), _dtype_str(t), "param", param=pname,
                                     trainable=node.name in sig.inputs_to_parameters))
+            # bf16 (no numpy dtype) as ml_dtypes.bfloat16 over the same bytes: still no copy.
             arr = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else (
-                t.detach().float().cpu().numpy())
+                t.detach().cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16))
             arr = arr.view()
             arr.flags.writeable = False  # a view of the user's weights: passes must not write
             pg.weights[pname] = arr

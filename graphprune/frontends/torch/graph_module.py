@@ -174,7 +174,9 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> 
             old = state.get(n.target)
             if old is None:
                 old = get_tensor(gm, n.target)
-            arr = slice_array(old.detach().cpu().numpy(), vid[n.name], plan)
+            src = old.detach().cpu()  # numpy has no bf16; fp32 holds it exactly
+            arr = slice_array((src.float() if src.dtype == torch.bfloat16 else src).numpy(),
+                              vid[n.name], plan)
             new = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
             if isinstance(old, torch.nn.Parameter):
                 new = torch.nn.Parameter(new, requires_grad=old.requires_grad)

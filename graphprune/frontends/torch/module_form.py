@@ -80,6 +80,8 @@ def _load(model: nn.Module, pg: PruneGraph, plan: RemovalPlan) -> set[str]:
             continue
         done.add(val.param)
         arr = slice_array(np.asarray(pg.weights[val.param]), v, plan)
+        if arr.dtype.name == "bfloat16":  # the capture's ml_dtypes view; fp32 holds it exactly
+            arr = arr.astype(np.float32)
         owner, leaf = _owner(model, val.param)
         old = getattr(owner, leaf)
         new = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)

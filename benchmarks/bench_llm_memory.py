@@ -1,0 +1,153 @@
+"""Peak memory and time of ``gp.sparsify`` (Wanda, SparseGPT, 50%, ``inplace=True``) on an LLM.
+
+The model is a ``LlamaForCausalLM`` of TinyLlama-1.1B's shape (hidden 2048, intermediate 5632,
+22 layers, 32 heads, 4 kv heads, vocab 32000) with random weights, built directly in the dtype
+measured (fp32 or bf16, no fp32 intermediate). Calibration: 8 sequences of 256 random tokens, one
+sequence per batch.
+
+Each configuration runs in its own subprocess: imports, model build and calibration data first,
+then the baseline (``VmRSS``), then the high-water mark is reset (``/proc/self/clear_refs`` 5) and
+``gp.sparsify`` runs; the figure is ``VmHWM - baseline``: what sparsifying costs on top of the
+model, compared with the model's own bytes (issue 17's goal: <= 1.25x, SparseGPT may add one
+layer's Hessian and its inverse). Usage::
+
+    .venv/bin/python benchmarks/bench_llm_memory.py [--layers 22] [--dtypes fp32,bf16]
+        [--methods wanda,sparsegpt] [--label after] [--no-write] [--src DIR]
+
+``--src DIR`` imports graphprune from another checkout (``git archive <commit> | tar -x -C DIR``)
+to measure the code before a change. ``--layers`` cuts the stack (development only: the recorded
+table is the full shape). Writes the table between ``<!-- bench_llm_memory:start -->`` and
+``end`` in ``BENCHMARKS.md`` unless ``--no-write`` (a ``--label`` other than ``after`` is
+printed only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench_llm_memory:start -->", "<!-- bench_llm_memory:end -->"
+SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+N_SEQ, SEQ_LEN = 8, 256
+GIB = 2**30
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _child(args) -> None:
+    """One configuration: print a JSON line with the figures."""
+    if args.src:
+        sys.path.insert(0, args.src)
+    import ctypes
+    import gc
+    import time
+
+    import torch
+    import transformers
+
+    import graphprune as gp
+
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = transformers.LlamaConfig(**{**SHAPE, "num_hidden_layers": args.layers},
+                                   use_cache=False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy on the way
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, cfg.vocab_size, (1, SEQ_LEN), generator=gen) for _ in range(N_SEQ)]
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _status_kib("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    res = gp.sparsify(model, sparsity=0.5, method=args.method, calib=calib, inplace=True)
+    seconds = time.perf_counter() - t0
+    peak = _status_kib("VmHWM") * 1024
+    assert res.model is model
+    print(json.dumps(dict(dtype=args.dtype, method=args.method, layers=args.layers,
+                          model=model_bytes, base=base, peak=peak, seconds=seconds,
+                          calibration=res.report.calibration,
+                          sparsity=res.report.total_sparsity)))
+
+
+def _run(args, dtype: str, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--method", method,
+           "--layers", str(args.layers), "--threads", str(args.threads)]
+    if args.src:
+        cmd += ["--src", args.src]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{dtype}/{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict], label: str) -> str:
+    lines = [f"| code | dtype | method | model GiB | baseline RSS GiB | peak above baseline GiB "
+             "| x model | seconds | calibration |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        extra = r["peak"] - r["base"]
+        lines.append(f"| {label} | {r['dtype']} | {r['method']} | {r['model'] / GIB:.2f} | "
+                     f"{r['base'] / GIB:.2f} | {extra / GIB:.2f} | {extra / r['model']:.2f} | "
+                     f"{r['seconds']:.1f} | {r['calibration']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="wanda", help=argparse.SUPPRESS)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--methods", default="wanda,sparsegpt")
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--label", default="after")
+    ap.add_argument("--src", default=None, help="import graphprune from this directory")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        _child(args)
+        return
+    load = os.getloadavg()
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for method in args.methods.split(","):
+            rows.append(_run(args, dtype, method))
+            print(_table(rows[-1:], args.label), flush=True)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from record import cpu_name, write_block
+
+    table = _table(rows, args.label)
+    head = (f"Machine: {cpu_name()}, {args.threads} threads; {datetime.date.today()}; load "
+            f"average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (a shared machine: "
+            "times are noisy). Llama of TinyLlama-1.1B's shape"
+            f"{'' if args.layers == SHAPE['num_hidden_layers'] else f' cut to {args.layers} layers'}"
+            f", random weights; {N_SEQ} calibration sequences of {SEQ_LEN} tokens; "
+            "`gp.sparsify(model, sparsity=0.5, method=..., calib=..., inplace=True)`. "
+            "Peak = VmHWM (reset after the model was built) minus the RSS then, in a fresh "
+            "process per row. Produced by `benchmarks/bench_llm_memory.py`.")
+    print()
+    print(head)
+    print(table)
+    if not args.no_write and args.label == "after":
+        write_block(START, END, f"### LLM sparsify memory (issue 17)\n\n{head}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
