@@ -78,7 +78,9 @@ def ours_ops(art, inputs) -> tuple[list[Op], float]:
     prof = profile_artifact(art, inputs)
     for note in prof.notes:
         print("  ours: not timed:", note)
-    ops = [Op(k.name, k.name, k.total_ms, k.out_elems, k.order) for k in prof.kernels]
+    # one Op per call, in call order (peers report each layer once per run)
+    ops = [Op(prof.kernels[i].name, prof.kernels[i].name, prof.kernels[i].ms,
+              prof.kernels[i].out_elems, pos) for pos, i in enumerate(prof.sequence)]  # fmt: skip
     return ops, prof.wall_ms
 
 
@@ -191,8 +193,8 @@ def report(runs: dict[str, list[Op]], walls: dict[str, float]) -> str:
         out.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     matched = match_layers(runs)
     diffs = sorted(matched, key=lambda m: -(m[3]["ours"].ms - min(m[3][n].ms for n in names[1:])))
-    out += ["", f"Conv/GEMM layers matched across runtimes ({len(matched)}), largest ours − best "
-            "peer first:", "",
+    out += ["", (f"Conv/GEMM layers matched across runtimes ({len(matched)}), largest ours − best "
+                 "peer first:"), "",
             "| layer (ours) | category | output elems | " + " | ".join(f"{n} ms" for n in names)
             + " | ours − best peer |", "|" + "---|" * (4 + len(names))]  # fmt: skip
     for cat, elems, _k, ops in diffs[: ARGS.top]:

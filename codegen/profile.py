@@ -96,12 +96,14 @@ class KernelTime:
 
 @dataclass
 class KernelProfile:
-    """Kernels sorted by total time (largest first), the model's wall time per call and the
-    number of VM builtin calls per run."""
+    """Kernels sorted by total time (largest first), the model's wall time per call, the
+    number of VM builtin calls per run, and ``sequence``: every kernel call of one run in
+    order, as an index into ``kernels`` (to line calls up with another runtime's layers)."""
 
     kernels: list[KernelTime]
     wall_ms: float
     builtin_calls: int
+    sequence: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -182,6 +184,7 @@ def profile_artifact(artifact, inputs, number: int = 10, repeat: int = 3,
         walls.append(time.perf_counter() - t)
 
     timed: dict[tuple, dict] = {}
+    order: list[tuple] = []
     builtins = 0
     failures: list[str] = []
 
@@ -194,6 +197,7 @@ def profile_artifact(artifact, inputs, number: int = 10, repeat: int = 3,
             return 0
         shapes = tuple(tuple(int(d) for d in a.shape) for a in call_args if hasattr(a, "shape"))
         key = (symbol, shapes)
+        order.append(key)
         if key in timed:
             timed[key]["calls"] += 1
             return 0
@@ -218,4 +222,6 @@ def profile_artifact(artifact, inputs, number: int = 10, repeat: int = 3,
         for (name, shapes), e in timed.items()
     ]  # fmt: skip
     kernels.sort(key=lambda k: -(k.total_ms if k.ms == k.ms else -1.0))
-    return KernelProfile(kernels, float(np.median(walls) * 1e3), builtins, notes=failures)
+    index = {(k.name, k.shapes): i for i, k in enumerate(kernels)}
+    return KernelProfile(kernels, float(np.median(walls) * 1e3), builtins,
+                         [index[key] for key in order], failures)  # fmt: skip

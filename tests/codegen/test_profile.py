@@ -53,6 +53,10 @@ def test_every_kernel_call_is_timed_on_its_shapes(profiled):
     assert totals == sorted(totals, reverse=True)
     assert math.isclose(prof.kernel_ms, sum(totals))
     assert prof.wall_ms > 0 and prof.builtin_calls > 0
+    # the call sequence: every call once, in order (the conv runs first)
+    assert len(prof.sequence) == sum(k.calls for k in prof.kernels)
+    assert prof.kernels[prof.sequence[0]].category in ("conv", "data movement")
+    assert [prof.kernels[i].category for i in prof.sequence].count("gemm") == 3
     assert "fused" in prof.to_text(top=3) or prof.kernels[0].name in prof.to_text(top=3)
 
 
