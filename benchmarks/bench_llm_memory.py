@@ -11,14 +11,17 @@ then the baseline (``VmRSS``), then the high-water mark is reset (``/proc/self/c
 model, compared with the model's own bytes (issue 17's goal: <= 1.25x, SparseGPT may add one
 layer's Hessian and its inverse). Usage::
 
-    .venv/bin/python benchmarks/bench_llm_memory.py [--layers 22] [--dtypes fp32,bf16]
-        [--methods wanda,sparsegpt] [--label after] [--no-write] [--src DIR]
+    .venv/bin/python benchmarks/bench_llm_memory.py [--dtypes fp32,bf16]
+        [--methods wanda:22,sparsegpt:2] [--before DIR] [--no-write]
 
-``--src DIR`` imports graphprune from another checkout (``git archive <commit> | tar -x -C DIR``)
-to measure the code before a change. ``--layers`` cuts the stack (development only: the recorded
-table is the full shape). Writes the table between ``<!-- bench_llm_memory:start -->`` and
-``end`` in ``BENCHMARKS.md`` unless ``--no-write`` (a ``--label`` other than ``after`` is
-printed only).
+``--methods`` lists ``method:layers``: the stack cut to that many layers (SparseGPT's solves
+take minutes per layer on 2 cores, so its rows may use a cut stack; the embedding and head are
+always there). ``--before DIR`` also runs every row with graphprune imported from ``DIR`` (an
+older checkout: ``git archive <commit> | tar -x -C DIR``, then links
+``DIR/graphprune/{passes,codegen,models} -> ../{passes,codegen,models}``), the code before a
+change. Writes the
+table between ``<!-- bench_llm_memory:start -->`` and ``end`` in ``BENCHMARKS.md`` unless
+``--no-write``.
 """
 
 from __future__ import annotations
@@ -79,30 +82,40 @@ def _child(args) -> None:
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") * 1024
     assert res.model is model
-    print(json.dumps(dict(dtype=args.dtype, method=args.method, layers=args.layers,
+    from graphprune.passes.sparsity import sparsify as pass_module
+
+    # An older checkout needs graphprune/{passes,codegen,models} links to its own folders (the
+    # editable install would map those subpackages to this tree): both must come from one tree.
+    src = {str(Path(os.path.realpath(m.__file__)).parents[k])
+           for m, k in ((gp, 1), (pass_module, 2))}
+    print(json.dumps(dict(src=src.pop() if len(src) == 1 else f"mixed {sorted(src)}",dtype=args.dtype, method=args.method, layers=args.layers,
                           model=model_bytes, base=base, peak=peak, seconds=seconds,
                           calibration=res.report.calibration,
                           sparsity=res.report.total_sparsity)))
 
 
-def _run(args, dtype: str, method: str) -> dict:
+def _run(args, dtype: str, method: str, layers: int, src: str | None, label: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--method", method,
-           "--layers", str(args.layers), "--threads", str(args.threads)]
-    if args.src:
-        cmd += ["--src", args.src]
+           "--layers", str(layers), "--threads", str(args.threads)]
+    if src:
+        cmd += ["--src", src]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{dtype}/{method} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    if src and os.path.realpath(row["src"]) != os.path.realpath(src):
+        raise RuntimeError(f"--before {src}: graphprune came from {row['src']}")
+    return {**row, "code": label}
 
 
-def _table(rows: list[dict], label: str) -> str:
-    lines = [f"| code | dtype | method | model GiB | baseline RSS GiB | peak above baseline GiB "
-             "| x model | seconds | calibration |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def _table(rows: list[dict]) -> str:
+    lines = ["| code | dtype | method | layers | model GiB | baseline RSS GiB | peak above "
+             "baseline GiB | x model | seconds | calibration |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         extra = r["peak"] - r["base"]
-        lines.append(f"| {label} | {r['dtype']} | {r['method']} | {r['model'] / GIB:.2f} | "
+        lines.append(f"| {r['code']} | {r['dtype']} | {r['method']} | {r['layers']} | "
+                     f"{r['model'] / GIB:.2f} | "
                      f"{r['base'] / GIB:.2f} | {extra / GIB:.2f} | {extra / r['model']:.2f} | "
                      f"{r['seconds']:.1f} | {r['calibration']} |")
     return "\n".join(lines)
@@ -114,11 +127,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="wanda", help=argparse.SUPPRESS)
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--methods", default="wanda,sparsegpt")
-    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
+    ap.add_argument("--methods", default="wanda:22,sparsegpt:2")
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--label", default="after")
-    ap.add_argument("--src", default=None, help="import graphprune from this directory")
+    ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--before", default=None, help="also run the code in this directory")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.child:
@@ -126,26 +140,35 @@ def main() -> None:
         return
     load = os.getloadavg()
     rows = []
-    for dtype in args.dtypes.split(","):
-        for method in args.methods.split(","):
-            rows.append(_run(args, dtype, method))
-            print(_table(rows[-1:], args.label), flush=True)
+    codes = [(None, "after")]
+    if args.before:
+        commit = Path(args.before, "COMMIT")
+        name = commit.read_text().strip()[:7] if commit.exists() else args.before
+        codes.insert(0, (args.before, f"before ({name})"))
+    for item in args.methods.split(","):
+        method, _, layers = item.partition(":")
+        for dtype in args.dtypes.split(","):
+            for src, label in codes:
+                rows.append(_run(args, dtype, method, int(layers or SHAPE["num_hidden_layers"]),
+                                 src, label))
+                print(_table(rows[-1:]), flush=True)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from record import cpu_name, write_block
 
-    table = _table(rows, args.label)
+    table = _table(rows)
+    end = os.getloadavg()
     head = (f"Machine: {cpu_name()}, {args.threads} threads; {datetime.date.today()}; load "
-            f"average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (a shared machine: "
-            "times are noisy). Llama of TinyLlama-1.1B's shape"
-            f"{'' if args.layers == SHAPE['num_hidden_layers'] else f' cut to {args.layers} layers'}"
-            f", random weights; {N_SEQ} calibration sequences of {SEQ_LEN} tokens; "
+            f"average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after "
+            f"{end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (a shared machine: times are noisy). Llama "
+            f"of TinyLlama-1.1B's shape ({SHAPE['num_hidden_layers']} layers, or cut to the "
+            f"layers listed), random weights; {N_SEQ} calibration sequences of {SEQ_LEN} tokens; "
             "`gp.sparsify(model, sparsity=0.5, method=..., calib=..., inplace=True)`. "
             "Peak = VmHWM (reset after the model was built) minus the RSS then, in a fresh "
             "process per row. Produced by `benchmarks/bench_llm_memory.py`.")
     print()
     print(head)
     print(table)
-    if not args.no_write and args.label == "after":
+    if not args.no_write:
         write_block(START, END, f"### LLM sparsify memory (issue 17)\n\n{head}\n\n{table}")
 
 
