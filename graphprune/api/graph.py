@@ -26,7 +26,8 @@ def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = N
         input axis, e.g. ``{"x": {0: Dim("batch", min=1, max=64)}}``. Default: the batch axis
         of every input (``Dim("batch", min=1, max=1024)``) and, for integer inputs (token ids,
         attention masks), the sequence axis up to the model's maximum positions; where the
-        model fixes such an axis it falls back to static (``pg.static_axes`` says why).
+        model fixes such an axis it falls back to static (``pg.static_axes`` says why);
+        ``False``: every axis static, at the example sizes.
         ``pg.dynamic_axes`` lists what stayed dynamic; ``Value.symbols`` names each value's
         symbolic sizes. ONNX: ``{dim_param: (min, max)}`` for the model's symbolic input dims
         (default ``(1, 64)`` each); the pruned model keeps them symbolic and is checked at both
@@ -39,7 +40,7 @@ def capture(model_or_onnx: Any, example_inputs: Any = None, name: str | None = N
     >>> pg.capture_method
     'torch.export'
     >>> [a.describe() for a in pg.dynamic_axes]
-    ['x[0] = batch in [1, 1024]']
+    ['input[0] = batch in [1, 1024]']
     """
     return frontends.capture(model_or_onnx, example_inputs, name=name,
                              dynamic_shapes=dynamic_shapes)

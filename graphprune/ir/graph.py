@@ -251,7 +251,9 @@ class PruneGraph:
         data = nx.node_link_data(g, edges="edges")
         data["graph"] = {"frontend": self.frontend, "capture_method": self.capture_method,
                          "inputs": self.inputs, "outputs": self.outputs,
-                         "aliases": self.aliases}  # fmt: skip
+                         "aliases": self.aliases,
+                         "dynamic_axes": [asdict(a) for a in self.dynamic_axes],
+                         "static_axes": self.static_axes}  # fmt: skip
         return json.dumps(data, default=str, indent=1)
 
     def to_text(self) -> str:

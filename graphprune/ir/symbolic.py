@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import operator
-from typing import Mapping
+from collections.abc import Mapping
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip

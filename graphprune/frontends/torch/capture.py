@@ -320,7 +320,7 @@ def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None 
 
     ``dynamic_shapes`` is torch.export's own (``torch.export.Dim`` per input axis); without it
     batch, and the sequence axis of integer inputs, are dynamic where the model allows (see
-    :mod:`graphprune.frontends.torch.dynamic`). ``pg.dynamic_axes`` lists what stayed dynamic,
+    :mod:`graphprune.frontends.torch.dynamic`); ``False`` captures every axis static. ``pg.dynamic_axes`` lists what stayed dynamic,
     ``pg.static_axes`` what fell back to static and why."""
     if example_inputs is None:
         raise CaptureError(
@@ -338,8 +338,10 @@ def capture_torch(model: torch.nn.Module, example_inputs: Any, name: str | None 
     work = copy.deepcopy(model).eval() if model.training else model
     if dynamic_shapes is None:
         request = dynamic.default_request(work, args, kwargs)
+    elif dynamic_shapes is False:
+        request = None  # every axis static, at the example sizes
     else:
-        request = dynamic.explicit_request(work, args, kwargs, dynamic_shapes)
+        request = dynamic.explicit_request(dynamic_shapes)
     try:
         ep, method = dynamic.export_dynamic(lambda spec: _export(work, args, kwargs, spec), request)
     except CaptureError as e:

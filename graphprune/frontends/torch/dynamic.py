@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -50,9 +51,8 @@ def is_constraint_error(e: BaseException) -> bool:
 
 @dataclass
 class DynamicRequest:
-    """The dims asked for: per tensor leaf of ``(args, kwargs)``, ``{axis: Dim}``."""
+    """The dims asked for: per tensor leaf of the bound arguments, ``{axis: Dim}``."""
 
-    leaves: list[torch.Tensor]
     labels: list[str]  # one per leaf: the argument name (``inputs_1`` for ``*inputs``)
     dims: list[dict[int, Any]]
     build: Callable[[list[dict[int, Any]]], Any]  # dims per leaf -> torch's dynamic_shapes
@@ -97,22 +97,40 @@ def _bound(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] 
 def _labelled_leaves(bound: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     out = []
     for name, value in bound.items():
-        leaves = [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
         if isinstance(value, torch.Tensor):
             out.append((name, value))
-        else:
-            out += [(f"{name}_{i}", t) for i, t in enumerate(leaves)]
+            continue
+        leaves = [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+        out += [(f"{name}_{i}", t) for i, t in enumerate(leaves)]
     return out
+
+
+def _spec(bound: dict[str, Any], dims_of: Callable[[torch.Tensor], dict | None]) -> dict:
+    """torch.export's ``dynamic_shapes`` for the bound arguments: ``dims_of(tensor)`` per tensor
+    (``None`` or ``{}``: static), the arguments' own nesting elsewhere."""
+
+    def per(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return dims_of(v) or None
+        if isinstance(v, (list, tuple)):
+            return type(v)(per(x) for x in v)
+        if isinstance(v, dict):
+            return {k: per(x) for k, x in v.items()}
+        return None
+
+    return {name: per(v) for name, v in bound.items()}
 
 
 def max_positions(model: torch.nn.Module) -> tuple[int | None, str]:
     """The longest sequence the model accepts and where that comes from."""
-    config = getattr(model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
-        for key in ("max_position_embeddings", "n_positions", "max_source_positions"):
-            n = getattr(cfg, key, None) if cfg is not None else None
-            if isinstance(n, int) and n > 0:
-                return n, f"config.{key}"
+    # The model's own config, else that of a wrapped transformers model inside it.
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    for config in [c for c in configs if c is not None][:1]:
+        for cfg in (config, getattr(config, "text_config", None)):
+            for key in ("max_position_embeddings", "n_positions", "max_source_positions"):
+                n = getattr(cfg, key, None) if cfg is not None else None
+                if isinstance(n, int) and n > 0:
+                    return n, f"config.{key}"
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Embedding) and "pos" in name.lower().rsplit(".", 1)[-1]:
             return m.num_embeddings, f"position table {name}"
@@ -151,34 +169,23 @@ def default_request(model: torch.nn.Module, args: tuple, kwargs: dict) -> Dynami
                 continue
             d[axis] = dim(kind, int(t.shape[axis]), hi)
         dims.append(d)
-    by_id = {}
-    for (label, t), d in zip(labelled, dims):
-        by_id[id(t)] = d
+    index = {id(t): i for i, (_, t) in enumerate(labelled)}
 
-    def build(_dims: list[dict[int, Any]]) -> Any:
-        def per(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                return dict(by_id.get(id(v), {})) or None
-            if isinstance(v, (list, tuple)):
-                return type(v)(per(x) for x in v)
-            if isinstance(v, dict):
-                return {k: per(x) for k, x in v.items()}
-            return None
+    def build(per_leaf: list[dict[int, Any]]) -> Any:
+        return _spec(bound, lambda t: dict(per_leaf[index[id(t)]]) if id(t) in index else None)
 
-        return {name: per(v) for name, v in bound.items()}
-
-    return DynamicRequest([t for _, t in labelled], [lb for lb, _ in labelled], dims, build,
-                          static=static)  # fmt: skip
+    return DynamicRequest([lb for lb, _ in labelled], dims, build, static=static)
 
 
-def explicit_request(model: torch.nn.Module, args: tuple, kwargs: dict, spec: Any) -> DynamicRequest:
+def explicit_request(spec: Any) -> DynamicRequest:
+    """The user's own spec, passed to torch.export unchanged (after refusing the ONNX form)."""
     if isinstance(spec, dict) and spec and all(isinstance(v, tuple) and len(v) == 2
                                                and all(isinstance(x, int) for x in v)
                                                for v in spec.values()):  # fmt: skip
         raise ConfigError(
             f"dynamic_shapes={spec!r} is the ONNX form ({{dim_param: (min, max)}}); for a torch "
             "model pass torch.export's own: {'x': {0: torch.export.Dim('batch', min=1, max=64)}}")
-    return DynamicRequest([], [], [], lambda d: spec, explicit=spec)
+    return DynamicRequest([], [], lambda d: spec, explicit=spec)
 
 
 _FIX = re.compile(r"^\s*(\w+)\s*=\s*(.+?)\s*$")
@@ -274,8 +281,6 @@ def _symbol_names(ep: Any) -> dict[Any, str]:
             if src_name in debug:
                 out[sym] = debug[src_name]
                 break
-    # Several torch symbols may carry one name (inputs tied to one Dim); keep names unique
-    # to what the graph uses by preferring the symbols in the range constraints.
     return out
 
 
@@ -296,18 +301,14 @@ def symbols_of(val: Any, names: dict[Any, str]) -> tuple[str | None, ...] | None
     for s in val.shape:
         if isinstance(s, torch.SymInt):
             expr = s.node.expr
-            try:
-                expr = expr.xreplace({sym: _Sym(names[sym]) for sym in expr.free_symbols
-                                      if sym in names})  # fmt: skip
-            except Exception:  # noqa: BLE001 - keep torch's own symbol names
-                pass
-            out.append(str(expr))
+            renamed = {sym: _symbol(names[sym]) for sym in expr.free_symbols if sym in names}
+            out.append(str(expr.xreplace(renamed)))
         else:
             out.append(None)
     return tuple(out) if any(o is not None for o in out) else None
 
 
-def _Sym(name: str) -> Any:  # noqa: N802 - a sympy constructor
+def _symbol(name: str) -> Any:
     import sympy
 
     return sympy.Symbol(name, integer=True, positive=True)
@@ -396,19 +397,9 @@ def export_pruned(gm: torch.nn.Module, pg: Any) -> Any:
     bound = _bound(gm, args, kwargs)
     spec = None
     if bound is not None and per_input:
-        labelled = _labelled_leaves(bound)
-        by_id = {id(t): per_input.get(name) for name, t in zip(pg.inputs, (t for _, t in labelled))}
-
-        def per(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                return by_id.get(id(v))
-            if isinstance(v, (list, tuple)):
-                return type(v)(per(x) for x in v)
-            if isinstance(v, dict):
-                return {k: per(x) for k, x in v.items()}
-            return None
-
-        spec = {name: per(v) for name, v in bound.items()}
+        leaves = [t for _, t in _labelled_leaves(bound)]
+        by_id = {id(t): per_input.get(name) for name, t in zip(pg.inputs, leaves)}
+        spec = _spec(bound, lambda t: by_id.get(id(t)))
     try:
         with torch.no_grad():
             return torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
