@@ -104,7 +104,7 @@ def make_target(target="llvm", *, arch: str | None = None):
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, dict):
-        spec = dict(target)
+        spec = {k: v for k, v in target.items() if k != "str"}  # a manifest's target_to_dict
     elif isinstance(target, str):
         kind = target.split()[0]
         if kind == "llvm":
