@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["graphprune.api.graph", "graphprune.api.remove", "graphprune.api.structured",
-           "graphprune.api.iterative", "graphprune.ir.graph", "graphprune.ir.verify",
+           "graphprune.api.iterative", "graphprune.api.options", "graphprune.ir.graph", "graphprune.ir.verify",
            "graphprune.passes.base", "graphprune.passes.coupling.build", "graphprune.models.digits"]
 
 
