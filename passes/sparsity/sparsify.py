@@ -411,6 +411,11 @@ class _Sparsifier:
         if cfg.allocation == "owl" and not done:
             raise ConfigError("allocation='owl' needs a model with repeated blocks (an "
                               "nn.ModuleList of transformer layers) that chain")
+        if not done and blocks is None and cfg.method in ACTIVATION_METHODS and self.calib:
+            self.report.notes.append(
+                "no block list (an nn.ModuleList of >= 2 blocks of one type holding the target "
+                "layers) found: calibrated on the whole model at once, which holds every layer's "
+                "statistics together (memory grows with the model, not with one block)")
         if not done:
             self._one_shot(active)
         self.report.seconds = time.perf_counter() - t0

@@ -144,3 +144,12 @@ def test_inplace_sparsegpt_failure_names_the_layers_already_written():
     _poison_second_block(model)
     with pytest.raises(ConfigError, match=r"already written.*reload it"):
         gp.sparsify(model, sparsity=0.5, method="sparsegpt", calib=_calib(), inplace=True)
+
+
+def test_no_block_list_falls_back_to_whole_model_calibration_with_a_note():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    calib = [torch.randn(4, 8) for _ in range(2)]
+    res = gp.sparsify(model, sparsity=0.5, method="wanda", calib=calib, inplace=True)
+    assert res.report.calibration == "whole-model hooks"
+    assert any("no block list" in n for n in res.report.notes)
+    assert (model[0].weight[~res.masks["0.weight"]] == 0).all()
