@@ -41,6 +41,7 @@ _SMALL = {
     "vit_tiny": "transformer",
     "vit_tiny_sdpa": "transformer",
     "swin_tiny": "swin",
+    "maxvit_tiny": "maxvit",
     "llama_tiny": "transformer",
     "llama_tiny_tied": "transformer",
     "hf_bert_tiny": "hf",

@@ -74,12 +74,18 @@ TORCH_GROUPS = {
     "hf_gpt2_tiny": 2 * 3 + 1,
     "hf_llama_tiny": 2 * 3 + 1 + 1,  # as llama_tiny
     "hf_vit_tiny": 2 * 4,  # as hf_bert_tiny
+    # per block: the MBConv expansion (1); block and grid attention each give whole heads (with
+    # the learned bias's head axis), head_dim (fused qkv: one index for q, k and v) and the MLP
+    # width (2 x 3): 2 blocks x 7; the stream (LayerNorm statistics: approximate) (1). The
+    # bias's token axes (window and grid positions) are frozen.
+    "maxvit_tiny": 2 * 7 + 1,
 }
 
 # Of those, the approximate ones (statistics run over them): the hidden streams under
 # LayerNorm/RMSNorm, and unet's same-position-in-every-GroupNorm-group groups.
 APPROXIMATE = {"unet_tiny": 4, "vit_tiny": 1, "vit_tiny_sdpa": 1, "llama_tiny": 1,
-               "llama_tiny_tied": 1, "hf_gpt2_tiny": 1, "hf_llama_tiny": 1}  # fmt: skip
+               "llama_tiny_tied": 1, "hf_gpt2_tiny": 1, "hf_llama_tiny": 1,
+               "maxvit_tiny": 1}  # fmt: skip
 
 # Exact prunable groups as (size, granularity) that one frontend finds and the other does not.
 # name: (torch only, ONNX only)
@@ -92,6 +98,10 @@ ONNX_DIFFERS = {
     # the exported index is a Gather of a constant, which has a rule: whole heads (2 per block)
     # are prunable on ONNX (the hidden stream is too, but approximate: LayerNorm)
     "swin_tiny": ({}, {(2, 48): 2}),
+    # the same heads (4 attentions x 2): granularity is read from a group's first parameter,
+    # the bias (1 position per head) in torch's order, the fused qkv weight (3 x 16 rows per
+    # head) in the export's
+    "maxvit_tiny": ({(2, 1): 4}, {(2, 48): 4}),
 }
 
 

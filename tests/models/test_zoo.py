@@ -41,6 +41,8 @@ EXPECTED_OPS = {
     "hf_bert_tiny": {"aten.scaled_dot_product_attention.default"},
     "hf_gpt2_tiny": {"aten.addmm.default", "aten.split.Tensor"},
     "hf_llama_tiny": {"aten.scaled_dot_product_attention.default", "aten.rsqrt.default"},
+    "maxvit_tiny": {"aten.permute.default", "aten.softmax.int", "aten.conv2d.default",
+                    "aten.batch_norm.default"},
     "swin_tiny": {"aten.roll.default", "aten.index.Tensor", "aten.softmax.int", "aten.permute.default"},
     "hf_vit_tiny": {"aten.conv2d.default", "aten.scaled_dot_product_attention.default"},
 }
