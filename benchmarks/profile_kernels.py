@@ -230,7 +230,7 @@ def main() -> int:
             f"{macs(model, inputs) / 1e6:.0f} MMACs; load average {load} (shared cores: "
             f"noisy); max abs err vs torch: "
             + ", ".join(f"{n} {e:.1e}" for n, e in errs.items())
-            + ". Ours: time_evaluator per kernel (median of 3x10); ORT: profiler node "
+            + ". Ours: time_evaluator per kernel (median of 20 single calls); ORT: profiler node "
             f"times; OpenVINO: PERF_COUNT real_time; peers: median of {ARGS.runs} runs per layer.")
     text = head + "\n\n" + report(runs, walls)
     print(text)

@@ -138,7 +138,7 @@ def _kernel_module(lib, name: str):
     return None
 
 
-def profile_artifact(artifact, inputs, number: int = 10, repeat: int = 3,
+def profile_artifact(artifact, inputs, number: int = 1, repeat: int = 20,
                      wall_repeat: int = 10) -> KernelProfile:  # fmt: skip
     """Time every kernel of ``artifact`` on the shapes ``inputs`` make it run with.
 
@@ -150,7 +150,9 @@ def profile_artifact(artifact, inputs, number: int = 10, repeat: int = 3,
         One call's inputs (the shapes the artifact was compiled for).
     number, repeat : int
         ``time_evaluator``'s: each kernel runs ``number`` times per measurement, ``repeat``
-        measurements, the median is kept.
+        measurements, the median is kept. The default (single calls, median of 20) matches how
+        the peers' profilers report a layer (one call each run), and keeps a preemption on
+        shared cores out of the figure instead of averaging it in.
     wall_repeat : int
         Uninstrumented whole-model calls for ``wall_ms`` (median).
 
