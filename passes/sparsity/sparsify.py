@@ -392,9 +392,10 @@ class _Sparsifier:
         except ConfigError as e:
             if not self.written:
                 raise
-            raise ConfigError(f"{e} [inplace=True, method {self.cfg.method!r}: the new weights of "
-                          f"{len(self.written)} layers ({', '.join(self.written[:3])}, ...) were "
-                          "already written into the model; reload it before retrying]") from e
+            raise ConfigError(
+                f"{e} [inplace=True, method {self.cfg.method!r}: the new weights of "
+                f"{len(self.written)} layers ({', '.join(self.written[:3])}, ...) were already "
+                "written into the model; reload it before retrying]") from e
         finally:
             for m, mode in modes.items():
                 m.training = mode
