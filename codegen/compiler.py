@@ -16,17 +16,19 @@ from pathlib import Path
 
 from graphprune.codegen.artifact import write_artifact
 from graphprune.codegen.build import build
+from graphprune.codegen.index_checks import check_index_inputs
 from graphprune.codegen.lower import lower
 from graphprune.codegen.masks import apply_masks
 from graphprune.codegen.sparse_rewrite import rewrite_sparse
 from graphprune.codegen.target import check_device, make_target, target_to_dict
+
 from graphprune.ir import PruneGraph
 from graphprune.ir.errors import ConfigError
 
 __all__ = ["compile"]
 
 
-def compile(  # noqa: A001 - the public name the issue asks for
+def compile(
     model_or_onnx,
     example_inputs=None,
     target="llvm",
@@ -39,6 +41,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     tuning_dir=None,
     *,
     graph: PruneGraph | None = None,
+    dynamic_shapes=None,
     load: bool = True,
 ):
     """Compile a model to a TVM artifact directory and return it loaded.
@@ -50,8 +53,18 @@ def compile(  # noqa: A001 - the public name the issue asks for
         result carrying both (any object with ``.model`` and ``.graph``, e.g. ``gp.prune``'s),
         which compiles ``.model`` with ``graph=.graph``.
     example_inputs : tuple of tensors or arrays, optional
-        Required for torch; for ONNX only needed when an input has dynamic dims. Shapes are
-        baked in: the artifact accepts exactly these shapes and dtypes.
+        Required for torch; for ONNX only needed when an input has dynamic dims that
+        ``dynamic_shapes`` does not name. Without ``dynamic_shapes`` the shapes are baked in:
+        the artifact accepts exactly these shapes and dtypes.
+    dynamic_shapes : optional
+        Axes that stay symbolic in the artifact. Torch: ``torch.export``'s own format
+        (``torch.export.Dim(name, min=, max=)`` per input axis, a tuple per input or a dict by
+        ``forward``'s argument names). ONNX: ``{dim_param: (min, max)}``. The bounds become the
+        kernels' ``tir_var_upper_bound``; the manifest lists each dynamic dim under
+        ``dynamic_dims`` (``{name: [min, max]}``, max ``null`` when unbounded) and the inputs'
+        shapes name it. Default ``None``: every axis static, as before (one artifact per shape
+        runs fastest; see ``benchmarks/bench_dynamic.py`` for what a dynamic artifact costs).
+        Not combinable with sparse ``kernels`` or ``tune=True`` (both specialise on the batch).
     target : {"llvm", "cuda"} or dict
         ``"llvm"`` detects the CPU (explicit ``mcpu``, ``num-cores``); ``"cuda"`` uses sm_80.
     out_dir : str or os.PathLike
@@ -115,7 +128,15 @@ def compile(  # noqa: A001 - the public name the issue asks for
     tgt = make_target(target)
     check_device(tgt, load)
     step("lowering to Relax")
-    lowered = lower(model, example_inputs)
+    lowered = lower(model, example_inputs, dynamic_shapes)
+    if lowered.dims and (kernels != "dense" or tuning is not None):
+        raise ConfigError(
+            f"dynamic_shapes with kernels={kernels!r}, tune={tune}: sparse kernels and tuning "
+            f"specialise on one batch size; compile with kernels='dense', tune=False, or "
+            f"without dynamic_shapes (dynamic dims {sorted(lowered.dims)})"
+        )
+    step("bounds-checking index inputs")
+    lowered, index_inputs = check_index_inputs(lowered)
     masks = None
     if graph is not None and graph.masks:
         step("applying the graph's sparsity masks")
@@ -134,6 +155,10 @@ def compile(  # noqa: A001 - the public name the issue asks for
         "masks": "graph" if masks is not None else "detected",
         "kernels": {**built.kernels, **sparse_records},
     }
+    if lowered.dims:
+        info["dynamic_dims"] = {k: list(v) for k, v in lowered.dims.items()}
+    if index_inputs:
+        info["index_inputs"] = index_inputs
     if built.tuning is not None:
         info["tuning"] = built.tuning
     if built.padded_channels:  # kernels run these widths; the model's MACs are unchanged

@@ -38,6 +38,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+from graphprune.codegen.cpu_loops import (
+    NOMINAL_EXTENT,
+    REFUSED,
+    Injective,
+    const_extent,
+    is_cpu,
+    largest_divisor,
+    planning_extent,
+    schedule_injective_block,
+    vector_lanes,
+)
 from tvm import ir, s_tir, tirx
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 from tvm.s_tir.dlight.base import ScheduleRule
@@ -47,42 +58,6 @@ from tvm.target import Target
 __all__ = ["Contraction", "Injective", "vector_lanes"]
 
 # What a refused schedule primitive raises; a rule that hits one declines the function.
-_REFUSED = (
-    s_tir.schedule.ScheduleError, tvm.error.InternalError, RuntimeError, ValueError, IndexError
-)
-
-
-def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    """SIMD lanes for ``dtype_bits`` elements on an llvm ``target``, from the features LLVM
-    gives its ``mcpu`` (a name table went stale: ``cooperlake`` got 128-bit vectors)."""
-    from tvm.target import codegen
-
-    with target:
-        if codegen.target_has_features("avx512f", target):
-            bits = 512
-        elif codegen.target_has_features("avx2", target) or codegen.target_has_features(
-            "avx", target
-        ):
-            bits = 256
-        else:
-            bits = 128  # SSE, NEON
-    return max(1, bits // dtype_bits)
-
-
-def _largest_divisor(extent: int, limit: int, powers_of_two: bool = False) -> int:
-    for f in range(min(limit, extent), 0, -1):
-        if extent % f == 0 and (not powers_of_two or f & (f - 1) == 0):
-            return f
-    return 1
-
-
-def _const_extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
-def _is_cpu(target: Target) -> bool:
-    return target.kind.name == "llvm"
 
 
 @dataclass(frozen=True)
@@ -90,8 +65,8 @@ class ContractionInfo:
     """What a matched contraction block looks like (used for the manifest's kernel report)."""
 
     block: str
-    spatial: tuple[int, ...]
-    reduce: tuple[int, ...]
+    spatial: tuple[int | str, ...]  # a symbolic extent as its expression
+    reduce: tuple[int | str, ...]
     tile: tuple[int, int, int]  # rows, column vectors, lanes
     packed: str | None = None  # weight layout after packing, if packed
     k_block: int | None = None  # reduction slice kept in L1, if blocked
@@ -210,13 +185,13 @@ class Contraction(ScheduleRule):
         self.col_vectors = col_vectors
         self.last_match: ContractionInfo | None = None
 
-    def apply(self, func, target: Target, tunable: bool):  # noqa: ARG002 - dlight signature
+    def apply(self, func, target: Target, tunable: bool):
         self.last_match = None
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target):
             return None
         try:
             return self._schedule(func, target)
-        except _REFUSED:
+        except REFUSED:
             # A primitive refused (non-affine epilogue, odd access): leave it to the next rule.
             return None
 
@@ -259,13 +234,24 @@ class Contraction(ScheduleRule):
         loops = sch.get_loops(block)
         if len(loops) != len(kinds):
             return None
-        extents = [_const_extent(sch, lp) for lp in loops]
-        if any(e is None for e in extents):
-            return None
+        symbolic = [const_extent(sch, lp) is None for lp in loops]
+        extents = [planning_extent(sch, lp) for lp in loops]
+        # For the manifest: a symbolic extent as its expression (``s31 * s81``).
+        shown = tuple(str(sch.get(lp).extent) if sym else e
+                      for lp, sym, e in zip(loops, symbolic, extents))  # fmt: skip
         row_extents = extents[: n_spatial - 1]
+        # A row tile must not straddle a row of a symbolic extent (its write-back would cover
+        # a box of rows that were not computed): plan it within the constant extents after the
+        # last symbolic row axis, or, where the innermost row axis is symbolic, split that
+        # axis alone (a predicated tail) instead of fusing the rows.
+        sym_rows = [i for i, sym in enumerate(symbolic[: n_spatial - 1]) if sym]
+        split_last_row = bool(sym_rows) and sym_rows[-1] == n_spatial - 2
+        plan_rows = row_extents[sym_rows[-1] + 1 :] if sym_rows else row_extents
         c_ext = extents[n_spatial - 1]
-        vec = _largest_divisor(c_ext, lanes, powers_of_two=True)
-        rt, ct = _register_tile(row_extents, c_ext // vec, self.max_accumulators(lanes))
+        vec = largest_divisor(c_ext, lanes, powers_of_two=True)
+        rt, ct = _register_tile(
+            plan_rows or [NOMINAL_EXTENT], c_ext // vec, self.max_accumulators(lanes)
+        )
         bn = ct * vec
         packed = self._pack_weight(sch, block, stmt, func, operands, c_var, n_spatial, bn)
 
@@ -284,23 +270,30 @@ class Contraction(ScheduleRule):
                 try:
                     sch.compute_inline(pb)
                     producers.remove(name)
-                except _REFUSED:
+                except REFUSED:
                     pass
 
         loops = sch.get_loops(block)
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
-        kc = _k_block(extents, n_spatial, rt, bn, dtype_bits)
+        # A symbolic reduction (attention's probabilities @ V over the sequence) is not
+        # blocked: the slice would need a predicated tail in the innermost loop.
+        kc = None if any(symbolic[n_spatial:]) else _k_block(
+            extents, n_spatial, rt, bn, dtype_bits
+        )
         if kc:
             self._schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc)
             for name in producers:
-                _schedule_injective_block(sch, sch.get_sblock(name), lanes)
+                schedule_injective_block(sch, sch.get_sblock(name), lanes)
             self.last_match = ContractionInfo(
-                sch.get(block).name_hint, tuple(extents[:n_spatial]),
-                tuple(extents[n_spatial:]), (rt, ct, vec), packed, kc,
+                sch.get(block).name_hint, shown[:n_spatial], shown[n_spatial:], (rt, ct, vec),
+                packed, kc,
             )  # fmt: skip
             return sch
         c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
-        if n_spatial >= 2:
+        if n_spatial >= 2 and split_last_row:
+            r_o, r_i = sch.split(spatial[-2], [None, rt])
+            outer, inner = [c_o, *spatial[:-2], r_o], [r_i, c_t, c_v]
+        elif n_spatial >= 2:
             rows = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
             r_o, r_i = sch.split(rows, [None, rt])
             # Output-channel tiles outermost: one packed weight panel stays in cache while
@@ -319,7 +312,7 @@ class Contraction(ScheduleRule):
         wb_loops = sch.get_loops(acc)[1:]
         if wb_loops:  # none when the whole tile is one element
             wb_inner = sch.fuse(*wb_loops) if len(wb_loops) > 1 else wb_loops[0]
-            wb_ext = _const_extent(sch, wb_inner)
+            wb_ext = const_extent(sch, wb_inner)
             if wb_ext and wb_ext % vec == 0 and vec > 1:
                 _, wv = sch.split(wb_inner, [None, vec])
                 sch.vectorize(wv)
@@ -332,10 +325,9 @@ class Contraction(ScheduleRule):
         sch.vectorize(init_loops[-1])
 
         for name in producers:
-            _schedule_injective_block(sch, sch.get_sblock(name), lanes)
+            schedule_injective_block(sch, sch.get_sblock(name), lanes)
         self.last_match = ContractionInfo(
-            sch.get(block).name_hint, tuple(extents[:n_spatial]), tuple(extents[n_spatial:]),
-            (rt, ct, vec), packed,
+            sch.get(block).name_hint, shown[:n_spatial], shown[n_spatial:], (rt, ct, vec), packed
         )
         return sch
 
@@ -355,7 +347,7 @@ class Contraction(ScheduleRule):
         if epilogue is not None:
             sch.reverse_compute_at(epilogue, c_o)
             e_loops = sch.get_loops(epilogue)
-            inner_ext = _const_extent(sch, e_loops[-1])
+            inner_ext = const_extent(sch, e_loops[-1])
             if inner_ext and inner_ext % vec == 0 and vec > 1:
                 _, ev = sch.split(e_loops[-1], [None, vec])
                 sch.vectorize(ev)
@@ -400,92 +392,3 @@ class Contraction(ScheduleRule):
             sch.annotate(pre, "meta_schedule.layout_rewrite_preproc", True)
             return f"[{sch.get(block).reads[read_idx].source.name}: c/{bn}, ..., {bn}]"
         return None
-
-
-def _same_index_everywhere(stmt) -> bool:
-    """Every buffer the block reads is indexed exactly like the one it writes (elementwise):
-    fusing the whole nest then leaves one contiguous index, no div/mod per element."""
-    out = list(stmt.body.indices) if isinstance(stmt.body, tirx.BufferStore) else None
-    if out is None:
-        return False
-    for region in stmt.reads:
-        idx = [r.min for r in region.region]
-        if len(idx) != len(out) or any(
-            not (isinstance(r, tirx.Var) and r.same_as(o)) for r, o in zip(idx, out)
-        ):
-            return False
-    return True
-
-
-def _schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Fuse a root-level spatial nest, run it in parallel and vectorise its tail when exact."""
-    stmt = sch.get(block)
-    if any(iv.iter_type != tirx.IterVar.DataPar for iv in stmt.iter_vars):
-        return
-    loops = sch.get_loops(block)
-    if not loops:
-        return
-    inner_ext = _const_extent(sch, loops[-1])
-    inner_vec = _largest_divisor(inner_ext, lanes, powers_of_two=True) if inner_ext else 1
-    if inner_vec >= 4 and len(loops) > 1:
-        # Keep the nest: the innermost axis is vectorised with affine indices. Fusing it with
-        # the others would leave a div/mod per element (reshape+transpose of attention heads
-        # ran at ~2 ns per element that way).
-        _, iv = sch.split(loops[-1], [None, inner_vec])
-        sch.vectorize(iv)
-        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        if (_const_extent(sch, outer) or 0) >= 2:
-            sch.parallel(outer)
-        return
-    if len(loops) > 1 and not _same_index_everywhere(stmt):
-        # A short innermost axis (the 3 colour channels of an NCHW->NHWC input transpose or
-        # of the stem conv's pad): fusing the nest would give every lane a div/mod by the row
-        # length and a gather (~1 ns per element, 150 us for a 224x224 image). A plain nest
-        # over (row, short axis), the short axis unrolled, is what LLVM's loop vectoriser
-        # turns into contiguous loads plus an interleaved store: 16x faster here.
-        rows = sch.fuse(*loops[:-2]) if len(loops) > 2 else None
-        if (inner_ext or 0) <= 8:
-            sch.unroll(loops[-1])
-        if rows is not None and (_const_extent(sch, rows) or 0) >= 2:
-            sch.parallel(rows)
-        return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    ext = _const_extent(sch, fused)
-    if ext is None:
-        return
-    vec = _largest_divisor(ext, lanes, powers_of_two=True)
-    if vec > 1 and ext // vec >= 2:
-        outer, inner = sch.split(fused, [None, vec])
-        sch.parallel(outer)
-        sch.vectorize(inner)
-    elif ext >= 64:
-        sch.parallel(fused)
-
-
-class Injective(ScheduleRule):
-    """Parallel + vectorised loops for PrimFuncs made only of spatial (elementwise, transpose,
-    pad, reshape) blocks."""
-
-    def apply(self, func, target: Target, tunable: bool):  # noqa: ARG002
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
-            return None
-        try:
-            sch = s_tir.Schedule(func)
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-            if not blocks:
-                return None
-            for b in blocks:
-                if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(b).iter_vars):
-                    return None
-            # Inline intermediate blocks so one loop nest writes the output.
-            for b in blocks[:-1]:
-                try:
-                    sch.compute_inline(b)
-                except _REFUSED:
-                    pass
-            lanes = vector_lanes(target)
-            for b in sch.get_child_blocks(sch.get_sblock("root")):
-                _schedule_injective_block(sch, b, lanes)
-            return sch
-        except _REFUSED:
-            return None

@@ -23,6 +23,9 @@ FORMAT = "graphprune-artifact"  # codegen.artifact writes these, this module che
 FORMAT_VERSION = 1
 _SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 _DLPACK_CPU = 1  # DLPack's kDLCPU
+# Prefix of the messages of the bounds checks codegen compiles into the module
+# (graphprune.codegen.index_checks imports it from here: the loader must not import codegen).
+INDEX_CHECK_PREFIX = "graphprune index check"
 
 
 def file_sha256(path: Path) -> str:
@@ -62,6 +65,10 @@ class Artifact:
     --------
     >>> art = load("build/resnet_pruned")            # doctest: +SKIP
     >>> y = art(np.zeros(art.manifest["inputs"][0]["shape"], "float32"))  # doctest: +SKIP
+
+    An input's ``shape`` in the manifest holds ints for static axes and a dim's name for
+    dynamic ones (``["batch", 3, 224, 224]``); ``manifest["dynamic_dims"]`` gives each name's
+    ``[min, max]``. Inputs are checked against both before the call (:class:`ArtifactError`).
     """
 
     def __init__(self, path: Path, manifest: dict):
@@ -97,16 +104,70 @@ class Artifact:
         return self.manifest["outputs"]
 
     def _check(self, arrays: list[np.ndarray]) -> None:
+        """Count, dtype, rank and every axis against the manifest (a dynamic axis within its
+        ``dynamic_dims`` range and equal wherever the same dim appears), then the values of
+        index inputs (``index_inputs``) against their range: an :class:`ArtifactError` naming
+        the input, axis and what is allowed, before anything reaches TVM."""
         specs = self.inputs
         if len(arrays) != len(specs):
             names = ", ".join(s["name"] for s in specs)
             raise ArtifactError(f"expected {len(specs)} input(s) ({names}), got {len(arrays)}")
+        dims = self.manifest.get("dynamic_dims", {})
+        bound: dict[str, tuple[int, str, int]] = {}  # dim -> (value, input, axis) first seen
         for a, s in zip(arrays, specs):
-            if tuple(a.shape) != tuple(s["shape"]) or str(a.dtype) != s["dtype"]:
+            name, want = s["name"], tuple(s["shape"])
+            shown = tuple(want)
+            if str(a.dtype) != s["dtype"]:
                 raise ArtifactError(
-                    f"input {s['name']!r}: expected shape {tuple(s['shape'])} dtype {s['dtype']}, "
-                    f"got shape {tuple(a.shape)} dtype {a.dtype}; the artifact was compiled for "
-                    f"static shapes, recompile with matching example_inputs"
+                    f"input {name!r}: expected dtype {s['dtype']}, got dtype {a.dtype} "
+                    f"(shape {tuple(a.shape)}); cast it, e.g. x.astype({s['dtype']!r})"
+                )
+            if a.ndim != len(want):
+                raise ArtifactError(
+                    f"input {name!r}: expected rank {len(want)} {shown}, got shape "
+                    f"{tuple(a.shape)} (rank {a.ndim})"
+                )
+            for axis, (got, dim) in enumerate(zip(a.shape, want)):
+                if isinstance(dim, int):
+                    if got != dim:
+                        raise ArtifactError(
+                            f"input {name!r}, axis {axis}: expected {dim}, got {got} (expected "
+                            f"shape {shown}, got shape {tuple(a.shape)}); "
+                            + ("this axis is static in the artifact" if dims else
+                               "the artifact was compiled for static shapes, recompile with "
+                               "matching example_inputs or with dynamic_shapes")
+                        )
+                    continue
+                if dim not in dims:
+                    continue  # a derived extent (2 * seq): the VM checks it
+                lo, hi = dims[dim]
+                if got < lo or (hi is not None and got > hi):
+                    allowed = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+                    raise ArtifactError(
+                        f"input {name!r}, axis {axis} (dynamic dim {dim!r}): {got} is outside "
+                        f"the compiled range {allowed} (got shape {tuple(a.shape)}); recompile "
+                        f"with a wider range in dynamic_shapes"
+                    )
+                if dim in bound and bound[dim][0] != got:
+                    v, other, ax = bound[dim]
+                    raise ArtifactError(
+                        f"input {name!r}, axis {axis} (dynamic dim {dim!r}) is {got}, but input "
+                        f"{other!r} axis {ax} gave {dim!r} = {v}: they must be equal"
+                    )
+                bound.setdefault(dim, (got, name, axis))
+        by_name = {s["name"]: a for a, s in zip(arrays, specs)}
+        for rec in self.manifest.get("index_inputs", []):
+            a = by_name.get(rec["input"]) if rec.get("direct") else None
+            if a is None or a.size == 0:
+                continue
+            lo, hi = rec["range"]
+            bad = (a < lo) | (a >= hi)
+            if bad.any():
+                pos = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ArtifactError(
+                    f"input {rec['input']!r}: index {a[pos]} at position {pos} is outside "
+                    f"[{lo}, {hi}) (it indexes {rec.get('indexes') or 'a tensor'} on axis "
+                    f"{rec.get('axis', 0)}); token ids must be in range"
                 )
 
     def _device_input(self, i: int, a: np.ndarray):
@@ -122,7 +183,8 @@ class Artifact:
                 return tvm.runtime.from_dlpack(a)
             except (BufferError, TypeError, ValueError):  # read-only arrays cannot be exported
                 pass
-        if self._buffers[i] is None:
+        buf = self._buffers[i]
+        if buf is None or tuple(buf.shape) != a.shape:  # dynamic dims: a new shape
             self._buffers[i] = tvm.runtime.empty(a.shape, str(a.dtype), self._device)
         self._buffers[i].copyfrom(np.ascontiguousarray(a))
         return self._buffers[i]
@@ -137,7 +199,12 @@ class Artifact:
         self._check(arrays)
         with self._lock:
             args = [self._device_input(i, a) for i, a in enumerate(arrays)]
-            result = self._main(*args, *self._weights)
+            try:
+                result = self._main(*args, *self._weights)
+            except RuntimeError as e:  # the index checks compiled into the module
+                if INDEX_CHECK_PREFIX not in str(e):
+                    raise
+                raise ArtifactError(str(e).strip().splitlines()[-1]) from e
             outs = [o.numpy() for o in _flatten(result)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
