@@ -114,3 +114,36 @@ def Counter_of(items):  # noqa: N802 - reads as a type in the assertions
     from collections import Counter
 
     return Counter(items)
+
+
+def test_opset_11_split_sizes_attribute():
+    # Before opset 13 Split's sizes are an attribute (GPT-2's c_attn split at opset 11/12):
+    # read as the op's sizes and rewritten after pruning.
+    #   x(2,4) -MatMul w1(4,6)-> Relu -Split(axis 1, split=[2, 4])-> a -MatMul wa(2,3)-+-> y
+    #                                                                 b -MatMul wb(4,3)-+
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("w1", (4, 6)), ("wa", (2, 3)), ("wb", (4, 3))]]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Split", ["r"], ["a", "b"], name="split", axis=1, split=[2, 4]),
+             helper.make_node("MatMul", ["a", "wa"], ["ya"], name="fca"),
+             helper.make_node("MatMul", ["b", "wb"], ["yb"], name="fcb"),
+             helper.make_node("Add", ["ya", "yb"], ["y"], name="add")]  # fmt: skip
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    pg = gp.capture(model)
+    assert pg.op("split").attrs["uniform"] is False
+    groups = [g for g in gp.groups(pg) if g.prunable]
+    assert sorted(g.size for g in groups) == [2, 4]
+    for g in groups:
+        run_oracle(pg, g.id).assert_close(atol=1e-5, rtol=1e-5)
+    res = gp.prune(model, ratio=0.5)
+    split = next(n for n in res.model.graph.node if n.op_type == "Split")
+    sizes = list(next(a for a in split.attribute if a.name == "split").ints)
+    w1 = next(t for t in res.model.graph.initializer if t.name == "w1")
+    assert sizes == [1, 2] and sum(sizes) == w1.dims[1]

@@ -61,6 +61,8 @@ def _gemm(n: gs.Node) -> tuple[str, dict]:
 def _split(n: gs.Node) -> tuple[str, dict]:
     axis = _norm_axis(n.attrs.get("axis", 0), _rank(n))
     sizes = const_input(n, 1)
+    if sizes is None and "split" in n.attrs:  # before opset 13 the sizes are an attribute
+        sizes = np.asarray(n.attrs["split"])
     uniform = "num_outputs" in n.attrs or sizes is None
     return "split", {"axis": axis, "uniform": uniform}
 

@@ -52,9 +52,12 @@ def _rw_target_shape(c: _Ctx, n: gs.Node) -> None:
 
 
 def _rw_split(c: _Ctx, n: gs.Node) -> None:
+    axis = c.pg.op(n.name).attrs["axis"]
+    sizes = [int(c.shape(o)[axis]) for o in n.outputs]
     if len(n.inputs) > 1 and n.inputs[1].name:
-        axis = c.pg.op(n.name).attrs["axis"]
-        c.const(n, 1, np.array([c.shape(o)[axis] for o in n.outputs], dtype=np.int64))
+        c.const(n, 1, np.array(sizes, dtype=np.int64))
+    elif "split" in n.attrs:  # before opset 13 the sizes are an attribute
+        n.attrs["split"] = sizes
 
 
 def _rw_slice(c: _Ctx, n: gs.Node) -> None:
