@@ -295,6 +295,7 @@ def lower_torch(model, example_inputs, dynamic_shapes=None) -> LoweredModel:
         torch.as_tensor(x) if isinstance(x, np.ndarray) else x for x in example_inputs
     )
     model = model.eval()
+    _per_input_specs(model, example_inputs, dynamic_shapes)  # refuses a malformed argument
     try:
         with torch.no_grad():
             program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
@@ -384,8 +385,17 @@ def lower_onnx(
             raise CaptureError(f"cannot read ONNX file {model}: {e}") from e
     dynamic = _onnx_dynamic_dims(dynamic_shapes)
     symbols = {name: tirx.Var(name, "int64") for name in dynamic}
-    used: set[str] = set()
     initializers = {t.name for t in model.graph.initializer}
+    known = {
+        d.dim_param for i in model.graph.input if i.name not in initializers
+        for d in i.type.tensor_type.shape.dim if d.dim_param
+    }  # fmt: skip
+    unknown = sorted(set(dynamic) - known)
+    if unknown:
+        raise ConfigError(
+            f"dynamic_shapes names {unknown}, which no model input has as a dim_param "
+            f"(the inputs' dim_params: {sorted(known) or 'none'})"
+        )
     shapes, dtypes = {}, {}
     for inp in model.graph.input:
         if inp.name in initializers:
@@ -398,24 +408,16 @@ def lower_onnx(
             dims = list(given)
         if len(params) == len(dims):
             dims = [symbols.get(p, d) if p else d for p, d in zip(params, dims)]
-        used |= {p for p in params if p in symbols}
         if any(d is None or (isinstance(d, int) and d <= 0) for d in dims):
             named = [p for p, d in zip(params, dims) if d is None and p]
             hint = f" or dynamic_shapes={{'{named[0]}': (min, max)}}" if named else ""
+            shown = [p or d for p, d in zip(params, dims)] if len(params) == len(dims) else dims
             raise ConfigError(
-                f"ONNX input {inp.name!r} has dynamic shape {params or dims}: pass its static "
+                f"ONNX input {inp.name!r} has dynamic shape {shown}: pass its static "
                 f"shape (shape_dict={{'{inp.name}': (...)}} or example_inputs){hint}"
             )
         shapes[inp.name] = dims
         dtypes[inp.name] = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-    unknown = sorted(set(dynamic) - used)
-    if unknown:
-        known = sorted({d.dim_param for i in model.graph.input
-                        for d in i.type.tensor_type.shape.dim if d.dim_param})  # fmt: skip
-        raise ConfigError(
-            f"dynamic_shapes names {unknown}, which no model input has as a dim_param "
-            f"(the inputs' dim_params: {known or 'none'})"
-        )
     try:
         mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
     except Exception as e:
