@@ -13,6 +13,7 @@ sequences); such a model (``hf_llama_tiny``) is exported as deployed exports are
 ``attention_mask`` input of ones, and its row says ``+attention_mask``.
 
     .venv/bin/python benchmarks/bench_onnx_coverage.py [--models swin_tiny,vit_tiny] [--out DIR]
+        [--forms legacy,legacy_dyn,dynamo,op11,op21,fp16]
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import time
 import warnings
 
 FORMS = ("legacy", "legacy_dyn", "dynamo")
+#: more forms for --forms: the legacy exporter at opset 11 / 21 (transformers models with their
+#: eager attention below opset 14, where the exporter has no scaled_dot_product_attention), and
+#: in fp16 (model.half() before a legacy export at opset 17)
+EXTRA_FORMS = ("op11", "op21", "fp16")
 
 
 def export(model, inputs, path: str, form: str) -> None:
@@ -32,15 +37,19 @@ def export(model, inputs, path: str, form: str) -> None:
 
     import torch
 
+    if form == "fp16":
+        model = model.half()
+        inputs = tuple(x.half() if x.is_floating_point() else x for x in inputs)
     names = [f"input_{i}" for i in range(len(inputs))]
     kw: dict = {"input_names": names}
     if form == "dynamo":
         kw["dynamo"] = True
     else:
-        kw.update(dynamo=False, opset_version=17)
+        kw.update(dynamo=False, opset_version={"op11": 11, "op21": 21}.get(form, 17))
         if form == "legacy_dyn":
             kw["dynamic_axes"] = {n: {0: "batch"} for n in names}
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            torch.no_grad():  # fmt: skip
         torch.onnx.export(model, tuple(inputs), path, **kw)
 
 
@@ -85,6 +94,28 @@ def check(path: str, form: str) -> tuple[str, str, str]:
     return "yes", str(prunable), "OK"
 
 
+def machine() -> str:
+    """``lscpu``'s model name, cores, the date, the load average and the library versions."""
+    import datetime
+    import subprocess
+
+    import onnx
+    import onnxruntime
+    import onnxslim
+    import torch
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                   if ln.startswith("Model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, load average {load}; "
+            f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}, onnxslim {onnxslim.__version__}")
+
+
 def main() -> None:
     from graphprune import models
 
@@ -96,10 +127,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     out = args.out or tempfile.mkdtemp(prefix="onnx_cov_")
     os.makedirs(out, exist_ok=True)
+    print(f"Run on {machine()}.\n")
     print("| model | export | captured | prunable groups | pruned | s |\n|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        model, inputs = models.get(name)
         for form in args.forms.split(","):
+            eager = name.startswith("hf_") and form == "op11"
+            model, inputs = models.get(name, **({"attn_implementation": "eager"} if eager else {}))
             t0 = time.time()
             path = os.path.join(out, f"{name}_{form}.onnx")
             label = form

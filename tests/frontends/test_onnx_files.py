@@ -3,7 +3,7 @@
 A small model saved with external data stands for a large one (the loading and saving code is
 the same); the route a >2 GB model takes (checker, shape inference and onnxruntime through a path)
 is forced on it by lowering the size limit. ``test_real_model_over_2gb`` (heavy) writes a real
-2.6 GB file.
+2.15 GB file (it needs ~20 GB of memory).
 """
 
 from __future__ import annotations
@@ -141,13 +141,22 @@ def _wide_mlp(hidden: int, width: int) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable"))
+
+
 @pytest.mark.heavy
 def test_real_model_over_2gb(tmp_path):
-    """2.6 GB of weights: loads from external data, prunes, saves with external data (needs
-    ~8 GB free disk and ~14 GB memory)."""
-    if shutil.disk_usage(tmp_path).free < 8 << 30:
-        pytest.skip("needs 8 GB of free disk")
-    hidden, width = 16384, 20000
+    """2.15 GB of weights: loads from external data, prunes, saves with external data.
+
+    Capture holds several copies of the weights (the loaded model, onnxslim's folded copy,
+    shape inference's output, the IR's arrays): measured peak RSS 3.5 GB for 0.4 GB of weights
+    (8.6x), so this needs ~20 GB of memory and ~7 GB of disk; skipped with less.
+    """
+    if shutil.disk_usage(tmp_path).free < 7 << 30 or _available_bytes() < 20 << 30:
+        pytest.skip("needs ~20 GB of available memory and 7 GB of free disk")
+    hidden, width = 16384, 16400
     path = tmp_path / "wide.onnx"
     model = _wide_mlp(hidden, width)
     files.save_onnx(model, path)  # too large for one message: external data
