@@ -151,8 +151,9 @@ def test_real_model_over_2gb(tmp_path):
     """2.15 GB of weights: loads from external data, prunes, saves with external data.
 
     Capture holds several copies of the weights (the loaded model, onnxslim's folded copy,
-    shape inference's output, the IR's arrays): measured peak RSS 3.5 GB for 0.4 GB of weights
-    (8.6x), so this needs ~20 GB of memory and ~7 GB of disk; skipped with less.
+    shape inference's output, the IR's arrays): its peak memory is several times the weights'
+    size (``benchmarks/bench_onnx_large.py`` measures it, BENCHMARKS.md records it), so this
+    needs ~20 GB of memory and ~7 GB of disk; skipped with less.
     """
     if shutil.disk_usage(tmp_path).free < 7 << 30 or _available_bytes() < 20 << 30:
         pytest.skip("needs ~20 GB of available memory and 7 GB of free disk")
