@@ -147,6 +147,12 @@ def test_onnx_form_for_torch_is_refused():
         gp.capture(model, inputs, dynamic_shapes={"batch": (1, 8)})
 
 
+def test_spec_for_another_argument_is_named():
+    model, inputs = models.get("digits_cnn")
+    with pytest.raises(CaptureError, match=r"dynamic_shapes= does not fit DigitsCNN's inputs.*\['x'\]"):
+        gp.capture(model, inputs, dynamic_shapes={"y": {0: Dim("b")}})
+
+
 def test_impossible_explicit_dim_names_the_fix():
     with pytest.raises(CaptureError, match="Suggested fixes"):
         gp.capture(FixedBatch().eval(), (torch.randint(0, 50, (2, 6)),),

@@ -293,6 +293,11 @@ def _export_inner(model: torch.nn.Module, args: tuple, kwargs: dict, spec: Any) 
     except Exception as e_export:  # noqa: BLE001 - any export failure triggers the fx route
         if spec is not None and dynamic.is_constraint_error(e_export):
             raise dynamic.Specialised(str(e_export)) from e_export
+        if spec is not None and "dynamic_shapes" in str(e_export):
+            raise CaptureError(
+                f"dynamic_shapes= does not fit {type(model).__name__}'s inputs: "
+                f"{_first_line(e_export).split(' For more information')[0]} Pass torch.export's format: a Dim per input axis, "
+                "keyed by the forward's argument names (or a tuple in their order).") from e_export
         try:
             traced = torch.fx.symbolic_trace(model)
             ep = torch.export.export(traced, args, kwargs, dynamic_shapes=spec, strict=False)
