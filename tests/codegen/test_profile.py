@@ -40,6 +40,7 @@ def test_every_kernel_call_is_timed_on_its_shapes(profiled):
     art, _, prof = profiled
     assert not prof.notes, prof.notes
     assert prof.kernels and all(math.isfinite(k.ms) and k.ms > 0 for k in prof.kernels)
+    assert all(0 < k.best_ms <= k.ms for k in prof.kernels)
     # every profiled name is a kernel the build recorded in the manifest
     assert {k.name for k in prof.kernels} <= set(art.manifest["kernels"]), prof.kernels
     conv = [k for k in prof.kernels if k.category == "conv"]
