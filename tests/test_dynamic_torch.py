@@ -238,3 +238,23 @@ def test_graph_module_saves_and_loads_in_fresh_process(tmp_path):
     assert run.stdout.strip() == "False"
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), res.model(x))
+
+
+class SymbolicOnlyFailure(nn.Module):
+    """Captures at a concrete batch only (as code that checks for plain ints does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x.shape[0], int):
+            raise TypeError(f"batch must be an int, not {type(x.shape[0]).__name__}")
+        return self.fc(x)
+
+
+def test_default_never_makes_a_model_uncapturable():
+    pg = gp.capture(SymbolicOnlyFailure().eval(), (torch.randn(2, 4),))
+    assert pg.dynamic_axes == []
+    assert "captured static" in pg.static_axes["x[0]"]
+    assert "batch must be an int, not SymInt" in pg.static_axes["x[0]"]

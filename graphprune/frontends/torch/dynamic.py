@@ -317,7 +317,8 @@ def _symbol(name: str) -> Any:
 def export_dynamic(export: Callable[[Any], tuple[Any, str]], request: DynamicRequest | None,
                    ) -> tuple[Any, str]:  # fmt: skip
     """``export(spec)`` with the request's dims, following torch's fixes for a default request
-    (at most five rounds), then static with the reason recorded; a user's spec is not changed."""
+    (at most five rounds), then static with the reason recorded (also when the capture fails
+    only with dynamic dims); a user's spec is not changed."""
     if request is None:
         return export(None)
     for _ in range(5):
@@ -334,6 +335,12 @@ def export_dynamic(export: Callable[[Any], tuple[Any, str]], request: DynamicReq
             if not apply_fixes(request, msg):
                 request.all_static("torch.export could not keep it dynamic: "
                                    + msg.strip().splitlines()[0][:300])
+        except CaptureError as e:
+            if request.explicit is not None or spec is None:
+                raise
+            # Some failures appear only with symbolic sizes (a data-dependent guard): the default
+            # must never make a model uncapturable, so capture it static and say why.
+            request.all_static(f"capture failed with it dynamic ({str(e)[:300]}); captured static")
     request.all_static("torch.export still refused the dims after five rounds of its fixes")
     return export(None)
 
