@@ -60,16 +60,27 @@ def is_large(model: onnx.ModelProto, limit: int | None = None) -> bool:
     return tensor_bytes(model) >= (PROTOBUF_LIMIT if limit is None else limit)
 
 
-def _external_tensors(model: onnx.ModelProto) -> list[str]:
-    return [t.name for t in external_data_helper._get_all_tensors(model)
-            if external_data_helper.uses_external_data(t)]  # fmt: skip
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in _tensors(model.graph) if external_data_helper.uses_external_data(t)]
 
 
 def load_onnx(model_or_path: Any) -> tuple[onnx.ModelProto, str]:
     """``(model, name)`` from a ``ModelProto`` or a ``.onnx`` path, external data loaded from the
     files beside it. A :class:`CaptureError` says what is missing or unreadable."""
     if isinstance(model_or_path, onnx.ModelProto):
-        missing = _external_tensors(model_or_path)
+        missing = [t.name for t in _external_tensors(model_or_path)]
         if missing:
             raise CaptureError(
                 f"the ONNX model's tensors {missing[:3]} are external data that was not loaded "
@@ -88,9 +99,7 @@ def load_onnx(model_or_path: Any) -> tuple[onnx.ModelProto, str]:
             "truncated or corrupt: export it again."
         ) from e
     base = os.path.dirname(os.path.abspath(path))
-    for t in external_data_helper._get_all_tensors(model):
-        if not external_data_helper.uses_external_data(t):
-            continue
+    for t in _external_tensors(model):
         info = external_data_helper.ExternalDataInfo(t)
         where = os.path.join(base, info.location)
         if not os.path.exists(where):
