@@ -245,3 +245,21 @@ def test_dynamic_shapes_refuses_what_specialises_on_the_batch(tmp_path):
     assert json.loads((art.path / "manifest.json").read_text())["dynamic_dims"] == {
         "batch": [1, 8]
     }
+
+
+def test_dim_bounds_become_tir_var_bounds_on_main(tmp_path):
+    from graphprune.codegen.lower import lower_onnx, lower_torch
+
+    lin = torch.nn.Linear(4, 2).eval()
+    lowered = lower_torch(lin, (torch.randn(2, 4),), ({0: Dim("batch", min=1, max=32)},))
+    main = lowered.mod["main"]
+    sym = main.params[0].ty.shape.values[0].name  # torch's name for it, e.g. s77
+    assert int(main.attrs["tir_var_lower_bound"][sym]) == 1
+    assert int(main.attrs["tir_var_upper_bound"][sym]) == 32
+    assert lowered.dims == {"batch": (1, 32)} and lowered.inputs[0].shape == ("batch", 4)
+    path = tmp_path / "lin.onnx"
+    torch.onnx.export(lin, (torch.randn(2, 4),), str(path), input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False)  # fmt: skip
+    main = lower_onnx(path, dynamic_shapes={"n": (2, 64)}).mod["main"]
+    assert int(main.attrs["tir_var_lower_bound"]["n"]) == 2
+    assert int(main.attrs["tir_var_upper_bound"]["n"]) == 64
