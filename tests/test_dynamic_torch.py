@@ -192,6 +192,9 @@ def test_static_capture_on_request():
     assert pg.dynamic_axes == [] and pg.static_axes == {}
     assert all(pg.value(v).symbols is None for v in pg.values())
     assert cost.count(pg, at={"batch": 4}).macs == cost.count(pg).macs  # nothing to resize
+    small = gp.remove_channels(pg, {next(g.id for g in gp.groups(pg) if g.prunable): [0]})
+    with pytest.raises(ConfigError, match="'input_ids' axis 0 is 3, but that axis is static at 2"):
+        small(torch.randint(0, 128, (3, 16)))
 
 
 def test_values_carry_symbols_and_cost_at_a_stated_shape():

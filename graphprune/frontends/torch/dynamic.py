@@ -385,7 +385,8 @@ class InputRanges:
 
 
 def install_input_check(gm: torch.nn.Module, pg: Any) -> None:
-    """Put an :class:`InputRanges` check first among ``gm``'s forward pre-hooks."""
+    """Put an :class:`InputRanges` check first among ``gm``'s forward pre-hooks (static axes
+    are checked too: a wrong size is named, not a torch ``Guard failed``)."""
     shapes = {i: tuple(pg.value(i).shape or ()) for i in pg.inputs}
     check = InputRanges(list(pg.inputs), list(pg.dynamic_axes), shapes)
     gm.register_forward_pre_hook(check, prepend=True, with_kwargs=True)

@@ -191,8 +191,7 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> 
     if verify:
         verify_shapes(pg, plan, gm, c)
     restore_layers(gm)
-    if pg.dynamic_axes:
-        install_input_check(gm, pg)
+    install_input_check(gm, pg)
     return gm
 
 

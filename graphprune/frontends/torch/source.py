@@ -99,6 +99,5 @@ class TorchSource:
 
         gm = self.graph_module()
         gm = bypass_ops(gm, self.value_ids(gm), pg, replace)
-        if pg.dynamic_axes:
-            install_input_check(gm, pg)
+        install_input_check(gm, pg)
         return gm
