@@ -108,9 +108,12 @@ def _slice(c: RuleContext) -> None:
         if i != ax:
             c.tie(x, i, out, i)
     size = c.shape(x)[ax]
-    if step != 1:
-        c.freeze_axis(x, ax, "strided slice")
-        c.freeze_axis(out, ax, "strided slice")
+    if step != 1 or a.get("symbolic_bounds"):
+        # symbolic bounds (ONNX: a slice to the sequence length, kept symbolic): positions
+        # unread at the analysed size are read at others, so none of them may go
+        why = "strided slice" if step != 1 else "slice bounds follow a symbolic input dim"
+        c.freeze_axis(x, ax, why)
+        c.freeze_axis(out, ax, why)
         return
     if start == 0 and end >= size:
         c.tie(x, ax, out, ax)

@@ -3,9 +3,11 @@
 
 optimum exports opset 18 with every input dim symbolic (``batch_size``, ``sequence_length``;
 ViT's ``num_channels``, ``height``, ``width``). The batch stays symbolic through pruning; the
-other dims are fixed with ``dynamic_shapes`` ranges of one size: a position-embedding slice
-``table[:sequence_length]`` folds to a constant whose *prefix* depends on the length, which the
-symbolic-dim rebuild does not express, and is refused by name without it.
+other dims are fixed with ``dynamic_shapes`` ranges of one size. BERT also prunes with its
+``sequence_length`` symbolic: its position-embedding slice ``table[:sequence_length]`` folds to a
+constant whose prefix grows with the length, captured as a Slice of the whole table with the
+sliced axis frozen. The decoders' causal mask and flattened-batch mask index depend on the length
+along two axes, which the rebuild does not express: refused by name.
 """
 
 from __future__ import annotations
@@ -86,6 +88,24 @@ def test_optimum_export_oracle_on_every_group(name):
     pg = gp.capture(path, feeds(name), dynamic_shapes=fixed(name))
     for g in [g for g in gp.groups(pg) if g.prunable]:
         run_oracle_onnx(pg, g.id, feeds=feeds(name)).assert_close(atol=5e-5, rtol=1e-4)
+
+
+def test_bert_prunes_with_sequence_length_symbolic():
+    path = str(DATA / "bert.onnx")
+    pg = gp.capture(path, feeds("bert"))  # default range (1, 64) for both dims
+    groups = [g for g in gp.groups(pg) if g.prunable]
+    assert Counter(g.size for g in groups) == Counter(GROUPS["bert"]), gp.explain(pg)
+    tables = [o for o in pg.ops() if pg.op(o).attrs.get("symbolic_bounds")]
+    assert tables  # the position table's slice: its positions never a group
+    same = gp.prune(path, feeds("bert"), ratio=0.0)  # the symbolic rebuild alone
+    longer = {k: np.tile(v, (1, 3))[:, :40] for k, v in feeds("bert", 3).items()}
+    np.testing.assert_allclose(run_onnx(same.model, longer)[0], run_onnx(path, longer)[0],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    res = gp.prune(path, feeds("bert"), ratio=0.3)
+    dims = res.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch_size", "sequence_length"]
+    assert run_onnx(res.model, longer)[0].shape[:2] == (3, 40)
+    run_oracle_onnx(pg, groups[0].id, feeds=feeds("bert")).assert_close(atol=5e-5, rtol=1e-4)
 
 
 def test_symbolic_sequence_length_is_refused_by_name():

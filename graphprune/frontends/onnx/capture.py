@@ -222,6 +222,9 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
         except Exception:  # noqa: BLE001 - odd attributes: keep the op but opaque
             kind, attrs = "unknown", {}
         attrs["onnx"] = node.op
+        if kind == "slice" and dynamic is not None and any(
+                (node.name, s) in dynamic.affine for s in (1, 2)):  # fmt: skip
+            attrs["symbolic_bounds"] = True  # rebuilt from the runtime shape when written
         arg_slots = ARG_SLOTS.get(node.op, set())
         op_id = node.name or f"{node.op}_{len(pg.nx)}"
         while op_id in pg.nx or op_id in tensor_names:  # ops and values share one namespace

@@ -242,14 +242,66 @@ def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
                for o in model.graph.output}  # fmt: skip
     dyn = DynamicDims(sizes, ranges, uses, outputs=outputs)
     base = gs.import_onnx(folded)
+    sliced = False
     for d in uses:
         lo, hi = ranges[d]
         other = sizes[d] + 1 if sizes[d] + 1 <= hi else sizes[d] - 1
         if other < lo or other == sizes[d]:
             continue  # a fixed-size "range": nothing varies
         varied = gs.import_onnx(fold_shapes(fix_dims(model, {**sizes, d: other})))
+        prefixes = _prefix_constants(base, varied)
+        if prefixes:  # each a Slice of the constant at the range's largest size
+            full = gs.import_onnx(fold_shapes(fix_dims(model, {**sizes, d: hi})))
+            for k, i, ax in sorted(prefixes, reverse=True):
+                table = const_input(full.nodes[k], i)
+                if table is None or table.ndim <= ax:
+                    raise CaptureError(f"node {base.nodes[k].name!r} ({base.nodes[k].op}) reads a "
+                                       f"prefix of a constant that does not fold at {d}={hi}")
+                for g in (base, varied):
+                    _slice_prefix(g, k, i, table, ax)
+            sliced = True
         _record_affine(dyn, d, base, varied, other - sizes[d])
+    if sliced:
+        out = gs.export_onnx(base)
+        out.ir_version = folded.ir_version
+        out.ClearField("opset_import")
+        out.opset_import.extend(folded.opset_import)
+        folded = out
     return folded, dyn
+
+
+def _prefix_constants(base: gs.Graph, varied: gs.Graph) -> list[tuple[int, int, int]]:
+    """``(node index, input slot, axis)`` of each constant that grows with the dim along one axis
+    and keeps its values (a position-embedding table sliced to the sequence length, folded)."""
+    found = []
+    if [n.op for n in base.nodes] != [n.op for n in varied.nodes]:
+        return found  # _record_affine says why
+    for k, (nb, nv) in enumerate(zip(base.nodes, varied.nodes)):
+        for i in range(len(nb.inputs)):
+            a, b = const_input(nb, i), const_input(nv, i)
+            if a is None or b is None or a.ndim != b.ndim or a.ndim == 0 or a.dtype.kind != "f":
+                continue
+            axes = [j for j in range(a.ndim) if a.shape[j] != b.shape[j]]
+            if (len(axes) == 1 and a.shape[axes[0]] < b.shape[axes[0]]
+                    and np.array_equal(np.take(b, np.arange(a.shape[axes[0]]), axis=axes[0]),
+                                       a)):  # fmt: skip
+                found.append((k, i, axes[0]))
+    return found
+
+
+def _slice_prefix(graph: gs.Graph, k: int, i: int, table: np.ndarray, ax: int) -> None:
+    """Input ``i`` of node ``k`` becomes ``Slice(table, 0, n, axis)``, ``n`` its current length:
+    the end is then an affine argument (``n`` grows with the dim) that the written model
+    computes from the runtime shape, and the table is a parameter pruned like the constant."""
+    node = graph.nodes[k]
+    n = const_input(node, i).shape[ax]
+    p = f"{node.name}_gp_prefix{i}"
+    out = gs.Variable(f"{p}_out", dtype=table.dtype)
+    args = [gs.Constant(f"{p}_{key}", np.array([v], dtype=np.int64))
+            for key, v in (("start", 0), ("end", n), ("axis", ax))]  # fmt: skip
+    graph.nodes.insert(k, gs.Node("Slice", f"{p}_slice", inputs=[
+        gs.Constant(f"{p}_table", np.ascontiguousarray(table)), *args], outputs=[out]))
+    node.inputs[i] = out
 
 
 def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, step: int) -> None:
