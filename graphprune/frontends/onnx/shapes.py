@@ -281,6 +281,8 @@ def _prefix_constants(base: gs.Graph, varied: gs.Graph) -> list[tuple[int, int, 
             a, b = const_input(nb, i), const_input(nv, i)
             if a is None or b is None or a.ndim != b.ndim or a.ndim == 0 or a.dtype.kind != "f":
                 continue
+            if _broadcast_axis(a, b) is not None:
+                continue  # a repeated block or a progression: rebuilt for any size instead
             axes = [j for j in range(a.ndim) if a.shape[j] != b.shape[j]]
             if (len(axes) == 1 and a.shape[axes[0]] < b.shape[axes[0]]
                     and np.array_equal(np.take(b, np.arange(a.shape[axes[0]]), axis=axes[0]),
