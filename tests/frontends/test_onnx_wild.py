@@ -130,6 +130,10 @@ def test_example_inputs_fix_the_symbolic_dims(tmp_path):
     pg = gp.capture(path, (x,))
     assert pg.source.dynamic.sizes == {"batch": 4}
     assert pg.value(pg.inputs[0]).shape[0] == 4
+    # the class token expanded over the batch is rebuilt for any batch (an Expand), not as a
+    # prefix Slice of a table folded at the range's top
+    assert pg.source.dynamic.broadcast
+    assert not [o for o in pg.ops() if pg.op(o).attrs.get("symbolic_bounds")]
     with pytest.raises(CaptureError, match="not symbolic dims"):
         gp.capture(path, dynamic_shapes={"seq": (1, 8)})
     with pytest.raises(CaptureError, match="outside its range"):
