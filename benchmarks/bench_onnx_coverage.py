@@ -59,7 +59,6 @@ def with_attention_mask(model, inputs):
     import inspect
 
     import torch
-
     from graphprune.models.hf import TensorOutputs
 
     if not isinstance(model, TensorOutputs) or "attention_mask" in model.input_names:

@@ -14,7 +14,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 from frontends.onnx_forms import export
 from onnx import TensorProto, helper
 

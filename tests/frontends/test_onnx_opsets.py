@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -49,7 +50,7 @@ def test_opset_11_vit_layernorm_decomposed(tmp_path):
     assert onnx.load(path).opset_import[0].version == 11
     assert "LayerNormalization" not in _ops(path) and "ReduceMean" in _ops(path)
     pg = gp.capture(path)
-    assert Counter_of(signatures(gp.capture(model, inputs))) <= Counter_of(signatures(pg))
+    assert Counter(signatures(gp.capture(model, inputs))) <= Counter(signatures(pg))
     res = gp.prune(path, ratio=0.3)
     assert res.model.opset_import[0].version == 11
     onnx.checker.check_model(res.model)
@@ -108,12 +109,6 @@ def test_exporter_output_that_does_not_run_is_refused_as_such():
     onnx.checker.check_model(model)
     with pytest.raises(CaptureError, match=r"input ONNX model itself fails.*'ln'"):
         gp.prune(model, ratio=0.5)
-
-
-def Counter_of(items):  # noqa: N802 - reads as a type in the assertions
-    from collections import Counter
-
-    return Counter(items)
 
 
 def test_opset_11_split_sizes_attribute():

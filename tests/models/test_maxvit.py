@@ -9,10 +9,10 @@ import onnx
 import pytest
 import torch
 from frontends.onnx_forms import export
+from graphprune.models.maxvit import PartitionAttention
 
 import graphprune as gp
 from graphprune import models
-from graphprune.models.maxvit import PartitionAttention
 from graphprune.testing.oracle import run_oracle
 
 

@@ -11,10 +11,10 @@ appear as tensor slots; float initializers that ops compute with become paramete
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx.files import check_model, infer_shapes, load_onnx
@@ -22,8 +22,8 @@ from graphprune.frontends.onnx.nodes import const_input
 from graphprune.frontends.onnx.patterns import merge_chunk_slices
 from graphprune.frontends.onnx.shapes import example_feeds, prepare
 from graphprune.frontends.onnx.source import OnnxSource
-from graphprune.ir.errors import CaptureError
 from graphprune.ir import OpNode, PruneGraph, Value
+from graphprune.ir.errors import CaptureError
 
 # Inputs that are arguments, not data, per op_type: they are never tensor slots in the IR.
 ARG_SLOTS: dict[str, set[int]] = {

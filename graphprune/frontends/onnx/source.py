@@ -7,8 +7,9 @@ map is the identity on names; constant *uses* are the one thing that needs a tab
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx

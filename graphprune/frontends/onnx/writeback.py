@@ -11,7 +11,7 @@ the node at fault.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -19,8 +19,8 @@ import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx.files import check_model, infer_shapes
 from graphprune.frontends.onnx.nodes import const_input
-from graphprune.ir.errors import CaptureError, VerificationError
 from graphprune.ir import PruneGraph
+from graphprune.ir.errors import CaptureError, VerificationError
 from graphprune.ir.plan import RemovalPlan, slice_array
 
 
