@@ -14,7 +14,8 @@ layer's Hessian and its inverse). Usage::
     .venv/bin/python benchmarks/bench_llm_memory.py [--dtypes fp32,bf16]
         [--methods wanda:22,sparsegpt:2] [--before DIR] [--no-write]
 
-``--methods`` lists ``method:layers``: the stack cut to that many layers (SparseGPT's solves
+Rows run in the order of ``--dtypes`` within ``--methods``, every "after" row before any
+"before" row; the table is rewritten after each row. ``--methods`` lists ``method:layers``: the stack cut to that many layers (SparseGPT's solves
 take minutes per layer on 2 cores, so its rows may use a cut stack; the embedding and head are
 always there). ``--before DIR`` also runs every row with graphprune imported from ``DIR`` (an
 older checkout: ``git archive <commit> | tar -x -C DIR``, then links
@@ -36,8 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench_llm_memory:start -->", "<!-- bench_llm_memory:end -->"
-SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+SHAPE = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+         "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+         "max_position_embeddings": 2048}
 N_SEQ, SEQ_LEN = 8, 256
 GIB = 2**30
 
@@ -88,10 +90,11 @@ def _child(args) -> None:
     # editable install would map those subpackages to this tree): both must come from one tree.
     src = {str(Path(os.path.realpath(m.__file__)).parents[k])
            for m, k in ((gp, 1), (pass_module, 2))}
-    print(json.dumps(dict(src=src.pop() if len(src) == 1 else f"mixed {sorted(src)}",dtype=args.dtype, method=args.method, layers=args.layers,
-                          model=model_bytes, base=base, peak=peak, seconds=seconds,
-                          calibration=res.report.calibration,
-                          sparsity=res.report.total_sparsity)))
+    print(json.dumps({"src": src.pop() if len(src) == 1 else f"mixed {sorted(src)}",
+                      "dtype": args.dtype, "method": args.method, "layers": args.layers,
+                      "model": model_bytes, "base": base, "peak": peak, "seconds": seconds,
+                      "calibration": res.report.calibration,
+                      "sparsity": res.report.total_sparsity}))
 
 
 def _run(args, dtype: str, method: str, layers: int, src: str | None, label: str) -> dict:
@@ -109,8 +112,8 @@ def _run(args, dtype: str, method: str, layers: int, src: str | None, label: str
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| code | dtype | method | layers | model GiB | baseline RSS GiB | peak above "
-             "baseline GiB | x model | seconds | calibration |",
+    lines = [("| code | dtype | method | layers | model GiB | baseline RSS GiB | peak above "
+              "baseline GiB | x model | seconds | calibration |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         extra = r["peak"] - r["base"]
@@ -139,38 +142,43 @@ def main() -> None:
         _child(args)
         return
     load = os.getloadavg()
-    rows = []
-    codes = [(None, "after")]
+    label = "before"
     if args.before:
         commit = Path(args.before, "COMMIT")
-        name = commit.read_text().strip()[:7] if commit.exists() else args.before
-        codes.insert(0, (args.before, f"before ({name})"))
-    for item in args.methods.split(","):
-        method, _, layers = item.partition(":")
-        for dtype in args.dtypes.split(","):
-            for src, label in codes:
-                rows.append(_run(args, dtype, method, int(layers or SHAPE["num_hidden_layers"]),
-                                 src, label))
-                print(_table(rows[-1:]), flush=True)
+        label = f"before ({commit.read_text().strip()[:7] if commit.exists() else args.before})"
+    plan = []  # (dtype, method, layers, src, code); with --before, every "after" row comes first
+    for src, code in [(None, "after")] + ([(args.before, label)] if args.before else []):
+        for item in args.methods.split(","):
+            method, _, layers = item.partition(":")
+            for dtype in args.dtypes.split(","):
+                plan.append((dtype, method, int(layers or SHAPE["num_hidden_layers"]), src, code))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from record import cpu_name, write_block
 
-    table = _table(rows)
-    end = os.getloadavg()
-    head = (f"Machine: {cpu_name()}, {args.threads} threads; {datetime.date.today()}; load "
-            f"average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after "
-            f"{end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (a shared machine: times are noisy). Llama "
-            f"of TinyLlama-1.1B's shape ({SHAPE['num_hidden_layers']} layers, or cut to the "
-            f"layers listed), random weights; {N_SEQ} calibration sequences of {SEQ_LEN} tokens; "
-            "`gp.sparsify(model, sparsity=0.5, method=..., calib=..., inplace=True)`. "
-            "Peak = VmHWM (reset after the model was built) minus the RSS then, in a fresh "
-            "process per row. Produced by `benchmarks/bench_llm_memory.py`.")
+    rows = []
+    for dtype, method, layers, src, code in plan:
+        rows.append(_run(args, dtype, method, layers, src, code))
+        print(_table(rows[-1:]), flush=True)
+        # Recorded after every row: a run cut short still leaves what it measured, and says so.
+        done = "" if len(rows) == len(plan) else (
+            f" Incomplete run: {len(rows)} of the {len(plan)} rows planned were measured.")
+        rows.sort(key=lambda r: (r["method"], r["dtype"], r["code"] == "after"))
+        end = os.getloadavg()
+        head = (f"Machine: {cpu_name()}, {args.threads} threads; {datetime.date.today()}; load "
+                f"average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after the "
+                f"last row {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (a shared machine: times are "
+                f"noisy). Llama of TinyLlama-1.1B's shape ({SHAPE['num_hidden_layers']} layers, or "
+                f"cut to the layers listed), random weights; {N_SEQ} calibration sequences of "
+                f"{SEQ_LEN} tokens; `gp.sparsify(model, sparsity=0.5, method=..., calib=..., "
+                "inplace=True)`. Peak = VmHWM (reset after the model was built) minus the RSS "
+                "then, in a fresh process per row. Produced by `benchmarks/bench_llm_memory.py`."
+                + done)
+        if not args.no_write:
+            write_block(START, END, f"### LLM sparsify memory (issue 17)\n\n{head}\n\n"
+                        f"{_table(rows)}")
     print()
     print(head)
-    print(table)
-    if not args.no_write:
-        write_block(START, END, f"### LLM sparsify memory (issue 17)\n\n{head}\n\n{table}")
-
+    print(_table(rows))
 
 if __name__ == "__main__":
     main()
