@@ -253,12 +253,34 @@ class Contraction(ScheduleRule):
             plan_rows or [NOMINAL_EXTENT], c_ext // vec, self.max_accumulators(lanes)
         )
         bn = ct * vec
+        if (
+            split_last_row
+            and not any(symbolic[n_spatial:])
+            and _k_block(extents, n_spatial, rt, bn, dtype_bits)
+        ):
+            # A symbolic row count in a blocked GEMM: pad the rows to whole tiles (a copy of
+            # the activation, one pass over M x K next to the M x K x N contraction), so no
+            # predicate sits in the unrolled register tile, where it kept LLVM from holding
+            # the accumulators in registers (2.5x slower). The copy back is the first consumer
+            # and is inlined into the epilogue below, which writes only the real rows.
+            pad = [1] * len(loops)
+            pad[n_spatial - 2] = rt
+            try:
+                sch.pad_einsum(block, pad)
+            except REFUSED:
+                pass
+            else:
+                blocks = sch.get_child_blocks(root)
+                stmt = sch.get(block)
+                operands = _multiply_add_operands(stmt)
+                c_var = stmt.iter_vars[n_spatial - 1].var
         packed = self._pack_weight(sch, block, stmt, func, operands, c_var, n_spatial, bn)
 
         # Epilogue: collapse the elementwise chain after the contraction into its last block,
         # then fold that block into the accumulator write-back (reverse_compute_inline).
-        producers = [sch.get(b).name_hint for b in blocks[: blocks.index(block)]]
-        consumers = list(blocks[blocks.index(block) + 1 :])
+        at = [sch.get(b).name_hint for b in blocks].index(sch.get(block).name_hint)
+        producers = [sch.get(b).name_hint for b in blocks[:at]]
+        consumers = list(blocks[at + 1 :])
         for b in consumers[:-1]:
             sch.compute_inline(b)
         epilogue = consumers[-1] if consumers else None
@@ -277,9 +299,7 @@ class Contraction(ScheduleRule):
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
         # A symbolic reduction (attention's probabilities @ V over the sequence) is not
         # blocked: the slice would need a predicated tail in the innermost loop.
-        kc = None if any(symbolic[n_spatial:]) else _k_block(
-            extents, n_spatial, rt, bn, dtype_bits
-        )
+        kc = None if any(symbolic[n_spatial:]) else _k_block(extents, n_spatial, rt, bn, dtype_bits)
         if kc:
             self._schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc)
             for name in producers:
@@ -330,7 +350,6 @@ class Contraction(ScheduleRule):
             sch.get(block).name_hint, shown[:n_spatial], shown[n_spatial:], (rt, ct, vec), packed
         )
         return sch
-
 
     @staticmethod
     def _schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc):
