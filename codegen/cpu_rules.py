@@ -253,23 +253,25 @@ class Contraction(ScheduleRule):
             plan_rows or [NOMINAL_EXTENT], c_ext // vec, self.max_accumulators(lanes)
         )
         bn = ct * vec
-        if (
-            split_last_row
-            and not any(symbolic[n_spatial:])
-            and _k_block(extents, n_spatial, rt, bn, dtype_bits)
-        ):
-            # A symbolic row count in a blocked GEMM: pad the rows to whole tiles (a copy of
-            # the activation, one pass over M x K next to the M x K x N contraction), so no
-            # predicate sits in the unrolled register tile, where it kept LLVM from holding
-            # the accumulators in registers (2.5x slower). The copy back is the first consumer
-            # and is inlined into the epilogue below, which writes only the real rows.
+        padded = False
+        if split_last_row or symbolic[n_spatial - 1]:
+            # A symbolic row count or column count: pad it to whole tiles (a copy of the
+            # operand, one pass over it next to the contraction), so no predicate sits in the
+            # unrolled, vectorised register tile, where it kept LLVM from holding the
+            # accumulators in registers (2.5x slower; 24x for a predicated vector column).
+            # The copy back is the first consumer, inlined into the epilogue below, which
+            # writes only the real rows and columns.
             pad = [1] * len(loops)
-            pad[n_spatial - 2] = rt
+            if split_last_row:
+                pad[n_spatial - 2] = rt
+            if symbolic[n_spatial - 1]:
+                pad[n_spatial - 1] = bn
             try:
                 sch.pad_einsum(block, pad)
             except REFUSED:
                 pass
             else:
+                padded = True
                 blocks = sch.get_child_blocks(root)
                 stmt = sch.get(block)
                 operands = _multiply_add_operands(stmt)
@@ -326,7 +328,10 @@ class Contraction(ScheduleRule):
         sch.parallel(fused)
 
         acc = sch.cache_write(block, 0, "local")
-        if epilogue is not None:
+        # With padded tiles the epilogue covers fewer rows than the tile: it stays a loop nest
+        # of its own (reverse_compute_inline would let the tile write past the real output).
+        separate = sch.get(epilogue).name_hint if padded and epilogue is not None else None
+        if epilogue is not None and not padded:
             sch.reverse_compute_inline(epilogue)
         sch.reverse_compute_at(acc, fused)
         wb_loops = sch.get_loops(acc)[1:]
@@ -344,7 +349,7 @@ class Contraction(ScheduleRule):
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
 
-        for name in producers:
+        for name in producers + ([separate] if separate else []):
             schedule_injective_block(sch, sch.get_sblock(name), lanes)
         self.last_match = ContractionInfo(
             sch.get(block).name_hint, shown[:n_spatial], shown[n_spatial:], (rt, ct, vec), packed
