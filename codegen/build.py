@@ -47,6 +47,7 @@ from graphprune.codegen.rewrites import (
     decompose_gelu,
     divide_by_weights,
     fold_affine_epilogues,
+    matmul_without_broadcast_weights,
 )
 from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
@@ -154,7 +155,11 @@ def optimise(mod, target, schedule: str, padded: list[dict]):
     import tvm
     from tvm import relax
 
-    seq = [relax.transform.DecomposeOpsForInference()]
+    seq = [
+        relax.transform.DecomposeOpsForInference(),
+        matmul_without_broadcast_weights(),
+        relax.transform.DeadCodeElimination(),
+    ]
     is_cpu = target.kind.name == "llvm"
     if is_cpu:
         # conv2d_transpose has no NHWC legalization: pin it to NCHW so the layout

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 from graphprune.codegen.lower import each_function_pass, num_inputs
 
-__all__ = ["clip_as_min_max", "decompose_gelu", "divide_by_weights", "fold_affine_epilogues"]
+__all__ = [
+    "clip_as_min_max", "decompose_gelu", "divide_by_weights", "fold_affine_epilogues",
+    "matmul_without_broadcast_weights",
+]  # fmt: skip
 
 
 def clip_as_min_max():
@@ -240,3 +243,57 @@ def fold_affine_epilogues():
         return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
     return _pass
+
+
+def matmul_without_broadcast_weights():
+    """``matmul(a, broadcast_to(w, (b..., K, N)))`` with a 2-D ``w`` as ``matmul(a, w)`` (the
+    same by matmul's own broadcasting), and ``broadcast_to`` to an operand's own shape as the
+    operand. torch.export with a dynamic batch spells a Linear on a permuted activation (BERT's
+    attention output) as ``bmm(x, expand(W.T))``: the broadcast copied the weight per sample on
+    every call and hid it from weight packing (an unpacked batched matmul). Runs before
+    ``LiftTransformParams``; the dead broadcasts are removed by ``DeadCodeElimination``."""
+    from tvm import relax
+
+    def _same_shape(x, shape) -> bool:
+        ty = getattr(x, "ty", None)
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return False
+        return [str(v) for v in ty.shape.values] == [str(v) for v in shape]
+
+    @relax.expr_functor.mutator
+    class _Matmul(relax.PyExprMutator):
+        def _bound(self, var):
+            value = self.lookup_binding(var) if isinstance(var, relax.Var) else None
+            if getattr(value, "op", None) is not None and getattr(value.op, "name", "") == (
+                "relax.broadcast_to"
+            ):
+                return value
+            return None
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") != "relax.matmul":
+                return call
+            a, b = call.args
+            ba, bb = self._bound(a), self._bound(b)
+            if ba is not None and _same_shape(ba.args[0], ba.args[1].values):
+                a = ba.args[0]
+            if bb is not None and _same_shape(bb.args[0], bb.args[1].values):
+                b = bb.args[0]
+            elif bb is not None:
+                w = bb.args[0]
+                shape = list(bb.args[1].values)
+                wty = getattr(w, "ty", None)
+                if (
+                    isinstance(wty, relax.TensorType)
+                    and wty.ndim == 2
+                    and len(shape) >= 3
+                    and _same_shape(w, shape[-2:])
+                    and getattr(a.ty, "ndim", 0) == len(shape)
+                ):
+                    b = w
+            if a.same_as(call.args[0]) and b.same_as(call.args[1]):
+                return call
+            return relax.op.matmul(a, b, out_dtype=call.attrs.out_dtype)
+
+    return each_function_pass("GraphPruneMatmulWithoutBroadcastWeights", _Matmul)
