@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from graphprune.staging import make_staging_dir
-from graphprune.ir.errors import ArtifactError
+from graphprune.ir.errors import ArtifactError, ConfigError
 from graphprune.runtime import FORMAT, FORMAT_VERSION, file_sha256, manifest_digest
 
 __all__ = [
@@ -121,6 +121,28 @@ def write_artifact(out_dir, executable, weights: list[np.ndarray], info: dict) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_out_dir(out_dir) -> None:
+    """Refuse, before anything is built, an ``out_dir`` that could not take the artifact: an
+    existing file, or a folder that holds something other than a graphprune artifact."""
+    path = Path(out_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"out_dir {os.fspath(out_dir)!r} is an existing file, not a directory: the artifact is "
+            f"a directory (library, weights, manifest); choose another out_dir"
+        )
+    if path.is_dir() and not (path / MANIFEST).exists() and any(path.iterdir()):
+        raise ConfigError(
+            f"out_dir {os.fspath(out_dir)!r} exists and is not a graphprune artifact; refusing to "
+            f"replace it (choose another out_dir or remove it)"
+        )
+    for parent in path.parents:  # a file where a parent directory should be
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"out_dir {os.fspath(out_dir)!r}: {parent} is a file, not a "
+                                  f"directory")  # fmt: skip
+            break
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from graphprune.codegen.artifact import write_artifact
+from graphprune.codegen.artifact import check_out_dir, write_artifact
 from graphprune.codegen.build import build
 from graphprune.codegen.index_checks import check_index_inputs
 from graphprune.codegen.lower import lower
@@ -113,6 +113,7 @@ def compile(
 
     if out_dir is None:
         raise ConfigError("compile needs out_dir: the directory the artifact is written to")
+    check_out_dir(out_dir)
     tuning = None
     if tune:
         from graphprune.codegen.tuning import check_tuning_available
