@@ -22,6 +22,7 @@ from graphprune.frontends.onnx.nodes import const_input
 from graphprune.frontends.onnx.patterns import merge_chunk_slices
 from graphprune.frontends.onnx.shapes import example_feeds, prepare
 from graphprune.frontends.onnx.source import OnnxSource
+from graphprune.frontends.onnx.symbols import record_dynamic
 from graphprune.ir import OpNode, PruneGraph, Value
 from graphprune.ir.errors import CaptureError
 
@@ -261,4 +262,6 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
         pg.outputs.append(vid)
         if pg.value(vid).role == "activation":
             pg.value(vid).role = "output"
+    if dynamic is not None:
+        record_dynamic(pg, dynamic, dynamic.probes, set(dynamic_shapes or {}))
     return pg

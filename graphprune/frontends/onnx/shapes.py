@@ -27,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx.nodes import const_input
+from graphprune.frontends.onnx.symbols import probe_shapes, probe_sizes
 from graphprune.ir.errors import CaptureError
 
 #: the range of a symbolic dim when ``dynamic_shapes`` does not give one
@@ -86,6 +87,9 @@ class DynamicDims:
     #: (node name, input slot) -> {dim: (axis, coefficient)}: a constant that repeats one slice
     #: along ``axis``, ``coefficient × dim`` times (rebuilt as an ``Expand``)
     broadcast: dict[tuple[str, int], dict[str, tuple[int, int]]] = field(default_factory=dict)
+    #: (sizes, tensor name -> shape) of the model folded at other sizes of its dims, from which
+    #: :mod:`~graphprune.frontends.onnx.symbols` fits each value's size expressions
+    probes: list[tuple[dict[str, int], dict[str, tuple]]] = field(default_factory=list)
 
     def rename(self, old: str, new: str) -> None:
         """Node ``old`` is called ``new`` in the captured graph."""
@@ -248,7 +252,9 @@ def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
         other = sizes[d] + 1 if sizes[d] + 1 <= hi else sizes[d] - 1
         if other < lo or other == sizes[d]:
             continue  # a fixed-size "range": nothing varies
-        varied = gs.import_onnx(fold_shapes(fix_dims(model, {**sizes, d: other})))
+        varied_model = fold_shapes(fix_dims(model, {**sizes, d: other}))
+        dyn.probes.append(({**sizes, d: other}, probe_shapes(varied_model)))
+        varied = gs.import_onnx(varied_model)
         prefixes = _prefix_constants(base, varied)
         if prefixes:  # each a Slice of the constant at the range's largest size
             full = gs.import_onnx(fold_shapes(fix_dims(model, {**sizes, d: hi})))
@@ -261,6 +267,9 @@ def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
                     _slice_prefix(g, k, i, table, ax)
             sliced = True
         _record_affine(dyn, d, base, varied, other - sizes[d])
+    for at in probe_sizes(sizes, ranges):  # pairs of dims stepped together (a batch*seq axis)
+        if sum(at[k] != sizes[k] for k in at) == 2:
+            dyn.probes.append((at, probe_shapes(fold_shapes(fix_dims(model, at)))))
     if sliced:
         out = gs.export_onnx(base)
         out.ir_version = folded.ir_version

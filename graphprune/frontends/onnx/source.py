@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from graphprune.ir.errors import ConfigError
 
 if TYPE_CHECKING:
-    from graphprune.frontends.onnx.dynamic import DynamicDims
+    from graphprune.frontends.onnx.shapes import DynamicDims
     from graphprune.ir import PruneGraph, RemovalPlan
 
 
