@@ -29,8 +29,9 @@ Memory layout and loop order (what made the rules match PyTorch on full-size mod
 * **K-blocking** for GEMM-like contractions whose panel exceeds L1: ``kc``-deep slices of the
   reduction, accumulating into the output panel.
 * **Register tile** ``rows x col_vectors`` chosen per shape (:func:`_register_tile`): most FMAs
-  per load within the register file, rows forming a box of the output so the fused epilogue
-  covers the tile exactly.
+  per load within the register file (a weight load counted twice where the panel streams from
+  L2: a kh x kw > 1 conv, not K-blocked, with a panel over L1), rows forming a box of the output
+  so the fused epilogue covers the tile exactly.
 """
 
 from __future__ import annotations
