@@ -125,7 +125,8 @@ def write_artifact(out_dir, executable, weights: list[np.ndarray], info: dict) -
 
 def check_out_dir(out_dir) -> None:
     """Refuse, before anything is built, an ``out_dir`` that could not take the artifact: an
-    existing file, or a folder that holds something other than a graphprune artifact."""
+    existing file or one on its path (``ConfigError``), or a folder that holds something other
+    than a graphprune artifact (``ArtifactError``, as the write itself would raise)."""
     path = Path(out_dir).absolute()
     if path.exists() and not path.is_dir():
         raise ConfigError(
@@ -133,7 +134,7 @@ def check_out_dir(out_dir) -> None:
             f"a directory (library, weights, manifest); choose another out_dir"
         )
     if path.is_dir() and not (path / MANIFEST).exists() and any(path.iterdir()):
-        raise ConfigError(
+        raise ArtifactError(
             f"out_dir {os.fspath(out_dir)!r} exists and is not a graphprune artifact; refusing to "
             f"replace it (choose another out_dir or remove it)"
         )

@@ -26,7 +26,7 @@ def test_compile_refuses_an_out_dir_that_cannot_take_the_artifact_before_buildin
     (folder / "notes.txt").write_text("mine")
     for out, says in ((afile, "existing file"), (afile / "art", "is a file"),
                       (folder, "not a graphprune artifact")):  # fmt: skip
-        with pytest.raises(gp.ConfigError, match=says):
+        with pytest.raises(gp.GraphPruneError, match=says):
             gp.compile(model, x, out_dir=out)
     assert afile.read_text() == "x" and (folder / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # no staging left
