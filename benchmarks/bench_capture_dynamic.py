@@ -13,30 +13,18 @@ axes that fell back to static. Prints a table and records it in BENCHMARKS.md be
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
-import time
 import warnings
 from datetime import date
 
 sys.path.insert(0, os.path.dirname(__file__))
-from record import cpu_name, write_block
+from record import best_time, cpu_name, write_block
 
 warnings.filterwarnings("ignore")
 
 MODELS = ["resnet_tiny", "vit_tiny", "swin_tiny", "llama_tiny", "hf_bert_tiny", "hf_gpt2_tiny",
           "hf_llama_tiny", "resnet50"]  # fmt: skip
-
-
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        gc.collect()
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 import tracemalloc
 import warnings
 from datetime import date
@@ -23,19 +22,14 @@ from datetime import date
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from record import cpu_name, write_section  # noqa: E402
+from record import best_time, cpu_name, write_section  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 
 def measure(fn, repeat: int) -> tuple[float, float, object]:
     """Best wall time over ``repeat`` runs and peak traced memory (MiB) of one run."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        gc.collect()
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
+    best, out = best_time(fn, repeat)
     gc.collect()
     tracemalloc.start()
     fn()

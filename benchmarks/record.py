@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
@@ -65,3 +67,15 @@ def cpu_name() -> str:
 def md_table(head: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    """Best wall time (s) of ``repeat`` calls of ``fn`` (garbage collected before each), and
+    the last call's result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        gc.collect()
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out

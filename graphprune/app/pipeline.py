@@ -270,10 +270,10 @@ def _write_files(art_dir: Path, kind: str, model: Any, data: dict, summary: dict
                  clock: StepClock) -> tuple[Path | None, Path | None]:  # fmt: skip
     """The pruned ONNX model, recipe.json, summary.json, run.json and (when asked) the report;
     returns the report's paths."""
-    if kind == "onnx":
-        import onnx
+    if kind == "onnx":  # external data beside it when the model is past protobuf's 2 GB
+        from graphprune.frontends.onnx.files import save_onnx
 
-        onnx.save(model, str(art_dir / "model.onnx"))
+        save_onnx(model, art_dir / "model.onnx")
     _write_json(art_dir / "recipe.json", data)
     _write_json(art_dir / "summary.json", summary)
     _write_json(art_dir / "run.json", {"timings_s": clock.timings})

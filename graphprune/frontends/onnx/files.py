@@ -120,9 +120,9 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike,
     """Write ``model`` to ``path`` atomically; returns the files written.
 
     ``external_data`` (default: only when the model is too large for one protobuf message)
-    stores every tensor over :data:`INLINE_BYTES` in ``<name>.data`` beside ``path``. Both files are built in a hidden
-    folder beside ``path`` and renamed into place, the data first, so a reader never sees a
-    ``.onnx`` without its data. ``model`` itself is not modified.
+    stores every tensor over :data:`INLINE_BYTES` in ``<name>.data`` beside ``path``. Both
+    files are built in a hidden folder beside ``path`` and renamed into place, the data first,
+    so a reader never sees a ``.onnx`` without its data. ``model`` itself is not modified.
     """
     path = os.path.abspath(os.fspath(path))
     external = is_large(model) if external_data is None else bool(external_data)
