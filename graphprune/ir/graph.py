@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import networkx as nx
 import numpy as np
 
+from graphprune.ir.quant import QuantSpec
 from graphprune.ir.symbolic import eval_dim
 
 T = TypeVar("T")
@@ -124,6 +125,9 @@ class PruneGraph:
         self.weights: dict[str, np.ndarray] = {}
         # Sparsity masks by parameter name (True = kept), recorded by ``graphprune.sparsify``.
         self.masks: dict[str, np.ndarray] = {}
+        # INT8 quantization by parameter name (same keys as ``masks``), recorded by
+        # ``graphprune.quantize``; see :mod:`graphprune.ir.quant`.
+        self.quant: dict[str, QuantSpec] = {}
         # Other names of the same tensor (tied weights: ``lm_head.weight`` for
         # ``model.embed_tokens.weight``), keyed by the name in :attr:`weights`.
         self.aliases: dict[str, tuple[str, ...]] = {}

@@ -10,7 +10,9 @@ Checks, each raising :class:`~graphprune.ir.errors.VerificationError` that names
 * every edge carries the ``shape`` and ``dtype`` of its value (``add_op`` copies them);
 * the graph's inputs and outputs are value nodes;
 * every parameter value's weight is in ``pg.weights`` with the value's shape;
-* every mask in ``pg.masks`` belongs to a weight, has its shape and is boolean.
+* every mask in ``pg.masks`` belongs to a weight, has its shape and is boolean;
+* every :class:`~graphprune.ir.quant.QuantSpec` in ``pg.quant`` belongs to a weight, has one
+  finite scale > 0 per channel along its axis.
 
 Frontends produce graphs that pass; :func:`graphprune.passes.base.run_passes` calls it after every
 pass when asked (tests), so a pass that corrupts the graph is named. It walks the whole graph:
@@ -46,6 +48,7 @@ def verify(pg: PruneGraph) -> None:
     _check_boundary(pg)
     _check_weights(pg)
     _check_masks(pg)
+    _check_quant(pg)
 
 
 def _fail(pg: PruneGraph, message: str) -> VerificationError:
@@ -131,3 +134,23 @@ def _check_masks(pg: PruneGraph) -> None:
             raise _fail(pg, f"mask of {name!r} has shape {tuple(np.shape(mask))}, its weight {w}")
         if np.asarray(mask).dtype != np.bool_:
             raise _fail(pg, f"mask of {name!r} has dtype {np.asarray(mask).dtype}, not bool")
+
+
+def _check_quant(pg: PruneGraph) -> None:
+    for name, spec in pg.quant.items():
+        if name not in pg.weights:
+            raise _fail(pg, f"quantization spec {name!r} belongs to no weight in pg.weights")
+        w = tuple(np.shape(pg.weights[name]))
+        if not -len(w) <= spec.axis < len(w):
+            raise _fail(pg, f"quantization of {name!r}: axis {spec.axis} is out of range for its "
+                            f"weight {w}")  # fmt: skip
+        s = np.asarray(spec.weight_scale)
+        if s.shape != (w[spec.axis],):
+            raise _fail(pg, f"quantization of {name!r}: weight_scale has shape {s.shape}, want "
+                            f"({w[spec.axis]},) (one per channel along axis {spec.axis} of {w})")
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            raise _fail(pg, f"quantization of {name!r}: weight_scale must be finite and > 0 "
+                            f"(min {s.min()!r})")  # fmt: skip
+        a = spec.act_scale
+        if a is not None and not (np.isfinite(a) and a > 0):
+            raise _fail(pg, f"quantization of {name!r}: act_scale {a!r} must be finite and > 0")
