@@ -34,8 +34,9 @@ packed weight only: the last, partial vector is stored lane by lane.
 
 :func:`quantize_rows_kernel` is the activation quantizer that runs before the GEMM: per row
 (token) ``s_x = absmax / 127`` (W8A8 dynamic), or one calibrated scale (W8A8 static), then
-``Xu = clip(nearbyint(x · (127 / absmax)), -127, 127) + 128`` (round half to even, as
-``numpy.rint``), written ``[M, Kp]`` with the padding at the zero point.
+``Xu = clip(nearbyint(x / s_x), -127, 127) + 128`` (round half to even, as ``numpy.rint``:
+the same float32 operations as ``graphprune.ir.quant.fake_quantize_act``), written ``[M, Kp]``
+with the padding at the zero point.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from graphprune.ir.errors import CodegenUnsupported
 
 __all__ = [
     "ISAS", "ACTIVATIONS", "IsaSpec", "int8_isa", "isa_spec", "pad_k", "pack_weight",
-    "quantize_weight", "gemm_int8_kernel", "quantize_rows_kernel",
+    "quantize_weight", "gemm_int8_kernel", "quantize_rows_kernel", "dense_arrays",
 ]  # fmt: skip
 
 ISAS = ("vnni", "avx2")
@@ -329,6 +330,21 @@ def _to_u8(v):
     return T.Cast("uint8", T.Cast("int32", q) + 128)
 
 
+def dense_arrays(wq: np.ndarray, wscale: np.ndarray, bias: np.ndarray | None, isa: str):
+    """The weight-side arguments of :func:`gemm_int8_kernel` (``out="float32"``), in order:
+    ``[packed, corr, wscale padded to Np]`` plus ``bias`` padded to ``Np`` when given."""
+    packed, corr = pack_weight(wq, isa)
+    npad, n = corr.size, wq.shape[0]
+    ws = np.ones(npad, np.float32)
+    ws[:n] = np.asarray(wscale, np.float32).reshape(-1)
+    arrays = [packed, corr, ws]
+    if bias is not None:
+        b = np.zeros(npad, np.float32)
+        b[:n] = np.asarray(bias, np.float32).reshape(-1)
+        arrays.append(b)
+    return arrays
+
+
 def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
     """PrimFunc ``(x[M, K] float32, xu[M, Kp] uint8, xscale[M] float32)``: per-row (token)
     absmax quantization (``static_scale=None``, W8A8 dynamic) or one fixed scale (W8A8 static),
@@ -342,7 +358,6 @@ def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
         static_scale = float(static_scale)
         if not static_scale > 0 or not np.isfinite(static_scale):
             raise CodegenUnsupported(f"a static activation scale must be > 0, got {static_scale}")
-    inv_static = float(np.float32(1) / np.float32(static_scale)) if static_scale else 0.0
 
     @T.macro
     def row_scale(x, xs, amax, i):
@@ -357,11 +372,8 @@ def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
             for l in range(1, vec):
                 amax[0] = T.max(amax[0], amax[l])
             xs[i] = T.Select(amax[0] > T.float32(0), amax[0] / T.float32(127), T.float32(1))
-            # the multiplier 127 / absmax (not 1 / scale): the row's absmax maps to 127 exactly
-            amax[1] = T.Select(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
         else:
             xs[i] = T.float32(static_scale)
-            amax[1] = T.float32(inv_static)
 
     @T.prim_func
     def quantize_rows(
@@ -377,9 +389,9 @@ def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
                 row_scale(x, xs, amax, i)
                 for c in range(kv // vec):
                     for l in T.vectorized(vec):
-                        xu[i, c * vec + l] = _to_u8(x[i, c * vec + l] * amax[1])
+                        xu[i, c * vec + l] = _to_u8(x[i, c * vec + l] / xs[i])
                 for c in range(kv, k):
-                    xu[i, c] = _to_u8(x[i, c] * amax[1])
+                    xu[i, c] = _to_u8(x[i, c] / xs[i])
                 for c in range(k, kp):
                     xu[i, c] = T.uint8(128)
 
