@@ -44,14 +44,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS
 from tvm.script import tirx as T
 
-from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS
 from graphprune.ir.errors import CodegenUnsupported
 
 __all__ = [
-    "ISAS", "ACTIVATIONS", "IsaSpec", "int8_isa", "isa_spec", "pad_k", "pack_weight",
-    "quantize_weight", "gemm_int8_kernel", "quantize_rows_kernel", "dense_arrays",
+    "ACTIVATIONS",
+    "ISAS",
+    "IsaSpec",
+    "dense_arrays",
+    "gemm_int8_kernel",
+    "int8_isa",
+    "isa_spec",
+    "pack_weight",
+    "pad_k",
+    "quantize_rows_kernel",
+    "quantize_weight",
 ]  # fmt: skip
 
 ISAS = ("vnni", "avx2")
@@ -199,7 +208,7 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
     blocks = full_vecs // nr  # parallel tasks of nr whole vectors
     rem = full_vecs % nr
     extra = 1 if (rem or part) else 0
-    ity, fty = f"int32x{lanes}", f"float32x{lanes}"
+    fty = f"float32x{lanes}"
     xw_cols = kg if isa == "vnni" else kp
     xw_dtype = "int32" if isa == "vnni" else "uint8"
     is_float = out == "float32"

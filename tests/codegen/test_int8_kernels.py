@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-
 from graphprune.codegen.kernels.cpu_int8 import (
     dense_arrays,
     gemm_int8_kernel,
@@ -27,6 +26,7 @@ from graphprune.codegen.kernels.cpu_int8 import (
     quantize_weight,
 )
 from graphprune.codegen.target import make_target
+
 from graphprune.ir.errors import CodegenUnsupported
 from graphprune.ir.quant import fake_quantize_act
 
