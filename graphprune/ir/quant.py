@@ -96,3 +96,27 @@ def fake_quantize(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """``dequantize(quantize_weight(w, spec), spec)``: the float weight an INT8 kernel computes
     with."""
     return dequantize(quantize_weight(w, spec), spec)
+
+
+def fake_quantize_act(x: np.ndarray, scheme: str, act_scale: float | None = None,
+                      per_token: bool = True) -> np.ndarray:  # fmt: skip
+    """A layer input as the INT8 kernel sees it (numpy reference of the frontends' writers).
+
+    ``w8``: unchanged. ``w8a8_static``: ``clip(round(x / act_scale), -127, 127) * act_scale``.
+    ``w8a8_dynamic``: the same with ``s = max|x| / 127`` taken per token (each row along the last
+    axis) when ``per_token``, else over the whole tensor (convolutions); an all-zero token keeps
+    zeros.
+
+    >>> fake_quantize_act(np.array([[1.0, 0.3], [0.0, 0.0]], np.float32), "w8a8_dynamic").round(3)
+    array([[1.   , 0.299],
+           [0.   , 0.   ]], dtype=float32)
+    """
+    x = np.asarray(x, np.float32)
+    if scheme == "w8":
+        return x
+    if scheme == "w8a8_static":
+        s = np.float32(act_scale)
+    else:
+        amax = np.abs(x).max(axis=-1, keepdims=True) if per_token else np.abs(x).max()
+        s = (np.maximum(amax, np.float32(1e-30)) / np.float32(QMAX)).astype(np.float32)
+    return (np.clip(np.rint(x / s), -QMAX, QMAX) * s).astype(np.float32)
