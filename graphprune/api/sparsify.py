@@ -210,6 +210,10 @@ def _load_path(model: Any, inplace: bool) -> Any:
     one; anything else as given."""
     if not isinstance(model, (str, os.PathLike)):
         return model
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model, "config.json")):
+        raise ConfigError(f"{os.fspath(model)!r} is a Hugging Face checkpoint folder: stream it "
+                          "with gp.sparsify_checkpoint(src, dst, calib, ...) (written to dst "
+                          "layer by layer), or load it with from_pretrained and pass the model")
     if inplace:
         raise ConfigError(f"inplace=True with the path {os.fspath(model)!r}: the file is not "
                           "rewritten; drop inplace and save result.model (onnx.save)")

@@ -129,3 +129,8 @@ def test_bad_options(saved, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ArtifactError, match="exists"):
         gp.sparsify_checkpoint(saved, tmp_path / "taken", _calib())
+
+
+def test_sparsify_points_a_checkpoint_folder_to_sparsify_checkpoint(saved):
+    with pytest.raises(ConfigError, match="gp.sparsify_checkpoint"):
+        gp.sparsify(saved, calib=_calib(), method="wanda")
