@@ -1,9 +1,10 @@
 """``compile``: torch module or ONNX model in, loaded :class:`~graphprune.runtime.Artifact` out.
 
 Chains the codegen stages: :mod:`.lower` (to Relax, weights as parameters) → :mod:`.masks`
-(sparsity masks from the IR, when a graph carrying them is given) → :mod:`.sparse_rewrite`
-(sparse Linears and convs to our kernels, ``kernels != "dense"``) → :mod:`.build` (optimise,
-schedule, compile) → :mod:`.artifact` (write atomically) → :func:`graphprune.runtime.load`
+(sparsity masks from the IR, when a graph carrying them is given) → :mod:`.quant_rewrite`
+(quantized Linears to INT8 kernels, when the graph's ``quant`` is non-empty) →
+:mod:`.sparse_rewrite` (sparse Linears and convs to our kernels, ``kernels != "dense"``) →
+:mod:`.build` (optimise, schedule, compile) → :mod:`.artifact` (write atomically) → :func:`graphprune.runtime.load`
 (verify and open). Codegen reads the model it is given and, optionally, the masks of its IR
 (``PruneGraph.masks``): pruning must already be applied (``remove_channels`` / write-back), so a
 structurally pruned model compiles like any other.
@@ -19,6 +20,7 @@ from graphprune.codegen.build import build
 from graphprune.codegen.index_checks import check_index_inputs
 from graphprune.codegen.lower import lower
 from graphprune.codegen.masks import apply_masks
+from graphprune.codegen.quant_rewrite import rewrite_quant
 from graphprune.codegen.sparse_rewrite import rewrite_sparse
 from graphprune.codegen.target import check_device, make_target, target_to_dict
 
@@ -142,6 +144,12 @@ def compile(
     if graph is not None and graph.masks:
         step("applying the graph's sparsity masks")
         lowered, masks = apply_masks(lowered, graph.masks, graph.aliases)
+    quant_records: dict = {}
+    if graph is not None and graph.quant:
+        if lowered.dims:
+            raise ConfigError("dynamic_shapes with a quantized graph: the int8 kernels are "
+                              "built for one batch size; compile without dynamic_shapes")
+        lowered, quant_records = rewrite_quant(lowered, tgt, graph.quant, graph.aliases, step)
     lowered, sparse_records = rewrite_sparse(
         lowered, tgt, kernels=kernels, progress=step, masks=masks
     )
@@ -154,7 +162,7 @@ def compile(
         "inputs": [s.to_json() for s in lowered.inputs],
         "outputs": [s.to_json() for s in lowered.outputs],
         "masks": "graph" if masks is not None else "detected",
-        "kernels": {**built.kernels, **sparse_records},
+        "kernels": {**built.kernels, **sparse_records, **quant_records},
     }
     if lowered.dims:
         info["dynamic_dims"] = {k: list(v) for k, v in lowered.dims.items()}

@@ -1,0 +1,246 @@
+"""Replace the quantized Linear layers of a lowered model by our INT8 kernels.
+
+Runs in :func:`graphprune.codegen.compiler.compile` after :mod:`.lower` (and :mod:`.masks`) and
+*before* :mod:`.sparse_rewrite` and :func:`.build.build`, when ``compile`` is given a graph whose
+:attr:`~graphprune.ir.PruneGraph.quant` is non-empty (``gp.quantize``'s result, issue 18): a
+layer rewritten here is no longer a ``matmul``, so the sparse rewrite leaves it alone (int8
+sparse kernels are not written yet; a weight both sparse and quantized runs int8 dense, its zeros
+kept). The layers are matched as the sparse rewrite matches them
+(:func:`graphprune.codegen.kernels.relax_layers.match_linear`, both importers' forms).
+
+Per scheme (``graphprune.ir.quant.QuantSpec``):
+
+* ``w8a8_dynamic`` / ``w8a8_static``: ``reshape(x, [B, K])`` → ``call_tir(quantize_rows)``
+  (per-token absmax scales, or the calibrated one) → ``call_tir(gemm_int8)`` (u8 × s8 → int32,
+  dequantized in the kernel's epilogue) → reshape back; the int8 weight is packed for the
+  target's instruction path (:func:`~graphprune.codegen.kernels.cpu_int8.int8_isa`: AVX-512 VNNI,
+  else AVX2) and shipped as new weight arrays; the fp32 weight is dropped when nothing else
+  reads it. The bias add stays a separate op.
+* ``w8`` (weights only): the layer computes in fp32 with the weight dequantized at build time
+  (``fake_quantize``): what the torch fake-quant model computes. There is no weight-only int8
+  kernel (it would pay only where the layer is memory-bound).
+
+Layers that stay fp32 say why in their record: a ``conv2d`` weight (no int8 conv kernel yet), a
+target without an int8 path, a quantized weight the matcher does not find as a Linear. Every
+record goes into the manifest's ``kernels`` table under ``quant:<weight name>`` with
+``"kernel": "int8"`` or ``"fp32"``.
+
+Checks (``ConfigError`` naming the parameter): a ``QuantSpec`` keyed by a name that is no weight
+of the model, or whose scales do not fit the weight's output channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from graphprune.codegen.kernels.cpu_int8 import (
+    dense_arrays,
+    gemm_int8_kernel,
+    int8_isa,
+    pad_k,
+    quantize_rows_kernel,
+)
+from graphprune.codegen.kernels.relax_layers import match_linear
+from graphprune.codegen.lower import LoweredModel, num_inputs
+
+from graphprune.ir.errors import CodegenUnsupported, ConfigError
+from graphprune.ir.quant import QuantSpec, fake_quantize, quantize_weight
+
+__all__ = ["rewrite_quant"]
+
+INT8_SCHEMES = ("w8a8_dynamic", "w8a8_static")
+
+
+def _specs_by_param(lowered: LoweredModel, quant: dict, aliases: dict | None) -> dict:
+    """``{name in lowered.param_names: QuantSpec}``; a key naming no weight is an error."""
+    names = set(lowered.param_names)
+    out: dict[str, QuantSpec] = {}
+    for key, spec in quant.items():
+        hits = [n for n in (key, *(aliases or {}).get(key, ())) if n in names]
+        if not hits:
+            raise ConfigError(
+                f"quantization spec of {key!r} names no weight of the model being compiled "
+                f"(weights: {sorted(names)[:5]}...): is the graph a capture of this model?"
+            )
+        for n in hits:
+            out[n] = spec
+    return out
+
+
+def _check_scales(name: str, w: np.ndarray, spec: QuantSpec) -> None:
+    channels = w.shape[spec.axis % w.ndim]
+    if np.asarray(spec.weight_scale).size != channels:
+        raise ConfigError(
+            f"quantization spec of {name!r}: {np.asarray(spec.weight_scale).size} weight scales "
+            f"for {channels} output channels (axis {spec.axis} of {tuple(w.shape)}): the spec "
+            f"was computed for another model; quantize the model being compiled"
+        )
+
+
+def _dequantize_w8(lowered: LoweredModel, specs: dict, records: dict) -> LoweredModel:
+    """``w8`` weights replaced by their fake-quantized fp32 values (records say so)."""
+    params = list(lowered.params)
+    for i, name in enumerate(lowered.param_names):
+        spec = specs.get(name)
+        if spec is None or spec.scheme != "w8":
+            continue
+        _check_scales(name, params[i], spec)
+        params[i] = fake_quantize(params[i], spec)
+        records[name] = {"kernel": "fp32", "scheme": "w8", "shape": list(params[i].shape),
+                         "reason": "weight-only int8: computed in fp32 with the weight "
+                                   "dequantized at build time (no weight-only int8 kernel)"}  # fmt: skip
+    return replace(lowered, params=params)
+
+
+def rewrite_quant(lowered: LoweredModel, target, quant: dict, aliases: dict | None = None,
+                  progress=None):  # fmt: skip
+    """Rewrite the Linears of ``lowered`` whose weight has a ``QuantSpec`` to INT8 kernels.
+
+    Parameters
+    ----------
+    lowered : LoweredModel
+        From :func:`graphprune.codegen.lower.lower` (``param_names`` filled in); not modified.
+    target : tvm.target.Target
+    quant : dict of str to QuantSpec
+        ``PruneGraph.quant`` (keyed by the source model's parameter names).
+    aliases : dict, optional
+        ``PruneGraph.aliases`` (other names of a tied weight).
+
+    Returns
+    -------
+    (LoweredModel, dict)
+        The rewritten model and ``{"quant:<weight>": record}`` for the manifest.
+
+    Examples
+    --------
+    >>> new, records = rewrite_quant(lowered, make_target("llvm"), pg.quant)  # doctest: +SKIP
+    >>> records["quant:fc.weight"]["kernel"]                                   # doctest: +SKIP
+    'int8'
+    """
+    step = progress or (lambda msg: None)
+    specs = _specs_by_param(lowered, quant, aliases)
+    for name, w in zip(lowered.param_names, lowered.params):
+        if name in specs:
+            _check_scales(name, w, specs[name])
+    records: dict[str, dict] = {}
+    lowered = _dequantize_w8(lowered, specs, records)
+    int8 = {n: s for n, s in specs.items() if s.scheme in INT8_SCHEMES}
+    if not int8:
+        return lowered, {f"quant:{k}": v for k, v in records.items()}
+    try:
+        isa = int8_isa(target)
+    except CodegenUnsupported as e:
+        for name, spec in int8.items():
+            records[name] = {"kernel": "fp32", "scheme": spec.scheme, "reason": str(e)}
+        return lowered, {f"quant:{k}": v for k, v in records.items()}
+    step(f"rewriting {len(int8)} quantized layers to int8 kernels ({isa})")
+    new = _rewrite(lowered, int8, isa, records)
+    for name, spec in int8.items():
+        records.setdefault(name, {"kernel": "fp32", "scheme": spec.scheme,
+                                  "reason": "not matched as a Linear (int8 kernels take "
+                                            "Linear/MatMul weights only; no int8 conv yet)"})  # fmt: skip
+    return new, {f"quant:{k}": v for k, v in records.items()}
+
+
+def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> LoweredModel:
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    main = lowered.mod["main"]
+    num_input = num_inputs(main)
+    weight_vars = main.params[num_input:]
+    weight_of = {p: v for p, v in zip(weight_vars, lowered.params)}
+    name_of = {p: n for p, n in zip(weight_vars, lowered.param_names)}
+    new_params: list = []
+    new_values: list[np.ndarray] = []
+    funcs: dict[str, object] = {}
+
+    def add_func(builder, func, fname):
+        if fname not in funcs:
+            funcs[fname] = builder.add_func(func.with_attr("global_symbol", fname), fname)
+        return funcs[fname]
+
+    errors: list[ConfigError] = []
+
+    @mutator
+    class _Mutator(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
+                return call
+            try:
+                return self.rewrite(call)
+            except ConfigError as e:  # raised again below: through TVM's FFI it would come
+                errors.append(e)  # back as a RuntimeError
+                return call
+
+        def rewrite(self, call):
+            layer = match_linear(call, *call.args, weight_of, self.lookup_binding)
+            if layer is None or name_of.get(layer.weight) not in specs:
+                return call
+            name = name_of[layer.weight]
+            spec, w = specs[name], weight_of[layer.weight]
+            _check_scales(name, w, spec)
+            # the matcher's dense matrix is the weight itself (Linear, [N, K]) or its transpose
+            # (ONNX MatMul, [K, N]); the spec's axis must be the output channels either way
+            transposed = layer.dense is not w
+            if spec.axis % 2 != (1 if transposed else 0):
+                raise ConfigError(
+                    f"quantization spec of {name!r}: axis {spec.axis} is not the output-channel "
+                    f"axis of the weight {tuple(w.shape)} as the model uses it"
+                )
+            wq = quantize_weight(w, spec)
+            wq = np.ascontiguousarray(wq.T if transposed else wq)
+            n, k = wq.shape
+            batch = layer.batch
+            static = spec.act_scale if spec.scheme == "w8a8_static" else None
+            qname = f"int8_quantize_rows_{batch}x{k}" + ("" if static is None else f"_s{name}")
+            qf = add_func(self.builder_, quantize_rows_kernel(batch, k, static), _sym(qname))
+            gname = f"int8_gemm_{isa}_{batch}x{n}x{k}"
+            gf = add_func(self.builder_, gemm_int8_kernel(batch, n, k, isa), gname)
+            arrays = dense_arrays(wq, spec.weight_scale, None, isa)
+            vars_ = []
+            for i, arr in enumerate(arrays):
+                v = relax.Var(f"{name}_int8_{i}", relax.TensorType(arr.shape, str(arr.dtype)))
+                new_params.append(v)
+                new_values.append(arr)
+                vars_.append(v)
+            emit = self.builder_.emit
+            x2 = emit(relax.op.reshape(call.args[0], (batch, k)))
+            q = emit(relax.call_tir(qf, [x2], out_ty=[
+                relax.TensorType((batch, pad_k(k)), "uint8"),
+                relax.TensorType((batch,), "float32")]))  # fmt: skip
+            xu, xs = emit(relax.TupleGetItem(q, 0)), emit(relax.TupleGetItem(q, 1))
+            y = emit(relax.call_tir(gf, [xu, vars_[0], vars_[1], xs, vars_[2]],
+                                    out_ty=relax.TensorType((batch, n), "float32")))  # fmt: skip
+            records[name] = {"kernel": "int8", "scheme": spec.scheme, "isa": isa,
+                             "shape": [n, k], "batch": batch}  # fmt: skip
+            out_shape = [int(d) for d in call.ty.shape.values]
+            return y if len(out_shape) == 2 else relax.op.reshape(y, out_shape)
+
+    m = _Mutator(lowered.mod)
+    new_main = m.visit_expr(main)
+    if errors:
+        raise errors[0]
+    if not new_params:
+        return lowered
+    func = relax.Function(list(new_main.params) + new_params, new_main.body, new_main.ret_ty,
+                          new_main.is_pure, new_main.attrs)  # fmt: skip
+    func = relax.analysis.remove_all_unused(func)
+    used = set(relax.analysis.free_vars(func.body))
+    names = list(lowered.param_names) + [v.name for v in new_params]
+    keep = [(p, v, nm) for p, v, nm in zip(func.params[num_input:],
+            lowered.params + new_values, names) if p in used]  # fmt: skip
+    func = relax.Function(list(func.params[:num_input]) + [p for p, _, _ in keep], func.body,
+                          func.ret_ty, func.is_pure, func.attrs)  # fmt: skip
+    out_mod = m.builder_.get()
+    out_mod[out_mod.get_global_var("main")] = func
+    return replace(lowered, mod=out_mod, params=[v for _, v, _ in keep],
+                   param_names=[nm for _, _, nm in keep])  # fmt: skip
+
+
+def _sym(name: str) -> str:
+    """A C symbol from a name that may hold a parameter's dots."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)

@@ -1,0 +1,110 @@
+"""``gp.compile`` of a graph carrying quantization specs (``PruneGraph.quant``, issue 18):
+quantized Linears run our INT8 kernels, the manifest says which layer runs what, and the
+artifact computes what the fake-quant model computes (numpy reference from
+``graphprune.ir.quant``) within one quantization step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from graphprune.codegen.kernels.cpu_int8 import int8_isa
+from graphprune.codegen.target import make_target
+from torch import nn
+
+from graphprune import codegen
+from graphprune.api.graph import capture
+from graphprune.ir.errors import ConfigError
+from graphprune.ir.quant import QuantSpec, fake_quantize, fake_quantize_act, weight_scales
+
+ISA = int8_isa(make_target("llvm"))
+
+
+class MLP(nn.Module):
+    """A token MLP on [batch, seq, features] at widths that are not whole vectors (45, 37)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(29, 45)
+        self.fc2 = nn.Linear(45, 37)
+        self.head = nn.Linear(37, 8)
+
+    def forward(self, x):
+        return self.head(self.fc2(torch.relu(self.fc1(x))))
+
+
+def _setup(scheme_of):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    inputs = (torch.randn(2, 5, 29),)
+    pg = capture(model, inputs)
+    for name, scheme in scheme_of.items():
+        w = model.state_dict()[name].numpy()
+        act = 0.05 if scheme == "w8a8_static" else None
+        pg.quant[name] = QuantSpec(scheme, weight_scales(w, 0), 0, act)
+    return model, inputs, pg
+
+
+def _reference(model, x, pg):
+    """The fake-quant forward in numpy, and a bound on how far a correct artifact may be from it.
+
+    The artifact's int32 sums are exact, so it differs from the reference by float32 rounding
+    only (|d| <= 1e-4 (1 + |h|) here, far above it) until a quantizer sees an input that moved
+    by that rounding: then a quantized value may land one step (s_x) away. A quantized layer's
+    output may thus differ by its input step times sum_k |W[n, k]| (every input one step off),
+    and every later layer carries that through |W|: the bound is that sum, not a fixed atol.
+    """
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    h, bound, first = x, np.zeros(1, np.float32), True
+    for layer in ("fc1", "fc2", "head"):
+        w, b = sd[f"{layer}.weight"], sd[f"{layer}.bias"]
+        spec = pg.quant.get(f"{layer}.weight")
+        bound = bound @ np.abs(w).T if bound.ndim > 1 else bound
+        if spec is not None:
+            w = fake_quantize(w, spec)
+            if spec.scheme != "w8":
+                s = np.abs(h).max(-1, keepdims=True) / 127 if spec.act_scale is None else (
+                    np.float32(spec.act_scale))  # fmt: skip
+                if not first:  # the model input reaches fc1's quantizer unchanged
+                    bound = bound + s * np.abs(w).sum(1)
+            h = fake_quantize_act(h, spec.scheme, spec.act_scale)
+        h = h @ w.T + b
+        bound = bound + 1e-4 * (1 + np.abs(h))
+        first = False
+        if layer == "fc1":
+            h = np.maximum(h, 0)
+    return h, bound
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_artifact_matches_the_fake_quant_model(tmp_path, static):
+    scheme = "w8a8_static" if static else "w8a8_dynamic"
+    names = {"fc1.weight": scheme, "fc2.weight": scheme, "head.weight": "w8"}
+    model, inputs, pg = _setup(names)
+    art = codegen.compile(model, inputs, out_dir=tmp_path / "a", graph=pg)
+    kern = art.manifest["kernels"]
+    for name in ("fc1.weight", "fc2.weight"):
+        assert kern[f"quant:{name}"] == {"kernel": "int8", "scheme": scheme, "isa": ISA,
+                                         "shape": list(model.state_dict()[name].shape),
+                                         "batch": 10}  # fmt: skip
+    assert kern["quant:head.weight"]["kernel"] == "fp32"  # w8: dequantized weights in fp32
+    got = np.asarray(art(inputs[0]))
+    want, bound = _reference(model, inputs[0].numpy(), pg)
+    err = np.abs(got - want)
+    assert np.all(err <= bound), float((err / bound).max())
+    # most outputs agree to float rounding; the one-step flips are rare
+    assert np.mean(err <= 1e-4 * (1 + np.abs(want))) > 0.9
+    # and the int8 path is not a silent fp32 one: the fp32 model is further away
+    fp = model(inputs[0]).detach().numpy()
+    assert np.abs(fp - want).max() > 10 * err.max()
+
+
+def test_quant_spec_for_a_foreign_weight_is_a_config_error(tmp_path):
+    model, inputs, pg = _setup({})
+    pg.quant["nope.weight"] = QuantSpec("w8a8_dynamic", np.ones(3, np.float32), 0)
+    with pytest.raises(ConfigError, match="nope.weight"):
+        codegen.compile(model, inputs, out_dir=tmp_path / "a", graph=pg)
+    model, inputs, pg = _setup({})
+    pg.quant["fc1.weight"] = QuantSpec("w8a8_dynamic", np.ones(3, np.float32), 0)
+    with pytest.raises(ConfigError, match="fc1.weight.*3 weight scales for 45"):
+        codegen.compile(model, inputs, out_dir=tmp_path / "b", graph=pg)
