@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,7 @@ def sparsify_checkpoint(src, dst, calib, sparsity=None, pattern="unstructured", 
         to leave dense (the head is never sparsified here).
     offload_bytes : int
         When the activations kept between layers exceed this, they go to memory-mapped files
-        in a temporary folder beside ``dst`` (default 1 GiB).
+        in the staging folder (default 1 GiB).
     keep_free : int
         Bytes that must stay free on ``dst``'s filesystem beyond the output's size (checked
         before anything is read; the output is as large as ``src``'s shards).
@@ -135,7 +134,7 @@ def sparsify_checkpoint(src, dst, calib, sparsity=None, pattern="unstructured", 
     try:
         writer = ckpt.ShardWriter(stage, len(blist) + 1)
         seq = _first_inputs(model, reader, bname, blist, calib)
-        offload = _Offload(stage.parent, dst.name, offload_bytes)
+        offload = _Offload(stage, offload_bytes)
         try:
             for i, block in enumerate(blist):
                 prefix = f"{bname}.{i}."
@@ -310,10 +309,13 @@ def _merge(report: SparsityReport, part: SparsityReport) -> None:
 
 
 class _Offload:
-    """Keeps the activations between layers in memory-mapped files once they exceed a size."""
+    """Keeps the activations between layers in memory-mapped files once they exceed a size.
 
-    def __init__(self, parent: Path, name: str, limit: int):
-        self.parent, self.name, self.limit = parent, name, limit
+    The files go in a folder inside the staging folder: removed before the rename, and with it
+    (as a stale staging entry) when a killed run left it."""
+
+    def __init__(self, stage: Path, limit: int):
+        self.stage, self.limit = stage, limit
         self.folder: Path | None = None
         self.count = 0
 
@@ -322,7 +324,8 @@ class _Offload:
         if sum(h.numel() * h.element_size() for h in hidden) <= self.limit:
             return
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix=f".{self.name}.acts-", dir=self.parent))
+            self.folder = self.stage / ".activations"
+            self.folder.mkdir()
         out = []
         for (args, kwargs), h in zip(seq.cached, hidden):
             self.count += 1
