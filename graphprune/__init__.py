@@ -23,6 +23,7 @@ from graphprune.ir import OpNode, PruneGraph, Value
 from graphprune.api.structured import PruneReport, PruneResult, prune
 from graphprune.api.remove import remove_channels
 from graphprune.api.sparsify import sparsify
+from graphprune.api.quantize import QuantizeResult, quantize
 from graphprune.api.checkpoint import CheckpointResult, sparsify_checkpoint
 from graphprune.api.iterative import prune_iteratively, rewind, sensitivity
 from graphprune.api.pretrained import from_pretrained
@@ -59,7 +60,7 @@ def load(path):
     return _load(path)
 
 __all__ = [
-    "capture", "explain", "groups", "sparsify", "sparsify_checkpoint", "CheckpointResult", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "run", "prune_exported", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "groups", "sparsify", "quantize", "QuantizeResult", "sparsify_checkpoint", "CheckpointResult", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "run", "prune_exported", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

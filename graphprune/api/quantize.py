@@ -49,6 +49,15 @@ class QuantizeResult:
     graph: PruneGraph | None
     report: QuantReport
     specs: dict[str, QuantSpec]
+    source: Any = None  # ONNX: the float model the QDQ one was written from
+
+    def float_model(self) -> Any:
+        """The float model codegen compiles with ``graph.quant`` (``gp.compile(...,
+        graph=res.graph)``): torch, a copy of ``model`` without the input fake-quantization
+        (weights on the int8 grid, smoothing folded in); ONNX, the model before Q/DQ."""
+        if self.source is not None:
+            return self.source
+        return fake_quant.remove_input_quant(self.model)
 
 
 def quantize(model, example_inputs=None, scheme="w8a8_dynamic", calib=None, smooth=None,
@@ -233,8 +242,9 @@ def _quantize_onnx(model, inputs, cfg: QuantConfig, calib, exclude, graph, repor
     uses: dict[str, list[tuple[str, str, int, bool, int]]] = {}
     node_in = {}
     for n in model.graph.node:
-        node_in[n.name or n.output[0]] = (n.input[0],
-                                          next((a.i for a in n.attribute if a.name == "group"), 1))
+        if n.input:
+            node_in[n.name or n.output[0]] = (
+                n.input[0], next((a.i for a in n.attribute if a.name == "group"), 1))
     for w, node, op, red in weight_uses(model):
         axis = 0 if op == "Conv" else 1 - red
         uses.setdefault(w, []).append((node, op, axis, op != "Conv", node_in[node][1]))
@@ -276,4 +286,4 @@ def _quantize_onnx(model, inputs, cfg: QuantConfig, calib, exclude, graph, repor
         g = _own_graph(g)
         names_g = _graph_names(g, specs)
         g.quant = {names_g[k]: specs[k] for k in names_g}
-    return QuantizeResult(out, g, report, specs)
+    return QuantizeResult(out, g, report, specs, source=model)

@@ -1,8 +1,9 @@
 """The ``graphprune`` command line (also ``python -m graphprune``).
 
-Sub-commands: ``demo``, ``inspect``, ``prune``, ``sparsify``, ``compile``, ``run RECIPE``,
-``bench ARTIFACT``, ``report ARTIFACT``. Progress goes to stderr as ``[  1.2s] step`` lines
-(``--quiet`` silences it), results to stdout (``--json`` makes them one JSON object).
+Sub-commands: ``demo``, ``inspect``, ``prune``, ``sparsify``, ``quantize``, ``compile``,
+``run RECIPE``, ``bench ARTIFACT``, ``report ARTIFACT``. Progress goes to stderr as
+``[  1.2s] step`` lines (``--quiet`` silences it), results to stdout (``--json`` makes them one
+JSON object).
 
 Exit codes: 0 success, 2 user error (a :class:`GraphPruneError`: bad model, file, option, an
 output path that cannot be written; reported as one ``graphprune: error: ...`` line on stderr,
@@ -386,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_sparsify)
     sub.add_parser("compile", help="compile a model to a TVM artifact (graphprune compile -h)",
                    add_help=False)  # fmt: skip
+    sub.add_parser("quantize", help="INT8 quantization of one model (graphprune quantize -h)",
+                   add_help=False)  # fmt: skip
     r = sub.add_parser("run", parents=[common], help="run a recipe (YAML/JSON) end to end",
                        epilog=OUTPUT_NOTE)  # fmt: skip
     r.add_argument("recipe", help="recipe file, e.g. examples/demo.yaml or ARTIFACT/recipe.json")
@@ -425,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         from graphprune.app.cli_compile import compile_main
 
         return guarded(lambda: compile_main(argv[1:]))
+    if argv[:1] == ["quantize"]:
+        from graphprune.app.cli_quantize import quantize_main
+
+        return guarded(lambda: quantize_main(argv[1:]))
     args = build_parser().parse_args(argv)
     return guarded(lambda: args.fn(args))
 

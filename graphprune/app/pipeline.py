@@ -1,8 +1,9 @@
 """``gp.run(recipe)``: the whole compile step as one call.
 
-load → prune → sparsify → (fine-tune callback) → compile → verify → summary and report, driven
-by a :mod:`graphprune.app.recipe`. Each step is a public API (``prune``, ``sparsify``,
-``compile``); this module only chains them, checks the result and writes the artifact. The other
+load → prune → sparsify → (fine-tune callback) → quantize → compile → verify → summary and
+report, driven by a :mod:`graphprune.app.recipe`. Each step is a public API (``prune``,
+``sparsify``, ``quantize``, ``compile``); this module only chains them, checks the result and
+writes the artifact. The other
 jobs live in their own modules: :mod:`~graphprune.app.models_io` (the model and its inputs),
 :mod:`~graphprune.app.verify`, :mod:`~graphprune.app.summary`, :mod:`~graphprune.app.atomic`
 and, for ``graphprune bench``, :mod:`~graphprune.app.bench`.
@@ -170,11 +171,20 @@ def _run_into(rec: Recipe, art_dir: Path, clock: StepClock, fine_tune) -> Pipeli
     model, sp_report, masks, sp_graph = _sparsify(data["sparsify"], model, loaded, seed, clock)
     if fine_tune is not None:
         model = _fine_tune(fine_tune, model, loaded, masks, clock)
-    art = _compile(data["compile"], model, loaded.inputs, art_dir, clock, sp_graph)
+    quantized = _quantize(data.get("quantize"), model, loaded, sp_graph, clock)
+    if quantized is not None:  # compile the float model with graph.quant; verify against fake-quant
+        sp_graph, model = quantized.graph, quantized.model
+    art = _compile(data["compile"], model if quantized is None else quantized.float_model(),
+                   loaded.inputs, art_dir, clock, sp_graph)  # fmt: skip
     with clock.step("verify", "verifying the artifact against the model it was compiled from"):
         verify = verify_artifact(art, model, loaded.source, loaded.inputs, data["verify"])
     summary = {"model": data["model"], "frontend": loaded.kind,
                **summarise(prune_report, sp_report, graph, art.manifest, verify)}  # fmt: skip
+    if quantized is not None:
+        r = quantized.report
+        summary["quantize"] = {"scheme": r.scheme, "layers": len(r.layers),
+                               "max_rel_error": r.max_rel_error, "excluded": r.excluded,
+                               "smoothed": r.smoothed, "notes": r.notes}  # fmt: skip
     result = PipelineResult(art_dir, art, model, data, summary, clock.timings)
     result.report_html, result.report_md = _write_files(art_dir, loaded.kind, model, data,
                                                         summary, clock)  # fmt: skip
@@ -223,6 +233,20 @@ def _sparsify(settings: dict | None, model: Any, loaded: LoadedModel, seed: int,
         else:
             res = sparsify(model, None, seed=seed, **kw)
     return res.model, res.report, res.masks, res.graph
+
+
+def _quantize(settings: dict | None, model: Any, loaded: LoadedModel, graph: Any,
+              clock: StepClock) -> Any:  # fmt: skip
+    """The recipe's ``quantize:`` (:func:`graphprune.quantize`, after sparsify, masks kept on
+    ``graph``), or None without one."""
+    if settings is None:
+        return None
+    from graphprune.api.quantize import quantize
+
+    q = settings
+    with clock.step("quantize", f"quantizing ({q['scheme']})"):
+        return quantize(model, loaded.inputs if loaded.kind == "torch" else None,
+                        calib=loaded.calib, graph=graph, **q)
 
 
 def _fine_tune(fine_tune: Callable, model: Any, loaded: LoadedModel, masks: dict,

@@ -13,6 +13,7 @@ Example (YAML; JSON works the same)::
     inputs: {x: [2, 3, 32, 32]}        # or {x: {shape: [2, 16], dtype: int64, high: 1000}}
     prune:    {ratio: 0.3, criterion: l2, scope: global, round_to: 4}
     sparsify: {pattern: "2:4", method: magnitude}
+    quantize: {scheme: w8a8_static}   # INT8, before compile (static: needs calib:)
     calib:    {source: random, batches: 4}   # or an .npz with one array per input name
     compile:  {target: llvm}
     verify:   {atol: 1.0e-4}
@@ -89,6 +90,13 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
                                                       "synflow")),  # fmt: skip
         "scope": Field("str", "layer", choices=("layer", "global")),
         "min_keep": Field("float", 0.0, lo=0.0, hi=1.0),
+        "exclude": Field("list[str]|null", None),
+    },
+    "quantize": {
+        "scheme": Field("str", "w8a8_dynamic", choices=("w8", "w8a8_dynamic", "w8a8_static")),
+        "smooth": Field("float|null", None, lo=0.0, hi=1.0, hi_open=True),
+        "observer": Field("str", "minmax", choices=("minmax", "percentile")),
+        "percentile": Field("float|null", None, lo=50.0, hi=100.0),
         "exclude": Field("list[str]|null", None),
     },
     "calib": {
@@ -376,6 +384,16 @@ def _check_contradictions(data: dict, source: str) -> None:
         if data["model"].endswith(".onnx") and sp["method"] not in _ONNX_METHODS:
             fail(f"sparsify.method {sp['method']!r} is torch-only; an ONNX model supports "
                  f"{' and '.join(sorted(_ONNX_METHODS))}")  # fmt: skip
+    q = data.get("quantize")
+    if q is not None:
+        if (q["scheme"] == "w8a8_static" or q["smooth"]) and calib is None:
+            fail(f"quantize.{'scheme w8a8_static' if not q['smooth'] else 'smooth'} observes "
+                 "activations: add a calib: section")  # fmt: skip
+        if q["smooth"] is not None and data["model"].endswith(".onnx"):
+            fail("quantize.smooth rewrites torch parameters; an ONNX model takes no smooth")
+        if (q["observer"] == "percentile" or q["percentile"] is not None) and (
+                q["scheme"] != "w8a8_static"):  # fmt: skip
+            fail("quantize.observer / percentile set static input scales: use scheme w8a8_static")
     if calib is not None and calib["source"] != "random" and not calib["source"].endswith(".npz"):
         fail(f"calib.source {calib['source']!r}: use 'random' or an .npz file")
     if data["verify"] is None:

@@ -8,7 +8,8 @@ from numpy row blocks a frontend feeds it (forward hooks for torch, extra graph 
 :mod:`~graphprune.passes.quant.smooth` finds the norm -> linears pairs SmoothQuant may migrate
 scales across (from the IR's coupling: the norm's output feeds only linears) and computes the
 migration; :mod:`~graphprune.passes.quant.specs` turns weights and observations into
-:class:`~graphprune.ir.quant.QuantSpec` records and the :class:`~graphprune.passes.quant.report.QuantReport`.
+:class:`~graphprune.ir.quant.QuantSpec` records and the
+:class:`~graphprune.passes.quant.report.QuantReport`.
 Nothing here writes a model: ``graphprune.quantize`` records the specs in ``PruneGraph.quant`` and
 the frontends write the fake-quantized torch module or the QDQ ONNX model.
 """

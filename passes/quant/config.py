@@ -38,7 +38,8 @@ def _real(name: str, value: Any, lo: float, hi: float, example: str) -> float:
         raise ConfigError(f"{name}={value!r}: pass a finite number in ({lo:g}, {hi:g}], "
                           f"e.g. {name}={example}")  # fmt: skip
     if not lo < float(value) <= hi:
-        raise ConfigError(f"{name}={value!r} is outside ({lo:g}, {hi:g}]: pass e.g. {name}={example}")
+        raise ConfigError(f"{name}={value!r} is outside ({lo:g}, {hi:g}]: pass e.g. "
+                          f"{name}={example}")
     return float(value)
 
 

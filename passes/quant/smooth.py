@@ -86,7 +86,8 @@ def smooth_factors(act_max: np.ndarray, weights: list[np.ndarray], alpha: float)
     return np.clip(s, 1e-5, 1e5).astype(np.float32)
 
 
-def migrate(pair: SmoothPair, arrays: dict[str, np.ndarray], s: np.ndarray) -> dict[str, np.ndarray]:
+def migrate(pair: SmoothPair, arrays: dict[str, np.ndarray],
+            s: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
     """New arrays for the pair's parameters: the norm's ``/ s``, the linears' columns ``* s``."""
     out = {p: (arrays[p] / s).astype(arrays[p].dtype) for p in pair.scales}
     out.update({w: (arrays[w] * s[None, :]).astype(arrays[w].dtype) for w in pair.linears})

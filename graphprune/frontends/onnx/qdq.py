@@ -9,7 +9,7 @@
 
 and for each quantized layer input ``x`` (W8A8):
 
-- ``w8a8_static``: ``Clip(x, -127 s, 127 s) -> QuantizeLinear(s, int8 0) -> DequantizeLinear``.
+- ``w8a8_static``: ``Clip(x, -127 s, 127 s) -> QuantizeLinear(s, 0) -> DequantizeLinear``.
   The Clip keeps the symmetric range ``[-127, 127]`` (QuantizeLinear saturates at -128), so the
   result matches :func:`graphprune.ir.quant.fake_quantize_act` exactly.
 - ``w8a8_dynamic``: per-token scales computed in the graph,
@@ -17,8 +17,8 @@ and for each quantized layer input ``x`` (W8A8):
   ONNX's DynamicQuantizeLinear is per tensor and asymmetric (uint8): not the scheme codegen runs,
   so the pattern spells out the per-token symmetric one (convs: one scale per tensor).
 
-Several layers reading one tensor with one scale (or both dynamic) share one Q/DQ pattern. Zero weights
-quantize to 0: a sparse initializer stays as sparse. :func:`tensor_values` runs the model with
+Several layers reading one tensor with one scale (or both dynamic) share one Q/DQ pattern. Zero
+weights quantize to 0: a sparse initializer stays as sparse. :func:`tensor_values` runs the model with
 chosen intermediate tensors as extra outputs (calibration of an ONNX model's layer inputs).
 """
 
@@ -148,7 +148,8 @@ def write_qdq(model: onnx.ModelProto, specs: Mapping[str, QuantSpec],
     out = gs.export_onnx(graph)
     # QuantizeLinear/DequantizeLinear with per-axis scales need opset >= 13; ReduceMax with axes
     # as an input, 18. Keep the model's domain imports, raising the default domain's version.
-    opset = max(18, next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18))
+    default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    opset = max([18, *default])
     del out.opset_import[:]
     out.opset_import.extend([o for o in model.opset_import if o.domain not in ("", "ai.onnx")])
     out.opset_import.append(onnx.helper.make_opsetid("", opset))

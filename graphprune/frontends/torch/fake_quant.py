@@ -91,3 +91,17 @@ def apply_fake_quant(model: nn.Module, specs: Mapping[str, QuantSpec],
         mod.register_buffer("input_scale", torch.tensor(float(spec.act_scale or 0.0)))
         mod.register_forward_pre_hook(_fake_quantize_input)
     return out
+
+
+def remove_input_quant(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) without the input fake-quantization hooks and their
+    ``input_scale`` buffers: the float module codegen compiles (its weights stay on the int8
+    grid, so quantizing them again gives the same int8 values)."""
+    out = model if inplace else copy.deepcopy(model)
+    for mod in out.modules():
+        hooks = getattr(mod, "_forward_pre_hooks", {})
+        for k in [k for k, h in hooks.items() if h is _fake_quantize_input]:
+            del hooks[k]
+        if "input_scale" in getattr(mod, "_buffers", {}):
+            del mod._buffers["input_scale"]
+    return out
