@@ -36,6 +36,7 @@ from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir import PruneGraph
 from graphprune.ir.errors import ConfigError
 from graphprune.passes.sparsity.config import validate_config, validate_exclude
+from graphprune.passes.sparsity.distributed import Ranks
 from graphprune.passes.sparsity.gradual import schedule_sparsity, validate_schedule
 from graphprune.passes.sparsity.methods import LOSS_METHODS
 from graphprune.passes.sparsity.report import MaskSet, SparsityReport
@@ -60,7 +61,8 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
              method="magnitude", calib=None, scope="layer", min_keep=0.0, exclude=None,
              blocksize=128, percdamp=0.01, inplace=False, loss_fn=None, iterations=100,
              seed=0, prior_masks=None, allocation="uniform", refine=None, update=None, *,
-             graph: PruneGraph | None = None, dynamic_shapes=None) -> SparsifyResult:
+             graph: PruneGraph | None = None, dynamic_shapes=None,
+             distributed: bool = False) -> SparsifyResult:
     """Unstructured / N:M / block sparsity masks, recorded on the IR; the returned model's masked
     weights are exact zeros.
 
@@ -122,6 +124,14 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
         How the graph is captured (see :func:`graphprune.capture`): torch.export's ``Dim`` spec
         for torch (default: batch, and the sequence axis of integer inputs), ``{dim_param: (min,
         max)}`` for ONNX. The returned torch module is the user's own and runs at any shape.
+    distributed : bool
+        Call it on every rank of an initialised ``torch.distributed`` process group (e.g. under
+        ``torchrun``), each with the same model, options and ``calib``: rank ``r`` calibrates on
+        batches ``r, r + W, ...``, statistics are all-gathered and summed in batch order, layers'
+        solves are split across ranks and broadcast, and every rank returns masks identical to a
+        one-process run (:mod:`graphprune.passes.sparsity.distributed`). wanda, obd, sparsegpt
+        (and ``update='obs'``) only. Never automatic: under torchrun without it each rank runs
+        alone (collectives would hang a script that sparsifies on one rank only).
 
     Returns
     -------
@@ -144,12 +154,13 @@ def sparsify(model_or_onnx, example_inputs=None, sparsity=None, pattern="unstruc
     model = _load_path(model_or_onnx, inplace)
     kind = _kind_of(model)
     _check_graph(graph, kind)
+    ranks = _ranks(distributed, kind)
     found, capture_inputs = _compute(
         model, kind, example_inputs, sparsity=sparsity, pattern=pattern, method=method,
         calib=calib, scope=scope, min_keep=min_keep, exclude=exclude, blocksize=blocksize,
         percdamp=percdamp, loss_fn=loss_fn, iterations=iterations, seed=seed,
         prior_masks=prior_masks, allocation=allocation, refine=refine, update=update,
-        inplace=inplace)
+        inplace=inplace, ranks=ranks)
     graph = _record(model, kind, graph, capture_inputs, found, dynamic_shapes)
     if kind == "onnx":
         out = onnx_masks.apply_masks(model, found.masks, inplace)
@@ -226,7 +237,7 @@ def _compute(model, kind: str, example_inputs=None, sparsity=None, pattern="unst
              method="magnitude", calib=None, scope="layer", min_keep=0.0, exclude=None,
              blocksize=128, percdamp=0.01, loss_fn=None, iterations=100, seed=0,
              prior_masks=None, allocation="uniform", refine=None,
-             update=None, inplace=False) -> tuple[MaskSet, Any]:
+             update=None, inplace=False, ranks=None) -> tuple[MaskSet, Any]:
     """Validate the options and run the sparsity pass for ``kind``; nothing is written (but
     with ``inplace``, the weights a reconstruction method computes: see ``compute_masks``).
     Returns the masks and the inputs to capture the model with (``None`` if there are none)."""
@@ -247,12 +258,24 @@ def _compute(model, kind: str, example_inputs=None, sparsity=None, pattern="unst
         return found, example_inputs
     found = compute_masks(model, cfg, calib=calib, example_inputs=example_inputs,
                           exclude=exclude, loss_fn=loss_fn, prior_masks=prior_masks,
-                          flatten_outputs=flatten_outputs, inplace=inplace)
+                          flatten_outputs=flatten_outputs, inplace=inplace, ranks=ranks)
     # Inputs to capture the model with: example_inputs, else the first calibration batch when
     # batches are model inputs (a loss method's are (inputs, labels)).
     if example_inputs is None and calib and method not in LOSS_METHODS:
         example_inputs = calib[0]
     return found, example_inputs
+
+
+def _ranks(distributed: Any, kind: str) -> Ranks | None:
+    """The process group's ranks for ``distributed=True`` (ConfigError when there is none)."""
+    if not isinstance(distributed, bool):
+        raise ConfigError(f"distributed={distributed!r}: pass True or False")
+    if not distributed:
+        return None
+    if kind != "torch":
+        raise ConfigError("distributed=True needs a torch model (it splits calibration, which "
+                          "ONNX input does not run)")
+    return Ranks()
 
 
 def _check_graph(graph: PruneGraph | None, kind: str) -> None:

@@ -45,6 +45,7 @@ from graphprune.passes.sparsity.calibration import (
     collect_whole,
 )
 from graphprune.passes.sparsity.config import SparsityConfig
+from graphprune.passes.sparsity.distributed import Ranks, run_facts, solve_split
 from graphprune.passes.sparsity.methods import (
     ACTIVATION_METHODS,
     LOSS_METHODS,
@@ -84,7 +85,7 @@ def compute_masks(model: nn.Module, config: SparsityConfig, *, calib: list | Non
                   example_inputs: Any = None, exclude: list[str] | None = None, loss_fn=None,
                   prior_masks: dict[str, torch.Tensor] | None = None,
                   flatten_outputs: Callable[[Any], list[torch.Tensor]],
-                  inplace: bool = False) -> MaskSet:
+                  inplace: bool = False, ranks: Ranks | None = None) -> MaskSet:
     """Masks for the Linear / Conv1d / Conv2d / Conv1D weights of ``model``; ``model`` unchanged
     unless ``inplace`` (see the module docstring).
 
@@ -104,6 +105,11 @@ def compute_masks(model: nn.Module, config: SparsityConfig, *, calib: list | Non
         Calibrate ``model`` itself (no copy). Its weights are unchanged on return for mask-only
         methods; reconstructed weights (``values``) are written into it and are its own
         parameters.
+    ranks : Ranks, optional
+        Run on every rank of a process group: calibration batches split across ranks, layers'
+        solves too, results identical to one process
+        (:mod:`graphprune.passes.sparsity.distributed`). Activation methods (and
+        ``update='obs'``) only.
 
     Returns
     -------
@@ -120,8 +126,14 @@ def compute_masks(model: nn.Module, config: SparsityConfig, *, calib: list | Non
     >>> found.masks["0.weight"].float().mean().item(), list(found.report.excluded), found.values
     (0.5, ['2'], {})
     """
-    return _Sparsifier(model, config, calib, example_inputs, exclude, loss_fn, prior_masks,
-                       flatten_outputs, inplace).run()
+    if ranks is not None and config.method not in ACTIVATION_METHODS and config.update is None:
+        raise ConfigError(f"distributed=True splits calibration statistics across ranks; method "
+                          f"{config.method!r} has none to split: use wanda, obd or sparsegpt (or "
+                          "update='obs'), or run it without distributed")
+    sp = _Sparsifier(model, config, calib, example_inputs, exclude, loss_fn, prior_masks,
+                     flatten_outputs, inplace)
+    sp.ranks = ranks
+    return sp.run()
 
 
 class _Sparsifier:
@@ -137,6 +149,8 @@ class _Sparsifier:
         self.prior = prior or {}
         self.flatten_outputs = flatten_outputs
         self.report = SparsityReport(cfg.method, str(cfg.pattern), cfg.scope, cfg.sparsity, "none")
+        self.ranks: Ranks | None = None
+        self.solved = 0  # layers solved so far (distributed: which rank solves the next one)
 
     # --- selection of layers -------------------------------------------------------------
     def _select_targets(self) -> list[Target]:
@@ -214,7 +228,21 @@ class _Sparsifier:
         p = self._prior2d(t)
         return s if p is None else torch.where(p, s, torch.full_like(s, -math.inf))
 
-    def _solve_layer(self, t: Target, st: LayerStats | None) -> None:
+    def _solve_all(self, targets: list[Target], stats: dict[str, LayerStats]) -> None:
+        """Solve and apply each target's mask; distributed, each rank solves its share."""
+        if self.ranks is None:
+            for t in targets:
+                self._apply(t, *self._solve_layer(t, stats.get(t.name)), stats.get(t.name))
+            return
+        recon = self.cfg.method == "sparsegpt" or self.cfg.update == "obs"
+        shared = solve_split(self.ranks, self.solved, targets,
+                             lambda t: self._solve_layer(t, stats.get(t.name)), recon)
+        self.solved += len(targets)
+        for t, sol in zip(targets, shared):
+            self._apply(t, *sol, stats.get(t.name))
+
+    def _solve_layer(self, t: Target, st: LayerStats | None):
+        """``(keep, new weights or None, seconds)`` for one layer; nothing written."""
         t0 = time.perf_counter()
         cfg = self.cfg
         sparsity = self.layer_sparsity.get(t.name, cfg.sparsity)
@@ -234,9 +262,9 @@ class _Sparsifier:
                     self._scores(t, st)
                 new, keep = sparsegpt_prune(t.weight2d(), st.H, cfg.pattern, sparsity,
                                             cfg.blocksize, cfg.percdamp, fixed_keep=keep)
-        self._apply(t, keep, new, st, time.perf_counter() - t0)
+        return keep, new, time.perf_counter() - t0
 
-    def _apply(self, t: Target, keep, new, st, seconds) -> None:
+    def _apply(self, t: Target, keep, new, seconds, st) -> None:
         p = self._prior2d(t)
         if p is not None:
             keep = keep & p
@@ -262,7 +290,7 @@ class _Sparsifier:
     def _sequential(self, active, blocks) -> bool:
         bname, blist = blocks
         try:
-            seq = SequentialBlocks(self.work, blist, self.calib)
+            seq = SequentialBlocks(self.work, blist, self.calib, self.ranks)
         except BlocksDoNotChain as e:
             self.report.notes.append(f"sequential calibration unavailable ({e}); whole-model")
             return False
@@ -274,16 +302,14 @@ class _Sparsifier:
         if self.cfg.allocation == "owl":
             self._owl(seq, blist, per_block)
             seq.restart()
-        st_out = collect_whole(self.work, outside, self.calib, hess) if outside else {}
+        st_out = (collect_whole(self.work, outside, self.calib, hess, self.ranks) if outside
+                  else {})
         for i, tb in enumerate(per_block):
             if tb:
-                st = seq.calibrate(i, tb, hess)
-                for t in tb:
-                    self._solve_layer(t, st[t.name])
+                self._solve_all(tb, seq.calibrate(i, tb, hess))
             if i + 1 < len(blist):
                 self._masked(tb, lambda i=i: seq.advance(i))
-        for t in outside:
-            self._solve_layer(t, st_out[t.name])
+        self._solve_all(outside, st_out)
         self.report.calibration = f"sequential over {bname} ({len(blist)} blocks)"
         return True
 
@@ -332,12 +358,11 @@ class _Sparsifier:
         st = {}
         if self.calib is not None and cfg.method not in LOSS_METHODS:
             st = collect_whole(self.work, [t for t in active if t.groups == 1], self.calib,
-                               cfg.method == "sparsegpt" or cfg.update == "obs")
+                               cfg.method == "sparsegpt" or cfg.update == "obs", self.ranks)
             self.report.calibration = "whole-model hooks"
         if cfg.method == "sparsegpt" or (cfg.scope == "layer" and cfg.method not in (
                 "synflow", *LOSS_METHODS)):
-            for t in active:
-                self._solve_layer(t, st.get(t.name))
+            self._solve_all(active, st)
             return
         t0 = time.perf_counter()
         if cfg.method in LOSS_METHODS:
@@ -347,7 +372,7 @@ class _Sparsifier:
             keep = self._synflow(active)
             dt = (time.perf_counter() - t0) / len(active)
             for t in active:
-                self._apply(t, keep[t.name], None, st.get(t.name), dt)
+                self._apply(t, keep[t.name], None, dt, st.get(t.name))
             return
         else:
             scores = {t.name: self._scores(t, st.get(t.name)) for t in active}
@@ -355,7 +380,7 @@ class _Sparsifier:
         keep = self._select(scores, cfg.sparsity)
         dt = (time.perf_counter() - t0) / len(active)
         for t in active:
-            self._apply(t, keep[t.name], None, st.get(t.name), dt)
+            self._apply(t, keep[t.name], None, dt, st.get(t.name))
 
     def _select(self, scores, sparsity) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -404,6 +429,8 @@ class _Sparsifier:
         t0 = time.perf_counter()
         active = self._select_targets()
         cfg = self.cfg
+        if self.ranks is not None:
+            self.ranks.check_same(run_facts(cfg, active, self.calib))
         blocks = find_blocks(self.work, active)
         done = False
         if cfg.scope == "layer" and cfg.method in ACTIVATION_METHODS + (
