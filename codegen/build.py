@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from graphprune.codegen.cpu_reductions import RowReduction
 from graphprune.codegen.cpu_rules import Contraction, Injective, vector_lanes
 from graphprune.codegen.lifted_weights import evaluate_lifted_weights, has_lifted_weights
 from graphprune.codegen.lower import LoweredModel, num_inputs
@@ -74,7 +75,7 @@ def cpu_rules(target):
     """Our CPU schedule rules, in the order they are tried."""
     from tvm.s_tir import dlight
 
-    return [Contraction(), Injective(), dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+    return [Contraction(), RowReduction(), Injective(), dlight.cpu.GEMV(), dlight.cpu.Reduction()]
 
 
 def schedule_pass(rules, target, report: dict):
