@@ -9,6 +9,7 @@ not one of graphprune's errors surfaces as ``PassError`` naming the pass.
 from __future__ import annotations
 
 import copy
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -293,13 +294,17 @@ def _write_back(model: Any, pg: PruneGraph, plan: RemovalPlan, inplace: bool) ->
         from graphprune.frontends.onnx.writeback import apply_plan_onnx
 
         return apply_plan_onnx(pg, plan), "onnx"
-    from graphprune.frontends.torch.module_form import module_form
+    from graphprune.frontends.torch.module_form import module_form, reference_outputs
     from graphprune.frontends.torch.graph_module import apply_plan_torch
 
-    gm = apply_plan_torch(pg, plan)
-    mod = module_form(model, pg, plan, gm, inplace=inplace)
+    # The GraphModule holds a pruned copy of every weight: keep only its outputs while the
+    # module form is built, and rebuild it in the rare case it is the result.
+    want = reference_outputs(apply_plan_torch(pg, plan, share=True), pg)
+    gc.collect()  # a GraphModule is a reference cycle: free its pruned weights now
+    mod = module_form(model, pg, plan, want, inplace=inplace)
     if mod is not None:
         return mod, "module"
+    gm = apply_plan_torch(pg, plan, verify=False)
     if inplace:
         raise ConfigError(
             f"{type(model).__name__} cannot be pruned in place: its forward hard-codes sizes "

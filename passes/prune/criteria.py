@@ -89,13 +89,37 @@ def criterion(name: str) -> Callable[[Criterion], Criterion]:
     return deco
 
 
+_CHUNK_BYTES = 1 << 25  # float64 working set per slice of a weight in abs_power_sums
+
+
+def abs_power_sums(w: np.ndarray, axis: int, p: int) -> np.ndarray:
+    """``sum |w|^p`` per position of ``axis``, in float64, over slices of at most 32 MiB: a
+    whole-weight float64 copy of an LLM's embedding would cost twice its bytes (twice again for
+    ``|w|^p``). Each position's values are summed as one contiguous float64 row, so the scores
+    do not depend on the slicing."""
+    n = w.shape[axis]
+    per_row = 8 * (w.size // n) if n else 1
+    step = max(1, _CHUNK_BYTES // max(per_row, 1))
+    out = np.empty(n, dtype=np.float64)
+    index: list[slice] = [slice(None)] * w.ndim
+    for start in range(0, n, step):
+        index[axis] = slice(start, start + step)
+        part = w[tuple(index)]
+        rows = np.ascontiguousarray(np.moveaxis(part, axis, 0).reshape(part.shape[axis], -1),
+                                    dtype=np.float64)
+        np.abs(rows, out=rows)
+        if p != 1:
+            rows **= p
+        out[start:start + step] = rows.sum(1)
+    return out
+
+
 def _param_norms(ctx: CriterionContext, group: Group, p: int) -> np.ndarray:
     vals = {}
     for m in group.params:
-        w = np.asarray(ctx.pg.weights[m.param], dtype=np.float64)
+        w = np.asarray(ctx.pg.weights[m.param])
         if w.ndim and ctx.pg.value(m.value).trainable:
-            rows = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
-            vals[m.value, m.axis] = (np.abs(rows) ** p).sum(1)
+            vals[m.value, m.axis] = abs_power_sums(w, m.axis, p)
     return ctx.per_position(group, vals)
 
 
@@ -244,10 +268,10 @@ def wanda(ctx: CriterionContext, group: Group) -> np.ndarray:
             in_axis = 1 if kind == "conv" or pg.op(op).attrs.get("w_layout", "oi") == "oi" else 0
             x = pg.op_inputs(op)[slots[0]]
             xs = acts.get((x, 1 if kind == "conv" else len(pg.value(x).shape) - 1))
-            w = np.asarray(pg.weights[m.param], dtype=np.float64)
+            w = np.asarray(pg.weights[m.param])
             if xs is None or m.axis != in_axis or len(xs.norm) != w.shape[in_axis]:
                 continue
-            rows = np.abs(np.moveaxis(w, in_axis, 0).reshape(w.shape[in_axis], -1)).sum(1)
+            rows = abs_power_sums(w, in_axis, 1)
             vals[m.value, m.axis] = vals.get((m.value, m.axis), 0) + rows * xs.norm
     if not vals:
         ctx.notes.append(f"group {group.id}: no consumer weight reads it, wanda fell back to l1")

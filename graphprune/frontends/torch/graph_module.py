@@ -156,9 +156,13 @@ def _set_tensor(gm: torch.nn.Module, target: str, new: torch.Tensor) -> None:
         setattr(owner, leaf, new)
 
 
-def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> torch.fx.GraphModule:
-    """A new GraphModule computing ``pg``'s model with the plan's channels removed."""
-    gm = pg.source.graph_module()
+def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True,
+                     share: bool = False) -> torch.fx.GraphModule:  # fmt: skip
+    """A new GraphModule computing ``pg``'s model with the plan's channels removed.
+
+    ``share=True`` leaves the unchanged tensors those of the captured model (the user's) instead
+    of copying them: only for a reference that is run and dropped, never for a result."""
+    gm = pg.source.graph_module(fresh=not share)
     vid = pg.source.value_ids(gm)
     c = _Ctx(pg, plan, vid)
     for n in list(gm.graph.nodes):  # torch.export lists each name of a tied weight; one is read

@@ -71,44 +71,74 @@ def _update_attrs(model: nn.Module, pg: PruneGraph, plan: RemovalPlan) -> None:
             m.normalized_shape = tuple(m.weight.shape)
 
 
-def _load(model: nn.Module, pg: PruneGraph, plan: RemovalPlan) -> set[str]:
-    """Replace every changed parameter/buffer; returns the names replaced."""
-    done: set[str] = set()
+def _load(model: nn.Module, pg: PruneGraph, plan: RemovalPlan,
+          new: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Replace every changed parameter/buffer by its sliced version (or by ``new[name]`` when
+    given: tensors an earlier ``_load`` made); returns the tensors put in, by name."""
+    done: dict[str, torch.Tensor] = {}
     for v in pg.params():
         val = pg.value(v)
         if v not in plan.new_shapes or val.param in done:
             continue
-        done.add(val.param)
-        arr = slice_array(np.asarray(pg.weights[val.param]), v, plan)
-        if arr.dtype.name == "bfloat16":  # the capture's ml_dtypes view; fp32 holds it exactly
-            arr = arr.astype(np.float32)
         owner, leaf = _owner(model, val.param)
         old = getattr(owner, leaf)
-        new = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
-        if isinstance(old, nn.Parameter):
-            setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
-        elif leaf in owner._buffers:
-            owner._buffers[leaf] = new
+        if new is not None:
+            tensor = new[val.param]
         else:
-            setattr(owner, leaf, new)
+            arr = slice_array(np.asarray(pg.weights[val.param]), v, plan)
+            if arr.dtype.name == "bfloat16":  # the capture's ml_dtypes view; fp32 holds it exactly
+                arr = arr.astype(np.float32)
+            tensor = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
+            if isinstance(old, nn.Parameter):
+                tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        done[val.param] = tensor
+        if isinstance(old, nn.Parameter):
+            setattr(owner, leaf, tensor)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = tensor
+        else:
+            setattr(owner, leaf, tensor)
     return done
 
 
-def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, reference: torch.nn.Module,
-                inplace: bool = False) -> nn.Module | None:  # fmt: skip
-    """The pruned model as (a copy of) the user's module, or None when it cannot be trusted."""
+def reference_outputs(reference: nn.Module, pg: PruneGraph) -> list[torch.Tensor]:
+    """The rewritten GraphModule's outputs on the example inputs: what the module form must
+    reproduce. Computed first so the GraphModule (a pruned copy of every weight) can be freed
+    before the module form is built."""
+    with torch.no_grad():
+        return [t.detach() for t in flatten_outputs(reference(*pg.source.args,
+                                                              **pg.source.kwargs))]
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original tensors: the
+    rewrite replaces tensors by assignment, never in place, so the trial costs only the sliced
+    tensors it adds (a deep copy would cost the whole model again)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan,
+                reference: nn.Module | list[torch.Tensor], inplace: bool = False,
+                ) -> nn.Module | None:  # fmt: skip
+    """The pruned model as (a copy of) the user's module, or None when it cannot be trusted.
+
+    ``reference`` is the rewritten GraphModule or its :func:`reference_outputs`. In place, the
+    rewrite is first tried on a copy that shares the user's tensors (so a failure leaves the
+    model untouched), then the tensors it made are moved into the user's module: the peak is the
+    model plus its pruned weights, not two models."""
     ties = _ties(model)
     target = model if inplace else copy.deepcopy(model)
-    trial = copy.deepcopy(model) if inplace else target
+    trial = _sharing_copy(model) if inplace else target
     try:
-        _rewrite(trial, pg, plan, ties)
+        new = _rewrite(trial, pg, plan, ties)
         args, kwargs = pg.source.args, pg.source.kwargs
         was_training = trial.training
         trial.eval()
         with torch.no_grad(), hf.capture_mode(trial):
             got = flatten_outputs(trial(*args, **kwargs))
-            want = flatten_outputs(reference(*args, **kwargs))
         trial.train(was_training)
+        want = reference if isinstance(reference, list) else reference_outputs(reference, pg)
     except Exception:  # noqa: BLE001 - any failure means "use the GraphModule"
         return None
     if len(got) != len(want) or any(a.shape != b.shape or not torch.allclose(a, b, atol=1e-5,
@@ -116,16 +146,20 @@ def module_form(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, reference: 
                                     for a, b in zip(got, want)):  # fmt: skip
         return None
     if inplace:
-        _rewrite(target, pg, plan, ties)
+        del trial
+        _rewrite(target, pg, plan, ties, new)
     return target
 
 
-def _rewrite(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, ties: list[list[str]]) -> None:
-    _apply_ties(model, ties, _load(model, pg, plan))
+def _rewrite(model: nn.Module, pg: PruneGraph, plan: RemovalPlan, ties: list[list[str]],
+             new: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    done = _load(model, pg, plan, new)
+    _apply_ties(model, ties, set(done))
     _update_attrs(model, pg, plan)
     if hf.is_hf(model):  # attributes its forward reads (heads, head_dim, ...) and the config
         hf.update_modules(model)
         hf.update_config(model)
+    return done
 
 
 def _ties(model: nn.Module) -> list[list[str]]:
