@@ -163,20 +163,25 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
         return funcs[fname]
 
     errors: list[ConfigError] = []
+    bias_of, add_of = _bias_adds(main, weight_of)
+    fused: list = []  # the original add calls whose bias went into an int8 kernel
 
     @mutator
     class _Mutator(PyExprMutator):
         def visit_call_(self, call):
+            original = call
             call = super().visit_call_(call)
+            if any(original.same_as(a) for a in fused):  # its matmul now adds the bias
+                return call.args[add_of[original][0]]
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
                 return call
             try:
-                return self.rewrite(call)
+                return self.rewrite(call, bias_of.get(original))
             except ConfigError as e:  # raised again below: through TVM's FFI it would come
                 errors.append(e)  # back as a RuntimeError
                 return call
 
-        def rewrite(self, call):
+        def rewrite(self, call, bias):
             layer = match_linear(call, *call.args, weight_of, self.lookup_binding)
             if layer is None or name_of.get(layer.weight) not in specs:
                 return call
@@ -198,9 +203,13 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
             static = spec.act_scale if spec.scheme == "w8a8_static" else None
             qname = f"int8_quantize_rows_{batch}x{k}" + ("" if static is None else f"_s{name}")
             qf = add_func(self.builder_, quantize_rows_kernel(batch, k, static), _sym(qname))
-            gname = f"int8_gemm_{isa}_{batch}x{n}x{k}"
-            gf = add_func(self.builder_, gemm_int8_kernel(batch, n, k, isa), gname)
-            arrays = dense_arrays(wq, spec.weight_scale, None, isa)
+            if bias is not None and weight_of[bias[1]].shape != (n,):
+                bias = None
+            gname = f"int8_gemm_{isa}_{batch}x{n}x{k}" + ("_bias" if bias else "")
+            gf = add_func(self.builder_, gemm_int8_kernel(batch, n, k, isa, bias=bool(bias)),
+                          gname)  # fmt: skip
+            arrays = dense_arrays(wq, spec.weight_scale,
+                                  None if bias is None else weight_of[bias[1]], isa)  # fmt: skip
             vars_ = []
             for i, arr in enumerate(arrays):
                 v = relax.Var(f"{name}_int8_{i}", relax.TensorType(arr.shape, str(arr.dtype)))
@@ -213,10 +222,13 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
                 relax.TensorType((batch, pad_k(k)), "uint8"),
                 relax.TensorType((batch,), "float32")]))  # fmt: skip
             xu, xs = emit(relax.TupleGetItem(q, 0)), emit(relax.TupleGetItem(q, 1))
-            y = emit(relax.call_tir(gf, [xu, vars_[0], vars_[1], xs, vars_[2]],
+            y = emit(relax.call_tir(gf, [xu, vars_[0], vars_[1], xs, *vars_[2:]],
                                     out_ty=relax.TensorType((batch, n), "float32")))  # fmt: skip
             records[name] = {"kernel": "int8", "scheme": spec.scheme, "isa": isa,
                              "shape": [n, k], "batch": batch}  # fmt: skip
+            if bias is not None:
+                fused.append(bias[0])
+                records[name]["bias"] = name_of[bias[1]]
             out_shape = [int(d) for d in call.ty.shape.values]
             return y if len(out_shape) == 2 else relax.op.reshape(y, out_shape)
 
@@ -239,6 +251,36 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
     out_mod[out_mod.get_global_var("main")] = func
     return replace(lowered, mod=out_mod, params=[v for _, v, _ in keep],
                    param_names=[nm for _, _, nm in keep])  # fmt: skip
+
+
+def _bias_adds(main, weight_of: dict):
+    """``({matmul call: (add call, bias var)}, {add call: (matmul operand index, bias var)})``
+    for every ``add(mm, b)`` / ``add(b, mm)`` in ``main`` where ``mm`` is bound to a matmul
+    read by nothing else and ``b`` a 1-D weight parameter: the adds an int8 kernel can absorb
+    (its epilogue adds the bias), so the bias costs no second pass over the output."""
+    from tvm import relax
+
+    bindings = [b for block in main.body.blocks for b in block.bindings]
+    value_of = {b.var: b.value for b in bindings}
+    uses: dict = {}
+    for expr in [b.value for b in bindings] + [main.body.body]:
+        for v in relax.analysis.free_vars(expr):
+            uses[v] = uses.get(v, 0) + 1
+    bias_of, add_of = {}, {}
+    for b in bindings:
+        call = b.value
+        if not (isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.add"):
+            continue
+        for i in (0, 1):
+            mm, bias = call.args[i], call.args[1 - i]
+            mm_call = value_of.get(mm)
+            if (isinstance(mm_call, relax.Call) and getattr(mm_call.op, "name", "")
+                    == "relax.matmul" and uses.get(mm) == 1 and bias in weight_of
+                    and weight_of[bias].ndim == 1 and weight_of[bias].dtype == np.float32):  # fmt: skip
+                bias_of[mm_call] = (call, bias)
+                add_of[call] = (i, bias)
+                break
+    return bias_of, add_of
 
 
 def _sym(name: str) -> str:

@@ -139,46 +139,53 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray | None = None):
     return q, scale
 
 
-def pack_weight(wq: np.ndarray, isa: str):
-    """``(packed int8 [Np/L, Kp/G, L, G], corr int32 [Np])`` for ``isa`` from ``Wq[N, K]``;
-    ``corr[n] = 128 · Σ_k Wq[n, k]`` (the zero-point correction), padding zero.
+def pack_weight(wq: np.ndarray, isa: str, nr: int | None = None):
+    """``(packed int8 [NB, Kp/G, nr, L, G], corr int32 [Nv·L])`` for ``isa`` from ``Wq[N, K]``:
+    ``Nv = ceil(N / L)`` vectors of ``L`` output channels in ``NB = ceil(Nv / nr)`` blocks of
+    ``nr`` (the kernel's register tile, default the isa's). Within a block the ``nr`` vectors
+    of one reduction group are adjacent, so a register tile streams its weights from one
+    contiguous panel (separate per-vector panels lay 4 streams a multiple of 4 KiB apart: the
+    same L1 sets). ``corr[n] = 128 · Σ_k Wq[n, k]`` (the zero-point correction); padding zero.
 
     Examples
     --------
     >>> p, c = pack_weight(np.ones((3, 5), np.int8), "vnni")
-    >>> p.shape, c[:4].tolist()
-    ((1, 2, 16, 4), [640, 640, 640, 0])
+    >>> p.shape, c.shape, c[:4].tolist()
+    ((1, 2, 4, 16, 4), (16,), [640, 640, 640, 0])
     """
     spec = isa_spec(isa)
+    nr = nr or spec.nr
     wq = np.asarray(wq)
     if wq.dtype != np.int8 or wq.ndim != 2:
         raise CodegenUnsupported(f"pack_weight takes an int8 [N, K] matrix, got {wq.dtype}{wq.shape}")
     n, k = wq.shape
     lanes, group = spec.lanes, spec.group
-    np_, kp = -(-n // lanes) * lanes, pad_k(k)
-    full = np.zeros((np_, kp), np.int8)
+    nvec, kp = -(-n // lanes), pad_k(k)
+    nblk = -(-nvec // nr)
+    full = np.zeros((nblk * nr * lanes, kp), np.int8)
     full[:n, :k] = wq
-    packed = full.reshape(np_ // lanes, lanes, kp // group, group).transpose(0, 2, 1, 3)
-    corr = np.zeros(np_, np.int32)
+    packed = full.reshape(nblk, nr, lanes, kp // group, group).transpose(0, 3, 1, 2, 4)
+    corr = np.zeros(nvec * lanes, np.int32)
     corr[:n] = ZERO_POINT * wq.astype(np.int32).sum(axis=1)
     return np.ascontiguousarray(packed), corr
 
 
-def _dot(spec: IsaSpec, acc_vec, xw, wp, m, kk, v):
+def _dot(spec: IsaSpec, acc_vec, xw, wp, m, kk, blk, j):
     """One instruction: ``acc_vec`` plus the ``group``-step dot products of row ``m``'s
-    activations at reduction group ``kk`` with weight vector ``v``."""
+    activations at reduction group ``kk`` with vector ``j`` of weight block ``blk``."""
     lanes = spec.lanes
+    width = lanes * spec.group
     if spec.name == "vnni":
         # this wheel's LLVM declares the byte operands <64 x i8>; TVM's own dot_16x4_vnni
         # passes <16 x i32> (the older signature), which this LLVM rejects as a type mismatch
         a = T.reinterpret("int8x64", T.Broadcast(xw[m, kk], 16))
         return T.call_llvm_pure_intrin(
-            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc_vec, a, wp[v, kk, T.Ramp(0, 1, 64)]
+            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc_vec, a, wp[blk, kk, T.Ramp(j * width, 1, width)]
         )
     # avx2: the two u8 activations of group kk zero-extended into one int32 (two int16)
     pair = T.Cast("int32", xw[m, kk * 2]) | (T.Cast("int32", xw[m, kk * 2 + 1]) << 16)
     a = T.reinterpret("int16x16", T.Broadcast(pair, lanes))
-    w = T.Cast("int16x16", wp[v, kk, T.Ramp(0, 1, 16)])
+    w = T.Cast("int16x16", wp[blk, kk, T.Ramp(j * width, 1, width)])
     return acc_vec + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", a, w)
 
 
@@ -233,7 +240,7 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
         return f
 
     @T.macro
-    def tile(xw, wp, corr, xs, ws, b, y, acc, stage, m0, rows, v0, vecs, partial):
+    def tile(xw, wp, corr, xs, ws, b, y, acc, stage, m0, rows, blk, j0, vecs, partial):
         for i in T.unroll(rows):
             for j in T.unroll(vecs):
                 acc[T.Ramp((i * vecs + j) * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
@@ -242,29 +249,29 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
                 for j in T.unroll(vecs):
                     acc[T.Ramp((i * vecs + j) * lanes, 1, lanes)] = _dot(
                         spec, acc[T.Ramp((i * vecs + j) * lanes, 1, lanes)], xw, wp, m0 + i,
-                        kk, v0 + j,
+                        kk, blk, j0 + j,
                     )  # fmt: skip
         for i in T.unroll(rows):
             for j in T.unroll(vecs):
                 if partial:
                     stage[T.Ramp(0, 1, lanes)] = finish(
                         acc[T.Ramp((i * vecs + j) * lanes, 1, lanes)], corr, xs, ws, b,
-                        m0 + i, (v0 + j) * lanes,
+                        m0 + i, (blk * nr + j0 + j) * lanes,
                     )  # fmt: skip
                     for l in range(part):
-                        y[m0 + i, (v0 + j) * lanes + l] = stage[l]
+                        y[m0 + i, (blk * nr + j0 + j) * lanes + l] = stage[l]
                 else:
-                    y[m0 + i, ramp((v0 + j) * lanes)] = finish(
+                    y[m0 + i, ramp((blk * nr + j0 + j) * lanes)] = finish(
                         acc[T.Ramp((i * vecs + j) * lanes, 1, lanes)], corr, xs, ws, b,
-                        m0 + i, (v0 + j) * lanes,
+                        m0 + i, (blk * nr + j0 + j) * lanes,
                     )  # fmt: skip
 
     @T.macro
-    def column_block(xw, wp, corr, xs, ws, b, y, acc, stage, v0, vecs, partial):
+    def column_block(xw, wp, corr, xs, ws, b, y, acc, stage, blk, j0, vecs, partial):
         for mt in range(m // mr):
-            tile(xw, wp, corr, xs, ws, b, y, acc, stage, mt * mr, mr, v0, vecs, partial)
+            tile(xw, wp, corr, xs, ws, b, y, acc, stage, mt * mr, mr, blk, j0, vecs, partial)
         if m % mr > 0:
-            tile(xw, wp, corr, xs, ws, b, y, acc, stage, m // mr * mr, m % mr, v0, vecs,
+            tile(xw, wp, corr, xs, ws, b, y, acc, stage, m // mr * mr, m % mr, blk, j0, vecs,
                  partial)  # fmt: skip
 
     @T.macro
@@ -273,15 +280,15 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
             acc = T.decl_buffer((mr * nr * lanes,), "int32", scope=ACC_SCOPE)
             stage = T.decl_buffer((lanes,), ydtype, scope=ACC_SCOPE)
             if t < blocks:
-                column_block(xw, wp, corr, xs, ws, b, y, acc, stage, t * nr, nr, False)
+                column_block(xw, wp, corr, xs, ws, b, y, acc, stage, t, 0, nr, False)
             else:
                 if rem > 0:
-                    column_block(xw, wp, corr, xs, ws, b, y, acc, stage, blocks * nr, rem,
-                                 False)  # fmt: skip
+                    column_block(xw, wp, corr, xs, ws, b, y, acc, stage, blocks, 0, rem, False)
                 if part > 0:
-                    column_block(xw, wp, corr, xs, ws, b, y, acc, stage, full_vecs, 1, True)
+                    column_block(xw, wp, corr, xs, ws, b, y, acc, stage, blocks, rem, 1, True)
 
-    wshape = (nvec, kg, lanes, group)
+    nblk = -(-nvec // nr)
+    wshape = (nblk, kg, nr, lanes, group)
     npad = nvec * lanes
 
     if not is_float:
@@ -295,7 +302,7 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
         ):
             T.func_attr(INT8_ATTRS)
             xw = T.decl_buffer((m, xw_cols), xw_dtype, data=xu.data)
-            wv = T.decl_buffer((nvec, kg, lanes * group), "int8", data=wp.data)
+            wv = T.decl_buffer((nblk, kg, nr * lanes * group), "int8", data=wp.data)
             body(xw, wv, corr, corr, corr, corr, y)
 
         return gemm_int8_i32
@@ -314,7 +321,7 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
         ):
             T.func_attr(INT8_ATTRS)
             xw = T.decl_buffer((m, xw_cols), xw_dtype, data=xu.data)
-            wv = T.decl_buffer((nvec, kg, lanes * group), "int8", data=wp.data)
+            wv = T.decl_buffer((nblk, kg, nr * lanes * group), "int8", data=wp.data)
             body(xw, wv, corr, xs, ws, b, y)
 
         return gemm_int8_bias
@@ -330,7 +337,7 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
     ):
         T.func_attr(INT8_ATTRS)
         xw = T.decl_buffer((m, xw_cols), xw_dtype, data=xu.data)
-        wv = T.decl_buffer((nvec, kg, lanes * group), "int8", data=wp.data)
+        wv = T.decl_buffer((nblk, kg, nr * lanes * group), "int8", data=wp.data)
         body(xw, wv, corr, xs, ws, ws, y)
 
     return gemm_int8
@@ -342,10 +349,11 @@ def _to_u8(v):
     return T.Cast("uint8", T.Cast("int32", q) + 128)
 
 
-def dense_arrays(wq: np.ndarray, wscale: np.ndarray, bias: np.ndarray | None, isa: str):
+def dense_arrays(wq: np.ndarray, wscale: np.ndarray, bias: np.ndarray | None, isa: str,
+                 nr: int | None = None):  # fmt: skip
     """The weight-side arguments of :func:`gemm_int8_kernel` (``out="float32"``), in order:
     ``[packed, corr, wscale padded to Np]`` plus ``bias`` padded to ``Np`` when given."""
-    packed, corr = pack_weight(wq, isa)
+    packed, corr = pack_weight(wq, isa, nr)
     npad, n = corr.size, wq.shape[0]
     ws = np.ones(npad, np.float32)
     ws[:n] = np.asarray(wscale, np.float32).reshape(-1)

@@ -86,8 +86,10 @@ def test_w8a8_artifact_matches_the_fake_quant_model(tmp_path, static):
     for name in ("fc1.weight", "fc2.weight"):
         assert kern[f"quant:{name}"] == {"kernel": "int8", "scheme": scheme, "isa": ISA,
                                          "shape": list(model.state_dict()[name].shape),
-                                         "batch": 10}  # fmt: skip
+                                         "batch": 10, "bias": name.replace("weight", "bias")}  # fmt: skip
     assert kern["quant:head.weight"]["kernel"] == "fp32"  # w8: dequantized weights in fp32
+    # the bias went into the int8 kernels' epilogue: no separate add for fc1/fc2
+    assert not any("add" in k for k in kern if "fc" in k), sorted(kern)
     got = np.asarray(art(inputs[0]))
     want, bound = _reference(model, inputs[0].numpy(), pg)
     err = np.abs(got - want)
@@ -108,3 +110,37 @@ def test_quant_spec_for_a_foreign_weight_is_a_config_error(tmp_path):
     pg.quant["fc1.weight"] = QuantSpec("w8a8_dynamic", np.ones(3, np.float32), 0)
     with pytest.raises(ConfigError, match="fc1.weight.*3 weight scales for 45"):
         codegen.compile(model, inputs, out_dir=tmp_path / "b", graph=pg)
+
+
+def test_onnx_gemm_form_quantized_with_bias_fused(tmp_path):
+    """The ONNX importer's forms: a 3-D input exports as ``MatMul`` with the weight stored
+    transposed (``[K, N]``, output channels on axis 1) and ``add(matmul, bias)``, bias second.
+    The specs are keyed by the ONNX initializer names, as the ONNX frontend's graph is."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, inputs, _ = _setup({})
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])  # fmt: skip
+    proto = onnx.load(str(path))
+    pg = capture(proto)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    ref_pg = type("G", (), {"quant": {}})()
+    onnx_name = {}
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        for layer in ("fc1", "fc2"):
+            if arr.shape == sd[f"{layer}.weight"].T.shape and np.array_equal(arr.T, sd[f"{layer}.weight"]):
+                onnx_name[layer] = init.name
+                scales = weight_scales(arr, 1)
+                pg.quant[init.name] = QuantSpec("w8a8_dynamic", scales, 1)
+                ref_pg.quant[f"{layer}.weight"] = QuantSpec("w8a8_dynamic", scales, 0)
+    assert sorted(onnx_name) == ["fc1", "fc2"], onnx_name
+    art = codegen.compile(proto, (inputs[0].numpy(),), out_dir=tmp_path / "a", graph=pg)
+    kern = art.manifest["kernels"]
+    assert kern[f"quant:{onnx_name['fc1']}"]["kernel"] == "int8", kern
+    assert kern[f"quant:{onnx_name['fc2']}"].get("bias") == "fc2.bias", kern
+    want, bound = _reference(model, inputs[0].numpy(), ref_pg)
+    got = np.asarray(art(inputs[0].numpy()))
+    assert np.all(np.abs(got - want) <= bound)
