@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,16 +169,35 @@ class Sensitivity:
 
 def sensitivity(model: Any, example_inputs: Any, eval_fn: Callable[[Any], float],
                 ratios: Iterable[float] = (0.25, 0.5, 0.75), criterion: str = "l2",
-                groups: Iterable[int] | None = None, plot: str | None = None) -> Sensitivity:  # fmt: skip
+                groups: Iterable[int] | None = None, plot: str | None = None,
+                executor: Any = "serial") -> Sensitivity:  # fmt: skip
     """Prune each group alone at each ratio and evaluate: the table to choose ``ratios=`` from.
 
     ``eval_fn(model) -> float`` sees the original model (baseline) and each pruned one.
     A plot is written to ``plot`` when given and matplotlib is installed.
+
+    ``executor`` runs the (group, ratio) trials: ``"serial"`` here, ``"ray"`` as one Ray task
+    each (the Ray session already initialised, else a local cluster), ``"ray:<address>"`` /
+    ``"ray://host:port"`` on a cluster (see :mod:`graphprune.api.executors`). The scores and the
+    channels removed are chosen here; each Ray worker captures the model once (a capture does
+    not pickle) and applies the same removals, so the table equals the serial one whenever
+    ``eval_fn`` is deterministic (run on one thread for bit-equal floats: Ray tasks use one).
+    ``model``, ``example_inputs`` and ``eval_fn`` must pickle for Ray (closures do).
+
+    Examples
+    --------
+    >>> import torch, graphprune as gp
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> x = torch.randn(16, 4)
+    >>> sens = gp.sensitivity(m, (x,), lambda mm: float(mm(x).abs().mean()), ratios=[0.5])
+    >>> [(gid, len(vals)) for gid, _, vals in sens.rows]
+    [(0, 1)]
     """
+    from graphprune.api.executors import get_executor
     from graphprune.passes.prune import criteria
-    from graphprune.passes.prune.plan import plan_removal
 
     ratios = list(ratios)
+    run = get_executor(executor)
     pg = capture(model, example_inputs)
     ctx = criteria.CriterionContext(pg)
     fn = criteria.get(criterion)
@@ -185,16 +205,18 @@ def sensitivity(model: Any, example_inputs: Any, eval_fn: Callable[[Any], float]
     chosen = [g for g in build_coupling(pg).groups
               if g.prunable and (wanted is None or g.id in wanted)]  # fmt: skip
     baseline = float(eval_fn(model))
-    rows = []
+    trials = []
     for g in chosen:
         s = np.asarray(fn(ctx, g))
-        vals = []
         for r in ratios:
             k = min(int(np.floor(r * g.size)), g.size - 1)
-            removal = {g.id: sorted(np.argsort(s, kind="stable")[:k].tolist())} if k else {}
-            pruned = pg.source.apply_plan(pg, plan_removal(pg, removal))
-            vals.append(float(eval_fn(pruned)))
-        rows.append((g.id, g.params[0].param if g.params else str(g.id), vals))
+            trials.append(({g.id: sorted(np.argsort(s, kind="stable")[:k].tolist())} if k
+                           else {},))
+    sweep = _Sweep(model, example_inputs, eval_fn, uuid.uuid4().hex, pg)
+    vals = run.map(_sensitivity_trial, sweep, trials)
+    n = len(ratios)
+    rows = [(g.id, g.params[0].param if g.params else str(g.id), vals[i * n : (i + 1) * n])
+            for i, g in enumerate(chosen)]
     result = Sensitivity(ratios, baseline, rows)
     if plot:
         try:
@@ -202,3 +224,38 @@ def sensitivity(model: Any, example_inputs: Any, eval_fn: Callable[[Any], float]
         except ImportError:
             pass
     return result
+
+
+@dataclass
+class _Sweep:
+    """What every sensitivity trial needs. The capture stays behind when pickled (a captured
+    GraphModule does not unpickle): a worker captures ``model`` once per sweep (``token``)."""
+
+    model: Any
+    example_inputs: Any
+    eval_fn: Callable[[Any], float]
+    token: str
+    graph: Any = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "graph": None}
+
+    def captured(self):
+        if self.graph is None:
+            if _WORKER_CAPTURE.get("token") != self.token:
+                _WORKER_CAPTURE.clear()  # one sweep's capture per worker process at a time
+                _WORKER_CAPTURE.update(token=self.token,
+                                       graph=capture(self.model, self.example_inputs))
+            self.graph = _WORKER_CAPTURE["graph"]
+        return self.graph
+
+
+_WORKER_CAPTURE: dict[str, Any] = {}
+
+
+def _sensitivity_trial(sweep: _Sweep, removal: dict[int, list[int]]) -> float:
+    """One trial: the captured model with ``removal`` applied, evaluated."""
+    from graphprune.passes.prune.plan import plan_removal
+
+    pg = sweep.captured()
+    return float(sweep.eval_fn(pg.source.apply_plan(pg, plan_removal(pg, removal))))
