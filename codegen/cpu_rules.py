@@ -27,7 +27,9 @@ Memory layout and loop order (what made the rules match PyTorch on full-size mod
 * **Panel-major order.** Output-channel tiles are the outermost (parallel) loop; all spatial rows
   (fused, so a 1x1 conv is a GEMM over ``H*W``) stream past one panel while it is in cache.
 * **K-blocking** for GEMM-like contractions whose panel exceeds L1: ``kc``-deep slices of the
-  reduction, accumulating into the output panel.
+  reduction, accumulating into the output panel; the rows split into M-blocks
+  (:mod:`.cpu_blocking`) where the activation outgrows L2 or the panels are too few or odd in
+  number to keep every thread busy, (panel, block) pairs running in parallel.
 * **Register tile** ``rows x col_vectors`` chosen per shape (:func:`_register_tile`): most FMAs
   per load within the register file (a weight load counted twice where the panel streams from
   L2: a kh x kw > 1 conv, not K-blocked, with a panel over L1), rows forming a box of the output
@@ -39,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+from graphprune.codegen.cpu_blocking import row_blocks
 from graphprune.codegen.cpu_loops import (
     NOMINAL_EXTENT,
     REFUSED,
@@ -71,6 +74,7 @@ class ContractionInfo:
     tile: tuple[int, int, int]  # rows, column vectors, lanes
     packed: str | None = None  # weight layout after packing, if packed
     k_block: int | None = None  # reduction slice kept in L1, if blocked
+    row_blocks: int = 1  # M-blocks of rows run in parallel with the panels, if K-blocked
 
 
 def _multiply_add_operands(block):
@@ -329,12 +333,17 @@ class Contraction(ScheduleRule):
         # blocked: the slice would need a predicated tail in the innermost loop.
         kc = None if any(symbolic[n_spatial:]) else _k_block(extents, n_spatial, rt, bn, dtype_bits)
         if kc:
-            self._schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc)
+            rows = 1
+            for e in row_extents:
+                rows *= e
+            # A symbolic row count keeps one M-block (its tail is padded to rt, not to a block).
+            blocks = 1 if sym_rows else row_blocks(rows, rt, extents[-1], c_ext // bn, dtype_bits)
+            self._schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks)
             for name in producers:
                 schedule_injective_block(sch, sch.get_sblock(name), lanes)
             self.last_match = ContractionInfo(
                 sch.get(block).name_hint, shown[:n_spatial], shown[n_spatial:], (rt, ct, vec),
-                packed, kc,
+                packed, kc, blocks,
             )  # fmt: skip
             return sch
         c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
@@ -383,19 +392,27 @@ class Contraction(ScheduleRule):
         return sch
 
     @staticmethod
-    def _schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc):
-        """GEMM blocking for long reductions: the panel loop ``c_o`` outermost (parallel), then
-        ``kc``-deep slices of the reduction, then row tiles, so a ``kc x bn`` slice of the
-        packed weight stays in L1 while every row tile passes it. The register tile is loaded
-        from and stored to the output panel once per slice (LLVM promotes it across ``k_i``)."""
+    def _schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks=1):
+        """GEMM blocking for long reductions: the panel loop ``c_o`` and ``blocks`` M-blocks of
+        rows outermost (parallel pairs, :func:`.cpu_blocking.row_blocks`), then ``kc``-deep
+        slices of the reduction, then row tiles, so a ``kc x bn`` slice of the packed weight
+        stays in L1 while every row tile of the block passes it, and the block's activation
+        rows stay in L2 across slices. The register tile is loaded from and stored to the
+        output panel once per slice (LLVM promotes it across ``k_i``)."""
         c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
         rows = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
-        r_o, r_i = sch.split(rows, [None, rt])
+        if blocks > 1:
+            r_b, r_o, r_i = sch.split(rows, [blocks, None, rt])
+            outer = [c_o, r_b]
+        else:
+            r_o, r_i = sch.split(rows, [None, rt])
+            outer = [c_o]
         k_o, k_i = sch.split(reduce[-1], [None, kc])
-        sch.reorder(c_o, k_o, r_o, *reduce[:-1], k_i, r_i, c_t, c_v)
-        sch.parallel(c_o)
+        sch.reorder(*outer, k_o, r_o, *reduce[:-1], k_i, r_i, c_t, c_v)
+        par = sch.fuse(*outer) if len(outer) > 1 else c_o
+        sch.parallel(par)
         if epilogue is not None:
-            sch.reverse_compute_at(epilogue, c_o)
+            sch.reverse_compute_at(epilogue, par)
             e_loops = sch.get_loops(epilogue)
             inner_ext = const_extent(sch, e_loops[-1])
             if inner_ext and inner_ext % vec == 0 and vec > 1:
