@@ -17,8 +17,10 @@ under ``torchrun``), each rank holding the same model and the same calibration b
 
 Precondition: the per-batch forward is deterministic given the weights and the batch (CPU, or
 GPUs with deterministic kernels), and all ranks run with the same thread count (matmul results
-can depend on how the work is split). The gloo backend runs on CPU; NCCL is the same code with
-each rank on its own GPU (tensors are moved to ``torch.cuda.current_device()`` to communicate).
+can depend on how the work is split). The gloo backend runs on CPU (tested: 2 ranks). For NCCL
+the exchanged tensors are moved to ``torch.cuda.current_device()`` (call
+``torch.cuda.set_device(local_rank)`` first); that path has not run on GPUs, and the statistics
+themselves are accumulated on the CPU (:class:`LayerStats`), as in one process.
 
 A failure on one rank (NaN activations, a singular Hessian) is sent to the others at the next
 collective, so every rank raises instead of waiting forever.

@@ -91,3 +91,34 @@ def test_distributed_without_a_process_group_says_to_run_under_torchrun():
         gp.sparsify(lin, calib=calib, method="wanda", distributed=True)
     with pytest.raises(ConfigError, match="distributed='yes': pass True or False"):
         gp.sparsify(lin, calib=calib, method="wanda", distributed="yes")
+
+
+def test_partials_folded_in_batch_order_give_the_one_process_totals():
+    """What each rank does with its share (keep each batch's partial apart) and what every rank
+    does after the all-gather (fold them in batch order) reaches one process's totals bit for bit,
+    the report's sample rows included; two hook calls per batch (a module used twice)."""
+    from graphprune.passes.sparsity.calibration import LayerStats
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 24, generator=gen) * 10.0 ** (i - 2)
+               for i, n in enumerate((300, 170, 90, 400, 60))]
+    one = LayerStats(24, True)
+    for b in batches:
+        one.add(b, "l")
+        one.add(b[::2] * 0.5, "l")
+        one.end_batch()
+    shares, parts = [LayerStats(24, True), LayerStats(24, True)], []
+    for i, b in enumerate(batches):  # rank i % 2 runs batch i
+        st = shares[i % 2]
+        st.add(b, "l")
+        st.add(b[::2] * 0.5, "l")
+        parts.append(st.part)
+        st.part = None
+    folded = LayerStats(24, True)
+    for p in parts:
+        folded.fold(p)
+    assert folded.n == one.n == sum(b.shape[0] + b[::2].shape[0] for b in batches)
+    for name in ("sq", "s1", "H"):
+        assert getattr(one, name).dtype == torch.float64
+        assert torch.equal(getattr(folded, name), getattr(one, name)), name
+    assert torch.equal(folded.sample(), one.sample()) and one.sample().shape[0] == 512
