@@ -343,10 +343,14 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
     return gemm_int8
 
 
-def _to_u8(v):
+def _to_u8(v, lanes: int = 1):
     """``clip(nearbyint(v), -127, 127) + 128`` as uint8 (nearbyint: half to even)."""
-    q = T.max(T.min(T.nearbyint(v), T.float32(127)), T.float32(-127))
-    return T.Cast("uint8", T.Cast("int32", q) + 128)
+    def const(c, dtype):
+        return T.Broadcast(T.Cast(dtype, c), lanes) if lanes > 1 else T.Cast(dtype, c)
+
+    sfx = f"x{lanes}" if lanes > 1 else ""
+    q = T.max(T.min(T.nearbyint(v), const(127, "float32")), const(-127, "float32"))
+    return T.Cast(f"uint8{sfx}", T.Cast(f"int32{sfx}", q) + const(128, "int32"))
 
 
 def dense_arrays(wq: np.ndarray, wscale: np.ndarray, bias: np.ndarray | None, isa: str,
@@ -382,11 +386,12 @@ def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
     @T.macro
     def row_scale(x, xs, amax, i):
         if static_scale is None:
-            for l in T.vectorized(vec):
-                amax[l] = T.float32(0)
+            # explicit vectors (Ramp), not T.vectorized loops: inside the root block those
+            # stayed scalar and LLVM vectorised them with gathers and scattered byte stores
+            amax[T.Ramp(0, 1, vec)] = T.Broadcast(T.float32(0), vec)
             for c in range(kv // vec):
-                for l in T.vectorized(vec):
-                    amax[l] = T.max(amax[l], T.fabs(x[i, c * vec + l]))
+                amax[T.Ramp(0, 1, vec)] = T.max(amax[T.Ramp(0, 1, vec)],
+                                                T.fabs(x[i, T.Ramp(c * vec, 1, vec)]))  # fmt: skip
             for c in range(kv, k):
                 amax[0] = T.max(amax[0], T.fabs(x[i, c]))
             for l in range(1, vec):
@@ -411,8 +416,9 @@ def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
                     i: T.let = t * rows + r
                     row_scale(x, xs, amax, i)
                     for c in range(kv // vec):
-                        for l in T.vectorized(vec):
-                            xu[i, c * vec + l] = _to_u8(x[i, c * vec + l] / xs[i])
+                        xu[i, T.Ramp(c * vec, 1, vec)] = _to_u8(
+                            x[i, T.Ramp(c * vec, 1, vec)] / T.Broadcast(xs[i], vec), vec
+                        )
                     for c in range(kv, k):
                         xu[i, c] = _to_u8(x[i, c] / xs[i])
                     for c in range(k, kp):
