@@ -13,6 +13,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import tvm
@@ -188,3 +192,17 @@ def test_unsupported_requests_raise_codegen_errors():
         pack_weight(np.zeros((2, 2), np.float32), "vnni")
     with pytest.raises(CodegenUnsupported, match="llvm"):
         int8_isa(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host="llvm"))
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_avx2_build_uses_vpmaddwd_and_never_zmm(tmp_path):
+    """The AVX2 path is what an AVX2-only CPU can run: ``vpmaddwd`` on ymm registers, no
+    512-bit register and no VNNI instruction anywhere in the library."""
+    lib = _build(gemm_int8_kernel(13, 50, 70, "avx2", bias=True, activation="relu"), HASWELL)
+    so = tmp_path / "avx2.so"
+    lib.export_library(str(so))
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    assert re.search(r"vpmaddwd\s.*ymm", asm), "no 256-bit vpmaddwd in the AVX2 build"
+    bad = [ln.strip() for ln in asm.splitlines() if re.search(r"\bzmm\d+|vpdpbusd", ln)]
+    assert not bad, bad[:5]
