@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from graphprune.frontends.torch.arrays import as_numpy, as_tensor
 from graphprune.frontends.torch.dynamic import install_input_check
 from graphprune.frontends.torch.nodes import aten_name, get_tensor
 from graphprune.ir.errors import VerificationError
@@ -178,10 +179,7 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True,
             old = state.get(n.target)
             if old is None:
                 old = get_tensor(gm, n.target)
-            src = old.detach().cpu()  # numpy has no bf16; fp32 holds it exactly
-            arr = slice_array((src.float() if src.dtype == torch.bfloat16 else src).numpy(),
-                              vid[n.name], plan)
-            new = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
+            new = as_tensor(slice_array(as_numpy(old), vid[n.name], plan), old.dtype)
             if isinstance(old, torch.nn.Parameter):
                 new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
             for target in aliases.get(id(old), [n.target]):

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from graphprune.frontends.torch import hf
+from graphprune.frontends.torch.arrays import as_tensor
 from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
@@ -85,10 +86,7 @@ def _load(model: nn.Module, pg: PruneGraph, plan: RemovalPlan,
         if new is not None:
             tensor = new[val.param]
         else:
-            arr = slice_array(np.asarray(pg.weights[val.param]), v, plan)
-            if arr.dtype.name == "bfloat16":  # the capture's ml_dtypes view; fp32 holds it exactly
-                arr = arr.astype(np.float32)
-            tensor = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
+            tensor = as_tensor(slice_array(np.asarray(pg.weights[val.param]), v, plan), old.dtype)
             if isinstance(old, nn.Parameter):
                 tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
         done[val.param] = tensor
