@@ -54,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_model(spec: str):
+    """``(path, None)`` for an .onnx file, else ``(model, inputs)`` of a zoo name or factory."""
+    if spec.endswith(".onnx"):
+        if not os.path.isfile(spec):
+            raise ConfigError(f"model file {spec} not found")
+        return spec, None
+    from graphprune.app.models_io import load_model
+
+    return load_model(spec)
+
+
 def _random_like(batch: list, rng: np.random.Generator) -> list:
     out = []
     for a in batch:
@@ -88,7 +99,6 @@ def _calib(args, example: list, names: list[str] | None) -> list[list[np.ndarray
 def quantize_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from graphprune.api.quantize import quantize
-    from graphprune.app.cli import _load_model
     from graphprune.passes.quant.config import validate_quant_config
 
     validate_quant_config(args.scheme, percentile=args.percentile, smooth=args.smooth,

@@ -41,8 +41,7 @@ def layer_error(t: QuantTarget, spec: QuantSpec, x: np.ndarray) -> float:
         t.weight.shape[t.axis], -1)
     wq = np.moveaxis(fake_quantize(t.weight, spec), t.axis, 0).reshape(w2d.shape)
     xq = fake_quantize_act(x, spec.scheme, spec.act_scale, t.per_token)
-    y = x.astype(np.float64) @ w2d.T.astype(np.float64)
-    yq = xq.astype(np.float64) @ wq.T.astype(np.float64)
+    y, yq = x @ w2d.T, xq @ wq.T  # float32: the error measured is ~1e-2, far above fp32 rounding
     den = np.linalg.norm(y)
     return float(np.linalg.norm(yq - y) / den) if den > 0 else 0.0
 
