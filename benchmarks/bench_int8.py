@@ -166,6 +166,25 @@ def render(rows: list[dict]) -> str:
                                                                errs))  # fmt: skip
 
 
+def throughput(rows: list[dict]) -> str:
+    """Best-call int8 ops per second, 1 thread, ours vs the fastest int8 peer, per shape: an
+    AVX-512 VNNI core peaks at 2 vpdpbusd (128 multiply-adds) per cycle, so a peer well above
+    that per core is using another unit (AMX on Xeons that have it)."""
+    parts = []
+    for r in rows:
+        if r["threads"] != 1 or "ours int8 dyn" not in r["best_ms"]:
+            continue
+        k, n = (int(v) for v in r["shape"].split("x"))
+        ops = 2 * ARGS.m * k * n
+        bm = r["best_ms"]
+        peer = min((c for c in PEERS_INT8 if c in bm), key=bm.get, default=None)
+        if peer:
+            parts.append(f"{r['shape']}: ours {ops / bm['ours int8 dyn'] / 1e6:.0f}, {peer} "
+                         f"{ops / bm[peer] / 1e6:.0f}")  # fmt: skip
+    return ("Int8 GOPS of the best call, 1 thread (whole call, overheads included): "
+            + "; ".join(parts) + ".") if parts else ""
+
+
 def main() -> int:
     if ARGS.worker is not None:
         rows = measure(ARGS.worker)
@@ -200,8 +219,8 @@ def main() -> int:
         f"rows (BERT-base, sequence {ARGS.m}), random weights and input, same for every "
         f"column; ms = median of {ARGS.repeat} calls per column in 5 interleaved turns, one "
         f"process per thread count. Ours are whole artifacts (`gp.compile`, the loader's call "
-        f"included); ours int8 = activation quantizer + INT8 GEMM with dequantize epilogue, "
-        f"bias as a separate op. Whole run {time.time() - t0:.0f} s."
+        f"included); ours int8 = activation quantizer + INT8 GEMM with dequantize + bias in "
+        f"its epilogue. {throughput(rows)} Whole run {time.time() - t0:.0f} s."
     )
     print(head + "\n\n" + table)
     if not ARGS.no_write:
