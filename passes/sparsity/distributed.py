@@ -131,7 +131,7 @@ class Ranks(BatchReduce):
         return k % self.world
 
     def share(self, k: int, solution, error: BaseException | None, keep_shape, new_like):
-        """Every rank gets the owner's ``(keep, new, seconds)`` for layer ``k``.
+        """Every rank gets the owner's ``(keep, new, seconds, error)`` for layer ``k``.
 
         The owner passes its solution (or the error its solve raised, which every rank then
         raises); the others pass ``None``. ``new_like`` is a tensor of the reconstructed weights'
@@ -146,12 +146,15 @@ class Ranks(BatchReduce):
             raise ConfigError(f"distributed solve of layer {k} failed on rank {src}: {msg[0]}")
         mine = self.rank == src
         keep = solution[0].to(torch.uint8) if mine else torch.empty(keep_shape, dtype=torch.uint8)
-        secs = torch.tensor([solution[2] if mine else 0.0], dtype=torch.float64)
-        keep, secs = self._bcast(keep, src), self._bcast(secs, src)
+        err = solution[3] if mine else None
+        nums = torch.tensor([solution[2] if mine else 0.0, math.nan if err is None else err],
+                            dtype=torch.float64)
+        keep, nums = self._bcast(keep, src), self._bcast(nums, src)
         new = None
         if new_like is not None:
             new = self._bcast(solution[1] if mine else torch.empty_like(new_like), src)
-        return keep.bool(), new, float(secs[0])
+        err = None if math.isnan(float(nums[1])) else float(nums[1])
+        return keep.bool(), new, float(nums[0]), err
 
     def _bcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         buf = t.contiguous() if self.device is None else t.to(self.device)
@@ -187,7 +190,7 @@ def batch_fingerprint(calib: list) -> str:
 
 
 def solve_split(ranks: Ranks, first: int, targets: list, solve, reconstructs: bool) -> list:
-    """``(keep, new, seconds)`` for each target, each solved by its owner and shared.
+    """``(keep, new, seconds, error)`` for each target, each solved by its owner and shared.
 
     ``first`` numbers the first target among the run's solves (owners rotate over the whole run,
     so the widest layer of each block does not always land on one rank). Each rank first solves

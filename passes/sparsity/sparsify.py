@@ -232,17 +232,19 @@ class _Sparsifier:
         """Solve and apply each target's mask; distributed, each rank solves its share."""
         if self.ranks is None:
             for t in targets:
-                self._apply(t, *self._solve_layer(t, stats.get(t.name)), stats.get(t.name))
+                self._apply(t, *self._solve_layer(t, stats.get(t.name)))
             return
         recon = self.cfg.method == "sparsegpt" or self.cfg.update == "obs"
         shared = solve_split(self.ranks, self.solved, targets,
                              lambda t: self._solve_layer(t, stats.get(t.name)), recon)
         self.solved += len(targets)
         for t, sol in zip(targets, shared):
-            self._apply(t, *sol, stats.get(t.name))
+            self._apply(t, *sol)
 
     def _solve_layer(self, t: Target, st: LayerStats | None):
-        """``(keep, new weights or None, seconds)`` for one layer; nothing written."""
+        """``(keep, new weights or None, seconds, report error)`` for one layer; nothing
+        written. The report's error is computed here, by the rank that solves the layer (two
+        matmuls of the sampled rows: as costly as a calibration batch, not worth repeating)."""
         t0 = time.perf_counter()
         cfg = self.cfg
         sparsity = self.layer_sparsity.get(t.name, cfg.sparsity)
@@ -262,15 +264,23 @@ class _Sparsifier:
                     self._scores(t, st)
                 new, keep = sparsegpt_prune(t.weight2d(), st.H, cfg.pattern, sparsity,
                                             cfg.blocksize, cfg.percdamp, fixed_keep=keep)
-        return keep, new, time.perf_counter() - t0
+        return keep, new, time.perf_counter() - t0, self._error(t, keep, new, st)
 
-    def _apply(self, t: Target, keep, new, seconds, st) -> None:
+    def _error(self, t: Target, keep, new, st) -> float | None:
+        """Relative output error of the layer on the sampled calibration rows (the report's)."""
+        x = st.sample() if st is not None else None
+        if x is None:
+            return None
+        p = self._prior2d(t)
+        old = t.weight2d()
+        return relative_error(old, (new if new is not None else old) * (keep if p is None
+                                                                          else keep & p), x)
+
+    def _apply(self, t: Target, keep, new, seconds, error) -> None:
         p = self._prior2d(t)
         if p is not None:
             keep = keep & p
-        x = st.sample() if st is not None else None
-        # The old weights are kept only for the error report, which needs calibration rows.
-        old = t.weight2d().clone() if x is not None and self.write_through else t.weight2d()
+        old = t.weight2d()
         w2 = (new if new is not None else old) * keep
         if self.write_through:
             # Sequential calibration feeds the next block the outputs of this one as sparsified
@@ -283,8 +293,7 @@ class _Sparsifier:
             self.values[t.param_name] = t.module.weight.detach()
         self.report.layers.append(LayerSparsity(
             t.param_name, tuple(t.module.weight.shape), int(keep.sum()), keep.numel(),
-            check_mask(keep, self.cfg.pattern), self._group(),
-            relative_error(old, w2, x), seconds))
+            check_mask(keep, self.cfg.pattern), self._group(), error, seconds))
 
     # --- strategies ------------------------------------------------------------------------
     def _sequential(self, active, blocks) -> bool:
@@ -372,7 +381,8 @@ class _Sparsifier:
             keep = self._synflow(active)
             dt = (time.perf_counter() - t0) / len(active)
             for t in active:
-                self._apply(t, keep[t.name], None, dt, st.get(t.name))
+                self._apply(t, keep[t.name], None, dt,
+                            self._error(t, keep[t.name], None, st.get(t.name)))
             return
         else:
             scores = {t.name: self._scores(t, st.get(t.name)) for t in active}
@@ -380,7 +390,8 @@ class _Sparsifier:
         keep = self._select(scores, cfg.sparsity)
         dt = (time.perf_counter() - t0) / len(active)
         for t in active:
-            self._apply(t, keep[t.name], None, dt, st.get(t.name))
+            self._apply(t, keep[t.name], None, dt,
+                            self._error(t, keep[t.name], None, st.get(t.name)))
 
     def _select(self, scores, sparsity) -> dict[str, torch.Tensor]:
         cfg = self.cfg
