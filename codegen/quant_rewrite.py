@@ -39,6 +39,7 @@ from graphprune.codegen.kernels.cpu_int8 import (
     gemm_int8_kernel,
     int8_isa,
     pad_k,
+    pad_m,
     quantize_rows_kernel,
 )
 from graphprune.codegen.kernels.relax_layers import match_linear
@@ -202,7 +203,8 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
             batch = layer.batch
             static = spec.act_scale if spec.scheme == "w8a8_static" else None
             qname = f"int8_quantize_rows_{batch}x{k}" + ("" if static is None else f"_s{name}")
-            qf = add_func(self.builder_, quantize_rows_kernel(batch, k, static), _sym(qname))
+            qf = add_func(self.builder_, quantize_rows_kernel(batch, k, static, isa),
+                          _sym(f"{qname}_{isa}"))  # fmt: skip
             if bias is not None and weight_of[bias[1]].shape != (n,):
                 bias = None
             gname = f"int8_gemm_{isa}_{batch}x{n}x{k}" + ("_bias" if bias else "")
@@ -219,7 +221,7 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
             emit = self.builder_.emit
             x2 = emit(relax.op.reshape(call.args[0], (batch, k)))
             q = emit(relax.call_tir(qf, [x2], out_ty=[
-                relax.TensorType((batch, pad_k(k)), "uint8"),
+                relax.TensorType((pad_m(batch, isa), pad_k(k, isa)), "uint8"),
                 relax.TensorType((batch,), "float32")]))  # fmt: skip
             xu, xs = emit(relax.TupleGetItem(q, 0)), emit(relax.TupleGetItem(q, 1))
             y = emit(relax.call_tir(gf, [xu, vars_[0], vars_[1], xs, *vars_[2:]],

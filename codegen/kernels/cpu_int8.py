@@ -45,6 +45,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS
+from graphprune.codegen.kernels.cpu_int8_amx import (
+    AMX_K_ALIGN,
+    AMX_M_ALIGN,
+    AMX_NR,
+    gemm_amx_kernel,
+)
 from tvm.script import tirx as T
 
 from graphprune.ir.errors import CodegenUnsupported
@@ -59,11 +65,12 @@ __all__ = [
     "isa_spec",
     "pack_weight",
     "pad_k",
+    "pad_m",
     "quantize_rows_kernel",
     "quantize_weight",
 ]  # fmt: skip
 
-ISAS = ("vnni", "avx2")
+ISAS = ("amx", "vnni", "avx2")
 ACTIVATIONS = (None, "relu")
 ZERO_POINT = 128  # u8 activations: Xu = Xq + 128
 # op_pattern kOpaque (8): Relax's pattern analysis asserts a block body otherwise, and FuseOps
@@ -81,9 +88,13 @@ class IsaSpec:
     group: int
     mr: int
     nr: int
+    k_align: int = 4  # the reduction is padded to this (zero weights)
+    m_align: int = 1  # the activation rows are padded to this (zero-point rows)
 
 
 _SPECS = {
+    # 16x16 int32 tiles: 4 accumulate 32 rows x 32 channels (see cpu_int8_amx)
+    "amx": IsaSpec("amx", 16, 4, AMX_M_ALIGN, AMX_NR, AMX_K_ALIGN, AMX_M_ALIGN),
     # 24 of 32 zmm registers accumulate; 4 hold weight vectors, one the broadcast activation
     "vnni": IsaSpec("vnni", 16, 4, 6, 4),
     # 8 of 16 ymm registers accumulate; 2 weight vectors (widened), 1 broadcast, temporaries
@@ -98,13 +109,16 @@ def isa_spec(isa: str) -> IsaSpec:
 
 
 def int8_isa(target) -> str:
-    """``"vnni"`` where ``target`` has AVX-512 VNNI, ``"avx2"`` where it has AVX2, else raise
-    :class:`CodegenUnsupported` (no int8 path for it: the layer stays fp32)."""
+    """``"amx"`` where ``target`` has AMX-INT8 tiles, ``"vnni"`` where it has AVX-512 VNNI,
+    ``"avx2"`` where it has AVX2, else raise :class:`CodegenUnsupported` (no int8 path for it:
+    the layer stays fp32)."""
     from tvm.target import codegen
 
     if target.kind.name != "llvm":
         raise CodegenUnsupported(f"int8 kernels are CPU (llvm) kernels, not {target.kind.name}")
     with target:
+        if codegen.target_has_features("amx-int8") and codegen.target_has_features("amx-tile"):
+            return "amx"
         if codegen.target_has_features("avx512vnni"):
             return "vnni"
         if codegen.target_has_features("avx2"):
@@ -114,9 +128,18 @@ def int8_isa(target) -> str:
     )
 
 
-def pad_k(k: int) -> int:
-    """Reduction length the kernels read: ``k`` rounded up to a multiple of 4 (both paths)."""
-    return -(-k // 4) * 4
+def pad_k(k: int, isa: str = "vnni") -> int:
+    """Reduction length ``isa``'s kernel reads: ``k`` rounded up to a multiple of 4 (64 for
+    AMX tiles)."""
+    align = isa_spec(isa).k_align
+    return -(-k // align) * align
+
+
+def pad_m(m: int, isa: str = "vnni") -> int:
+    """Activation rows ``isa``'s kernel reads (the quantizer's output rows): ``m``, rounded up
+    to a multiple of 32 for AMX tiles."""
+    align = isa_spec(isa).m_align
+    return -(-m // align) * align
 
 
 def quantize_weight(w: np.ndarray, scale: np.ndarray | None = None):
@@ -160,7 +183,7 @@ def pack_weight(wq: np.ndarray, isa: str, nr: int | None = None):
         raise CodegenUnsupported(f"pack_weight takes an int8 [N, K] matrix, got {wq.dtype}{wq.shape}")
     n, k = wq.shape
     lanes, group = spec.lanes, spec.group
-    nvec, kp = -(-n // lanes), pad_k(k)
+    nvec, kp = -(-n // lanes), pad_k(k, isa)
     nblk = -(-nvec // nr)
     full = np.zeros((nblk * nr * lanes, kp), np.int8)
     full[:n, :k] = wq
@@ -208,6 +231,8 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
         raise CodegenUnsupported("an int32 int8 kernel has no epilogue (bias or activation)")
     if min(m, n, k) < 1:
         raise CodegenUnsupported(f"int8 kernel for an empty matrix: M={m}, N={n}, K={k}")
+    if isa == "amx":
+        return gemm_amx_kernel(m, n, k, out, bias, activation)
     lanes, group = spec.lanes, spec.group
     mr, nr = mr or spec.mr, nr or spec.nr
     kp = pad_k(k)
@@ -369,11 +394,12 @@ def dense_arrays(wq: np.ndarray, wscale: np.ndarray, bias: np.ndarray | None, is
     return arrays
 
 
-def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
-    """PrimFunc ``(x[M, K] float32, xu[M, Kp] uint8, xscale[M] float32)``: per-row (token)
+def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None, isa: str = "vnni"):
+    """PrimFunc ``(x[M, K] float32, xu[Mp, Kp] uint8, xscale[M] float32)``: per-row (token)
     absmax quantization (``static_scale=None``, W8A8 dynamic) or one fixed scale (W8A8 static),
-    to uint8 with zero point 128; ``Kp = pad_k(K)``, padding 128. A zero row gets scale 1."""
-    kp = pad_k(k)
+    to uint8 with zero point 128; ``Kp = pad_k(K, isa)``, ``Mp = pad_m(M, isa)``, padding 128.
+    A zero row gets scale 1."""
+    kp, mp = pad_k(k, isa), pad_m(m, isa)
     chunks = max(1, min(16, m))
     rows = -(-m // chunks)
     vec = 16
@@ -405,7 +431,7 @@ def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
     @T.prim_func(s_tir=True)
     def quantize_rows(
         x: T.Buffer((m, k), "float32"),
-        xu: T.Buffer((m, kp), "uint8"),
+        xu: T.Buffer((mp, kp), "uint8"),
         xs: T.Buffer((m,), "float32"),
     ):
         T.func_attr(INT8_ATTRS)
@@ -423,5 +449,8 @@ def quantize_rows_kernel(m: int, k: int, static_scale: float | None = None):
                         xu[i, c] = _to_u8(x[i, c] / xs[i])
                     for c in range(k, kp):
                         xu[i, c] = T.uint8(128)
+            for r in range(mp - m):
+                for c in range(kp):
+                    xu[m + r, c] = T.uint8(128)
 
     return quantize_rows

@@ -26,6 +26,7 @@ from graphprune.codegen.kernels.cpu_int8 import (
     int8_isa,
     pack_weight,
     pad_k,
+    pad_m,
     quantize_rows_kernel,
     quantize_weight,
 )
@@ -35,10 +36,13 @@ from graphprune.ir.errors import CodegenUnsupported
 from graphprune.ir.quant import fake_quantize_act
 
 HOST = make_target("llvm")
+ISA_RANK = {"amx": 0, "vnni": 1, "avx2": 2}  # a host with a lower rank also runs the higher
 HASWELL = make_target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
 SHAPES = [(5, 37, 13), (1, 16, 4), (13, 50, 70), (7, 3, 1), (19, 129, 258)]
 
-needs_vnni = pytest.mark.skipif(int8_isa(HOST) != "vnni", reason="host CPU has no AVX-512 VNNI")
+needs_vnni = pytest.mark.skipif(int8_isa(HOST) not in ("amx", "vnni"),
+                                reason="host CPU has no AVX-512 VNNI")  # fmt: skip
+needs_amx = pytest.mark.skipif(int8_isa(HOST) != "amx", reason="host CPU has no AMX-INT8")
 
 
 def _build(func, target):
@@ -51,11 +55,12 @@ def _run(lib, *arrays):
     return args[-1].numpy()
 
 
-def _as_u8(xq: np.ndarray) -> np.ndarray:
-    """Signed activations as the kernels read them: uint8 with zero point 128, K padded."""
+def _as_u8(xq: np.ndarray, isa: str = "vnni") -> np.ndarray:
+    """Signed activations as the kernels read them: uint8 with zero point 128, K (and for AMX
+    the rows) padded."""
     m, k = xq.shape
-    xu = np.full((m, pad_k(k)), 128, np.uint8)
-    xu[:, :k] = (xq.astype(np.int32) + 128).astype(np.uint8)
+    xu = np.full((pad_m(m, isa), pad_k(k, isa)), 128, np.uint8)
+    xu[:m, :k] = (xq.astype(np.int32) + 128).astype(np.uint8)
     return xu
 
 
@@ -66,8 +71,8 @@ def _int8(rng, shape):
 def _exact(isa, target, m, n, k, rng):
     xq, wq = _int8(rng, (m, k)), _int8(rng, (n, k))
     wp, corr = pack_weight(wq, isa)
-    got = _run(_build(gemm_int8_kernel(m, n, k, isa, out="int32"), target), _as_u8(xq), wp, corr,
-               np.zeros((m, n), np.int32))  # fmt: skip
+    got = _run(_build(gemm_int8_kernel(m, n, k, isa, out="int32"), target), _as_u8(xq, isa), wp,
+               corr, np.zeros((m, n), np.int32))  # fmt: skip
     want = xq.astype(np.int32) @ wq.astype(np.int32).T
     np.testing.assert_array_equal(got, want)
 
@@ -78,26 +83,33 @@ def test_vnni_int32_equals_numpy_exactly(m, n, k):
     _exact("vnni", HOST, m, n, k, np.random.default_rng(m * 1000 + n + k))
 
 
+@needs_amx
+@pytest.mark.parametrize("m,n,k", SHAPES + [(64, 96, 128), (33, 17, 65)])
+def test_amx_int32_equals_numpy_exactly(m, n, k):
+    """Rows not a multiple of 32 (two tiles), K not of 64 (one tile row), N not of 32."""
+    _exact("amx", HOST, m, n, k, np.random.default_rng(m * 7 + n + k))
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES[:3])
 def test_avx2_int32_built_for_haswell_equals_numpy_exactly(m, n, k):
     assert int8_isa(HASWELL) == "avx2"
     _exact("avx2", HASWELL, m, n, k, np.random.default_rng(m + n + k))
 
 
-@pytest.mark.parametrize("isa", ["vnni", "avx2"])
+@pytest.mark.parametrize("isa", ["amx", "vnni", "avx2"])
 def test_extreme_products_do_not_saturate(isa):
     """All products at +-127*127 (activations at +-127 are u8 255 and 1): a pairwise int16 sum
     (vpmaddubsw) would saturate at 32767; the exact sums are +-K*16129."""
-    if isa == "vnni" and int8_isa(HOST) != "vnni":
-        pytest.skip("host CPU has no AVX-512 VNNI")
+    if isa != "avx2" and ISA_RANK[isa] < ISA_RANK[int8_isa(HOST)]:
+        pytest.skip(f"host CPU has no {isa}")
     m, n, k = 4, 17, 64
     xq = np.full((m, k), 127, np.int8)
     xq[1] = -127
     wq = np.full((n, k), 127, np.int8)
     wq[::2] = -127
     wp, corr = pack_weight(wq, isa)
-    got = _run(_build(gemm_int8_kernel(m, n, k, isa, out="int32"), HOST if isa == "vnni"
-               else HASWELL), _as_u8(xq), wp, corr, np.zeros((m, n), np.int32))  # fmt: skip
+    got = _run(_build(gemm_int8_kernel(m, n, k, isa, out="int32"), HOST if isa != "avx2"
+               else HASWELL), _as_u8(xq, isa), wp, corr, np.zeros((m, n), np.int32))  # fmt: skip
     np.testing.assert_array_equal(got, xq.astype(np.int32) @ wq.astype(np.int32).T)
 
 
@@ -115,7 +127,7 @@ def test_float_epilogue_is_the_dequantized_product(relu):
     b = rng.standard_normal(n).astype(np.float32)
     act = "relu" if relu else None
     lib = _build(gemm_int8_kernel(m, n, k, isa, bias=True, activation=act), HOST)
-    got = _run(lib, _as_u8(xq), *dense_arrays(wq, ws, b, isa)[:2], xs,
+    got = _run(lib, _as_u8(xq, isa), *dense_arrays(wq, ws, b, isa)[:2], xs,
                *dense_arrays(wq, ws, b, isa)[2:], np.zeros((m, n), np.float32))  # fmt: skip
     acc = (xq.astype(np.int64) @ wq.astype(np.int64).T).astype(np.float64)
     want = acc * xs[:, None].astype(np.float64) * ws[None, :] + b
@@ -144,7 +156,7 @@ def test_dynamic_quantize_then_gemm_within_the_quantization_bound():
     x[2] = 0.0  # an all-zero token
     w = rng.standard_normal((n, k)).astype(np.float32)
     wq, ws = quantize_weight(w)
-    xu, xs = _quantize(m, k, x)
+    xu, xs = _quantize(m, k, x, isa=isa)
     got = _run(_build(gemm_int8_kernel(m, n, k, isa), HOST), xu, *dense_arrays(wq, ws, None, isa)[:2],
                xs, dense_arrays(wq, ws, None, isa)[2], np.zeros((m, n), np.float32))  # fmt: skip
     err = np.abs(got - x @ w.T)
@@ -155,9 +167,9 @@ def test_dynamic_quantize_then_gemm_within_the_quantization_bound():
     assert err.max() > 0
 
 
-def _quantize(m, k, x, static=None):
-    lib = _build(quantize_rows_kernel(m, k, static), HOST)
-    xu, xs = np.zeros((m, pad_k(k)), np.uint8), np.zeros(m, np.float32)
+def _quantize(m, k, x, static=None, isa="vnni"):
+    lib = _build(quantize_rows_kernel(m, k, static, isa), HOST)
+    xu, xs = np.zeros((pad_m(m, isa), pad_k(k, isa)), np.uint8), np.zeros(m, np.float32)
     args = [tvm.runtime.tensor(a) for a in (x, xu, xs)]
     lib["f"](*args)
     return args[1].numpy(), args[2].numpy()
@@ -183,11 +195,20 @@ def test_activation_quantizer_matches_the_ir_reference(static):
         assert np.all(xs == np.float32(static)) and np.abs(xq).max() == 127  # clipped
 
 
+def test_amx_quantizer_pads_rows_and_k_with_the_zero_point():
+    m, k = 5, 70
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    xu, _ = _quantize(m, k, x, isa="amx")
+    assert xu.shape == (32, 128)
+    assert np.all(xu[m:] == 128) and np.all(xu[:, k:] == 128)
+    np.testing.assert_array_equal(xu[:m, :k], _quantize(m, k, x)[0][:, :k])
+
+
 def test_unsupported_requests_raise_codegen_errors():
     with pytest.raises(CodegenUnsupported, match="activation"):
         gemm_int8_kernel(4, 4, 4, "vnni", activation="gelu")
     with pytest.raises(CodegenUnsupported, match="isa"):
-        gemm_int8_kernel(4, 4, 4, "amx")
+        gemm_int8_kernel(4, 4, 4, "sse4")
     with pytest.raises(CodegenUnsupported, match="int8"):
         pack_weight(np.zeros((2, 2), np.float32), "vnni")
     with pytest.raises(CodegenUnsupported, match="llvm"):
