@@ -10,8 +10,11 @@ so the kernels' int32 result equals ``Xq @ Wq.T`` exactly (:func:`gemm_int8_kern
 the bias and applies ``relu`` when asked, and stores float32; nothing goes back to memory as
 int32.
 
-Two instruction paths, chosen by :func:`int8_isa` from the target's features:
+Three instruction paths, chosen by :func:`int8_isa` from the target's features:
 
+* ``"amx"`` (AMX-INT8 tiles: Sapphire Rapids and later): ``tdpbusd`` on 16×64-byte tiles, in
+  :mod:`.cpu_int8_amx` (same packing with 2-vector blocks, ``K`` padded to 64 and the rows to
+  32); about 4× the VNNI kernel on the BERT-base shapes (``benchmarks/bench_int8.py``).
 * ``"vnni"`` (AVX-512 VNNI: Cascade Lake and later, Zen 4/5): ``vpdpbusd`` — the instruction
   TVM 0.27 registers as the tensor intrinsic ``dot_16x4_vnni`` (``tvm.s_tir.tensor_intrin.x86``,
   ``llvm.x86.avx512.vpdpbusd.512``) — adds 4 u8×s8 products into each of 16 int32 lanes, with
