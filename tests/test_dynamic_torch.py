@@ -261,3 +261,30 @@ def test_default_never_makes_a_model_uncapturable():
     assert pg.dynamic_axes == []
     assert "captured static" in pg.static_axes["x[0]"]
     assert "batch must be an int, not SymInt" in pg.static_axes["x[0]"]
+
+
+class _HardCodedWithMask(nn.Module):
+    """Forward reshapes to fixed sizes (so the result is a GraphModule) and takes an optional
+    mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x, mask=None):
+        h = self.a(x).relu().reshape(x.shape[0], 4, 4).reshape(x.shape[0], 16)
+        if mask is not None:
+            h = h * mask[:, :1]
+        return self.b(h)
+
+
+def test_graph_module_names_an_input_that_was_not_captured():
+    torch.manual_seed(0)
+    res = gp.prune(_HardCodedWithMask().eval(), (torch.randn(2, 8),), ratio=0.5)
+    assert res.report.form == "graph_module"
+    x = torch.randn(3, 8)
+    assert res.model(x).shape == (3, 8)
+    with pytest.raises(gp.ConfigError, match=r"'mask'.*example inputs of gp.prune"):
+        res.model(x, mask=torch.ones(3, 1))
+    with pytest.raises(gp.ConfigError, match="too many positional"):
+        res.model(x, torch.ones(3, 1))

@@ -356,8 +356,10 @@ class InputRanges:
     names: list[str]
     axes: list[DynamicAxis]
     static: dict[str, tuple[int, ...]]  # input name -> example shape (static axes checked)
+    signature: inspect.Signature | None = None  # the pruned module's forward, when it has one
 
     def __call__(self, module: Any, args: tuple, kwargs: dict | None = None) -> None:
+        self._check_arguments(args, kwargs or {})
         flat = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
         by_name = dict(zip(self.names, flat))
         by_name.update({k: v for k, v in (kwargs or {}).items()
@@ -384,11 +386,35 @@ class InputRanges:
                         f"{want[axis]} in the pruned model (not dynamic when captured)")
 
 
+    def _check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """An input the example inputs did not give is not in the captured graph: say so by
+        name instead of ``TypeError: forward() got an unexpected keyword argument``."""
+        if self.signature is None:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            takes = ", ".join(self.signature.parameters) or "no inputs"
+            raise ConfigError(
+                f"the pruned model takes the inputs its example inputs gave at capture ({takes}): "
+                f"{e}. A GraphModule result holds only what was captured: pass every optional "
+                "input you will use (attention mask, position ids, ...) among the example inputs "
+                "of gp.prune (as keyword arguments), and call it the same way") from None
+
+
 def install_input_check(gm: torch.nn.Module, pg: Any) -> None:
     """Put an :class:`InputRanges` check first among ``gm``'s forward pre-hooks (static axes
-    are checked too: a wrong size is named, not a torch ``Guard failed``)."""
+    are checked too: a wrong size is named, not a torch ``Guard failed``; so are inputs that
+    were not captured)."""
     shapes = {i: tuple(pg.value(i).shape or ()) for i in pg.inputs}
-    check = InputRanges(list(pg.inputs), list(pg.dynamic_axes), shapes)
+    try:
+        signature = inspect.signature(gm.forward)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                     for p in signature.parameters.values()):  # fmt: skip
+        signature = None  # takes anything: nothing to check here
+    check = InputRanges(list(pg.inputs), list(pg.dynamic_axes), shapes, signature)
     gm.register_forward_pre_hook(check, prepend=True, with_kwargs=True)
 
 
