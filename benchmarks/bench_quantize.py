@@ -11,7 +11,8 @@
 Layers quantized: every Linear but the output head (MiniLM's pooler, SmolLM2's lm_head), which
 ``gp.quantize`` leaves in float by default. Time = the step's call (quantize: observers, scales,
 error report, write-back; or the prune/sparsify step of a float row), not the evaluation. One run, the tables printed and written between
-``<!-- bench_quantize:start/end -->`` in BENCHMARKS.md with the machine and load average.
+``<!-- bench_quantize:start/end -->`` in BENCHMARKS.md (one block per model, each with the
+machine and load average of its run).
 
     .venv/bin/python benchmarks/bench_quantize.py [--quick] [--no-write] [--only minilm,llm]
 """
@@ -78,6 +79,8 @@ def bench_minilm(quick: bool) -> str:
             model, scheme=s, calib=calib, graph=graph))
     row("W8A8 static, percentile 99.99", lambda: gp.quantize(
         model, scheme="w8a8_static", calib=calib, percentile=99.99, graph=graph))
+    row("W8A8 static, mse observer", lambda: gp.quantize(
+        model, scheme="w8a8_static", calib=calib, observer="mse", graph=graph))
     res = gp.quantize(model, scheme="w8a8_dynamic", calib=calib, smooth=0.5, graph=graph)
     smooth_note = (f"{len(res.report.smoothed)} norms smoothed; e.g. "
                    + "; ".join(f"{k}: {v}" for k, v in list(res.report.not_smoothed.items())[:1]))
@@ -163,20 +166,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    parts = []
-    if "minilm" in args.only:
-        parts.append(bench_minilm(args.quick))
-    if "llm" in args.only:
-        parts.append(bench_llm(args.quick))
-    load = os.getloadavg()
-    head = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({args.threads} threads); {datetime.date.today()}; load average "
-            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (shared machine: the times are noisy, "
-            f"the quality numbers are not){' ; --quick' if args.quick else ''}.")
-    text = "\n\n".join([head, *parts])
-    print(text)
-    if not args.no_write:
-        write_block(START, END, text)
+    for name, bench in (("minilm", bench_minilm), ("llm", bench_llm)):
+        if name not in args.only:
+            continue
+        body = bench(args.quick)
+        load = os.getloadavg()
+        text = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+                f"({args.threads} threads); {datetime.date.today()}; load average "
+                f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (shared machine: the times are "
+                f"noisy, the quality numbers are not){'; --quick' if args.quick else ''}.\n\n"
+                + body)  # fmt: skip
+        print(text, flush=True)
+        if not args.no_write:
+            write(name, text)
+
+
+def write(name: str, text: str) -> None:
+    """Replace part ``name``'s block inside the bench_quantize block of BENCHMARKS.md (the other
+    part keeps its last recorded run)."""
+
+    def insert(doc: str, block: str) -> str:
+        if START not in doc or END not in doc:
+            doc = doc.rstrip() + f"\n\n## INT8 quantization quality (bench_quantize.py)\n\n{START}\n{END}\n"
+        return doc.replace(END, block + "\n\n" + END)
+
+    write_block(f"<!-- bench_quantize:{name}:start -->", f"<!-- bench_quantize:{name}:end -->",
+                text, insert=insert)
 
 
 if __name__ == "__main__":

@@ -79,8 +79,10 @@ def quantize(model, example_inputs=None, scheme="w8a8_dynamic", calib=None, smoo
         Needed by ``w8a8_static`` and ``smooth``; with any scheme it gives the error report.
     smooth : float in (0, 1), optional
         SmoothQuant's migration strength alpha (0.5 in the paper) for linears fed only by a norm.
-    percentile, observer : the static input range: ``"minmax"`` (default) or the ``percentile``
-        of ``|x|`` (e.g. 99.99; giving it selects the percentile observer).
+    percentile, observer : the static input range: ``"minmax"`` (default), the ``percentile``
+        of ``|x|`` (e.g. 99.99; giving it selects the percentile observer), or ``"mse"``: the
+        clipping range (max, fractions of it, high percentiles) whose quantized layer output is
+        closest to the float one on the calibration rows.
     exclude : list of str, optional
         Layer names or globs left in float. ``None`` leaves the output head in float (as
         SmoothQuant and LLM.int8 do); ``[]`` quantizes it too.

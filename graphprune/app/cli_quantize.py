@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="w8, w8a8_dynamic (default) or w8a8_static")  # fmt: skip
     p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant migration strength in (0, 1), e.g. 0.5 (torch models)")
+    p.add_argument("--observer", default="minmax", help="minmax, percentile or mse (static)")
     p.add_argument("--percentile", type=float, default=None,
                    help="static input range at this percentile of |x| (w8a8_static)")
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
@@ -101,7 +102,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
     from graphprune.api.quantize import quantize
     from graphprune.passes.quant.config import validate_quant_config
 
-    validate_quant_config(args.scheme, percentile=args.percentile, smooth=args.smooth,
+    validate_quant_config(args.scheme, args.observer, args.percentile, args.smooth,
                           calib=[0], exclude=args.exclude)  # the options, before any work
     if args.calib_batches < 1:
         raise ConfigError(f"--calib-batches {args.calib_batches}: pass 1 or more")
@@ -125,7 +126,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
         names = None
     calib = _calib(args, example, names)
     opts = {"scheme": args.scheme, "smooth": args.smooth, "percentile": args.percentile,
-            "exclude": args.exclude}  # fmt: skip
+            "observer": args.observer, "exclude": args.exclude}  # fmt: skip
     if not onnx_in and args.out.endswith(".onnx"):
         import torch
 

@@ -101,7 +101,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     "quantize": {
         "scheme": Field("str", "w8a8_dynamic", choices=("w8", "w8a8_dynamic", "w8a8_static")),
         "smooth": Field("float|null", None, lo=0.0, hi=1.0, hi_open=True),
-        "observer": Field("str", "minmax", choices=("minmax", "percentile")),
+        "observer": Field("str", "minmax", choices=("minmax", "percentile", "mse")),
         "percentile": Field("float|null", None, lo=50.0, hi=100.0),
         "exclude": Field("list[str]|null", None),
     },
@@ -414,7 +414,7 @@ def _check_contradictions(data: dict, source: str) -> None:
                  "activations: add a calib: section")  # fmt: skip
         if q["smooth"] is not None and data["model"].endswith(".onnx"):
             fail("quantize.smooth rewrites torch parameters; an ONNX model takes no smooth")
-        if (q["observer"] == "percentile" or q["percentile"] is not None) and (
+        if (q["observer"] != "minmax" or q["percentile"] is not None) and (
                 q["scheme"] != "w8a8_static"):  # fmt: skip
             fail("quantize.observer / percentile set static input scales: use scheme w8a8_static")
     rec = data["recover"]

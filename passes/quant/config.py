@@ -12,7 +12,7 @@ from typing import Any
 from graphprune.ir.errors import ConfigError
 from graphprune.ir.quant import SCHEMES
 
-OBSERVERS = ("minmax", "percentile")
+OBSERVERS = ("minmax", "percentile", "mse")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def validate_quant_config(scheme: Any = "w8a8_dynamic", observer: Any = "minmax"
     if percentile is not None and observer == "minmax":
         observer = "percentile"
     if observer not in OBSERVERS:
-        raise ConfigError(f"observer={observer!r}: use 'minmax' or 'percentile'")
+        raise ConfigError(f"observer={observer!r}: use 'minmax', 'percentile' or 'mse'")
     pct = 99.99 if percentile is None else _real("percentile", percentile, 50.0, 100.0, "99.99")
     alpha = None if smooth is None else _real("smooth", smooth, 0.0, 1.0, "0.5")
     if alpha == 1.0:
@@ -76,7 +76,7 @@ def validate_quant_config(scheme: Any = "w8a8_dynamic", observer: Any = "minmax"
     if needs and not calib:
         raise ConfigError(f"{needs} observes activations: pass calib=[batch, ...] (a few "
                           "representative input batches)")
-    if observer == "percentile" and scheme != "w8a8_static":
+    if observer != "minmax" and scheme != "w8a8_static":
         raise ConfigError(f"observer/percentile set the static activation scale: they need "
                           f"scheme='w8a8_static' (scheme is {scheme!r})")
     if exclude is not None and (isinstance(exclude, str) or not isinstance(exclude, Iterable)

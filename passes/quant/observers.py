@@ -8,7 +8,8 @@ padding tokens left out) to :meth:`ActObserver.add`. Kept per layer:
 - a strided subsample of ``|x|`` (at most ``_SAMPLE_VALUES``) for the percentile observer: exact
   percentiles would need every value; a subsample of ~1M values fixes the 99.99th percentile to
   within a few of the largest ~100 values, which is all that choice of clip needs,
-- up to ``_SAMPLE_ROWS`` rows, to measure the error quantizing the layer adds.
+- up to ``_SAMPLE_ROWS`` rows, to measure the error quantizing the layer adds (and, for the
+  ``mse`` observer, to choose the clipping range that minimises it).
 
 Non-finite inputs raise :class:`~graphprune.ir.errors.ConfigError` naming the layer.
 """
@@ -65,12 +66,22 @@ class ActObserver:
         return float(self.chan_max.max())
 
     def scale(self, observer: str, percentile: float) -> float:
-        """Symmetric per-tensor int8 scale: ``range / 127`` (range > 0)."""
+        """Symmetric per-tensor int8 scale: ``range / 127`` (range > 0). ``mse`` is chosen by
+        :func:`graphprune.passes.quant.specs.choose_specs` from :meth:`candidate_scales`."""
         if observer == "percentile":
             rng = float(np.percentile(np.concatenate(self.abs_values), percentile))
         else:
             rng = self.absmax()
         return max(rng, 1e-8) / QMAX
+
+    def candidate_scales(self) -> list[float]:
+        """Clipping ranges the ``mse`` observer tries: the max, fractions of it, and high
+        percentiles of ``|x|`` (clipping a few outliers buys resolution for every other value)."""
+        amax = self.absmax()
+        vals = np.concatenate(self.abs_values)
+        rngs = [amax * f for f in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)]
+        rngs += [float(np.percentile(vals, p)) for p in (99.0, 99.9, 99.99, 99.999)]
+        return sorted({max(r, 1e-8) / QMAX for r in rngs}, reverse=True)
 
     def sample(self) -> np.ndarray:
         return np.concatenate(self.samples)

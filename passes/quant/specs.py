@@ -66,6 +66,13 @@ def choose_specs(targets: list[QuantTarget], observers: dict[str, ActObserver],
                 continue
             act = obs.scale(cfg.observer, cfg.percentile)
         s = weight_scales(t.weight, t.axis)
+        if cfg.observer == "mse" and t.groups == 1:
+            # The range whose quantized layer output is closest to the float one on the
+            # calibration rows (the error the report states), as in TensorRT's/ORT's entropy and
+            # MSE calibrators, but measured on the layer's output rather than its input.
+            x = obs.sample()
+            act = min(obs.candidate_scales(),
+                      key=lambda a: layer_error(t, QuantSpec(cfg.scheme, s, t.axis, a), x))
         spec = QuantSpec(cfg.scheme, s, t.axis, act)
         err = layer_error(t, spec, obs.sample()) if seen and t.groups == 1 else None
         specs[t.param] = spec

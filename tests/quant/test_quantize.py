@@ -169,3 +169,13 @@ def test_bad_options_name_what_to_fix(tmp_path) -> None:
         quantize(res.model, calib[0], exclude=[])
     with pytest.raises(ConfigError, match="exclude="):
         quantize(m, calib[0], exclude="head")
+
+
+def test_mse_observer_never_does_worse_than_minmax_per_layer() -> None:
+    m, calib = _model(), _batches()
+    mm = quantize(m, calib[0], scheme="w8a8_static", calib=calib, exclude=[])
+    mse = quantize(m, calib[0], scheme="w8a8_static", calib=calib, observer="mse", exclude=[])
+    base = {r.layer: r for r in mm.report.layers}
+    for r in mse.report.layers:  # min-max's range is one of the candidates the mse observer tries
+        assert r.rel_error <= base[r.layer].rel_error + 1e-7, r.layer
+        assert r.act_scale <= base[r.layer].act_scale * (1 + 1e-6)
