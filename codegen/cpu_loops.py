@@ -108,6 +108,15 @@ def schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         if planning_extent(sch, outer) >= 2:
             sch.parallel(outer)
         return
+    if inner_ext is None and len(loops) > 1:
+        # A symbolic innermost axis (a dynamic sequence: attention's key axis, the row copies
+        # of a padded operand): keep the nest, the rows in parallel, the inner loop left to
+        # LLVM's vectoriser. Fusing it would give every element int64 divisions by symbolic
+        # extents (the padded copy of P before P @ V took 10x the matmul itself that way).
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        if planning_extent(sch, outer) >= 2:
+            sch.parallel(outer)
+        return
     if len(loops) > 1 and not _same_index_everywhere(stmt):
         # A short innermost axis (the 3 colour channels of an NCHW->NHWC input transpose or
         # of the stem conv's pad): fusing the nest would give every lane a div/mod by the row

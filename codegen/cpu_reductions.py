@@ -96,24 +96,36 @@ class RowReduction(ScheduleRule):
         reductions = [b for b, s in zip(blocks, stmts) if _is_reduction(s)]
         if not reductions or not all(_last_axis_reduction(sch.get(b)) for b in reductions):
             return None
-        # Inline the elementwise intermediates (their values are recomputed where read).
         out = blocks[-1]
-        for b in blocks[:-1]:
-            if not _is_reduction(sch.get(b)):
-                sch.compute_inline(b)
-        blocks = sch.get_child_blocks(root)
-        if any(not _is_reduction(sch.get(b)) for b in blocks[:-1]):
-            return None
         lanes = vector_lanes(target, self._dtype_bits(sch.get(out)))
         if not sch.get_loops(out)[:-1]:  # a 1-D tensor reduced to a scalar: no rows
             return None
-        lengths = [const_extent(sch, sch.get_loops(b)[-1]) for b in blocks]
-        if any(n is not None and n % lanes for n in lengths) and None not in lengths:
+        lengths = [const_extent(sch, sch.get_loops(b)[-1]) for b in reductions + [out]]
+        whole = all(n is not None and n % lanes == 0 for n in lengths)
+        # Inline the elementwise intermediates (recomputed where read), except, in rows of whole
+        # vectors, a full-row one read by two passes (softmax's exp): that one is stored in a
+        # row buffer (``compute_at`` compacts it to one row) and computed once.
+        rank = len(sch.get(out).iter_vars)
+        kept = []
+        for b in blocks[:-1]:
+            if _is_reduction(sch.get(b)):
+                continue
+            if whole and len(sch.get_consumers(b)) >= 2 and len(sch.get(b).iter_vars) == rank:
+                kept.append(sch.get(b).name_hint)
+                continue
+            sch.compute_inline(b)
+        blocks = sch.get_child_blocks(root)
+        names = [sch.get(b).name_hint for b in blocks[:-1]]
+        if any(not _is_reduction(sch.get(b)) and n not in kept for b, n in zip(blocks, names)):
+            return None
+        if not whole and None not in lengths:
             self._nest_per_block(sch, blocks, lanes)
         else:
             # Whole vectors, or a symbolic row length: that one keeps its reductions scalar
             # (see the module docstring), still one parallel pass per row.
             self._row_at_a_time(sch, root, blocks, lanes)
+            for name in kept:
+                self._vectorise_loop(sch, sch.get_loops(sch.get_sblock(name))[-1], lanes)
         return sch
 
     def _row_at_a_time(self, sch, root, blocks, lanes: int) -> None:
