@@ -4,10 +4,12 @@ One Linear ``[M, K] -> [M, N]`` (M = 128 tokens: BERT-base, batch 1, sequence 12
 ``K x N`` in {768x768, 768x3072, 3072x768}, the same random weights (and bias) for every column:
 
 * ``ours fp32``: ``gp.compile`` of the torch Linear (our scheduled dense GEMM);
+* ``ours int8 VNNI``: the dynamic one built for ``mcpu=icelake-server`` (AVX-512 VNNI, no AMX),
+  where the CPU has AMX: what the kernels do on a CPU without tiles;
 * ``ours int8 dyn`` / ``ours int8 static``: ``gp.compile`` with the weight's ``QuantSpec``
   (``w8a8_dynamic``: per-token activation scales at run time; ``w8a8_static``: one scale,
   max |x| of the benchmark input / 127) on the graph: our activation quantizer + INT8 GEMM
-  (AVX-512 VNNI where the CPU has it, else AVX2), dequantized in the kernel;
+  (AMX tiles where the CPU has them, else AVX-512 VNNI, else AVX2), dequantized in the kernel;
 * ``ORT int8 dyn``: ``onnxruntime.quantization.quantize_dynamic`` of the ONNX export
   (per-channel int8 weights; ORT fuses it to ``DynamicQuantizeMatMul``/``MatMulInteger``);
 * ``ORT int8 QDQ``: ``quantize_static`` (QDQ format, per-channel int8 weights, one activation
@@ -53,9 +55,10 @@ from record import cpu_name, md_table, write_block
 
 SHAPES = [(768, 768), (768, 3072), (3072, 768)]
 START, END = "<!-- bench_int8:start -->", "<!-- bench_int8:end -->"
-COLUMNS = ["ours fp32", "ours int8 dyn", "ours int8 static", "ORT fp32", "ORT int8 dyn",
-           "ORT int8 QDQ", "OV int8 QDQ"]  # fmt: skip
+COLUMNS = ["ours fp32", "ours int8 dyn", "ours int8 static", "ours int8 VNNI", "ORT fp32",
+           "ORT int8 dyn", "ORT int8 QDQ", "OV int8 QDQ"]  # fmt: skip
 PEERS_INT8 = ["ORT int8 dyn", "ORT int8 QDQ", "OV int8 QDQ"]
+VNNI_TARGET = {"kind": "llvm", "mcpu": "icelake-server", "num-cores": len(os.sched_getaffinity(0))}
 
 
 def _quantized_onnx(fp32_path: Path, x: np.ndarray, tmp: Path) -> tuple[Path, Path]:
@@ -85,7 +88,7 @@ def _quantized_onnx(fp32_path: Path, x: np.ndarray, tmp: Path) -> tuple[Path, Pa
     return dyn, qdq
 
 
-def _ours(model, x, tmp: Path, scheme: str | None):
+def _ours(model, x, tmp: Path, scheme: str | None, target="llvm"):
     import graphprune as gp
     from graphprune.ir.quant import QuantSpec, weight_scales
 
@@ -96,7 +99,8 @@ def _ours(model, x, tmp: Path, scheme: str | None):
         w = model.weight.detach().numpy()
         act = float(np.abs(x.numpy()).max() / 127) if scheme == "w8a8_static" else None
         pg.quant["weight"] = QuantSpec(scheme, weight_scales(w, 0), 0, act)
-    art = gp.compile(model, inputs, out_dir=tmp / f"art_{scheme}", graph=pg)
+    tag = scheme if target == "llvm" else f"{scheme}_{target['mcpu']}"
+    art = gp.compile(model, inputs, out_dir=tmp / f"art_{tag}", graph=pg, target=target)
     if scheme is not None:
         rec = art.manifest["kernels"]["quant:weight"]
         assert rec["kernel"] == "int8", rec
@@ -124,6 +128,9 @@ def measure(threads: int) -> list[dict]:
             calls["ours fp32"], _ = _ours(model, x, tmp, None)
             calls["ours int8 dyn"], art = _ours(model, x, tmp, "w8a8_dynamic")
             calls["ours int8 static"], _ = _ours(model, x, tmp, "w8a8_static")
+            if art.manifest["kernels"]["quant:weight"]["isa"] == "amx":
+                # the same kernels without AMX: a VNNI target (what a Cascade/Ice Lake runs)
+                calls["ours int8 VNNI"], _ = _ours(model, x, tmp, "w8a8_dynamic", VNNI_TARGET)
             calls["ORT fp32"] = ort_runner(onnx_path, arrays, threads)
             calls["ORT int8 dyn"] = ort_runner(dyn, arrays, threads)
             calls["ORT int8 QDQ"] = ort_runner(qdq, arrays, threads)
