@@ -3,7 +3,8 @@ the per-layer error report.
 
 Runs after pruning and sparsity (masks are kept: symmetric quantization maps 0 to 0) and before
 codegen. :func:`~graphprune.passes.quant.config.validate_quant_config` checks the options;
-:mod:`~graphprune.passes.quant.observers` collects activation statistics (min-max or percentile)
+:mod:`~graphprune.passes.quant.observers` collects activation statistics (min-max, percentile; the
+``mse`` observer picks among their ranges by the layer's output error)
 from numpy row blocks a frontend feeds it (forward hooks for torch, extra graph outputs for ONNX);
 :mod:`~graphprune.passes.quant.smooth` finds the norm -> linears pairs SmoothQuant may migrate
 scales across (from the IR's coupling: the norm's output feeds only linears) and computes the
