@@ -188,7 +188,11 @@ def _model_and_graph(model_or_result, graph):
             raise ConfigError(
                 "compile was given a result carrying a graph and another graph= : pass one"
             )
-        model_or_result, graph = model_or_result.model, graph if graph is not None else carried
+        # a gp.quantize result: its model fake-quantizes inputs in hooks; codegen compiles the
+        # float model (weights on the int8 grid) and quantizes inputs in its own kernels
+        float_model = getattr(model_or_result, "float_model", None)
+        model = float_model() if callable(float_model) else model_or_result.model
+        model_or_result, graph = model, graph if graph is not None else carried
     if graph is not None and not isinstance(graph, PruneGraph):
         raise TypeError(f"graph= takes a graphprune.ir.PruneGraph, not {type(graph).__name__}")
     return model_or_result, graph

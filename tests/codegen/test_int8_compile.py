@@ -144,3 +144,25 @@ def test_onnx_gemm_form_quantized_with_bias_fused(tmp_path):
     want, bound = _reference(model, inputs[0].numpy(), ref_pg)
     got = np.asarray(art(inputs[0].numpy()))
     assert np.all(np.abs(got - want) <= bound)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8_dynamic", "w8a8_static"])
+def test_compile_of_a_quantize_result_matches_its_fake_quant_model(tmp_path, scheme):
+    """gp.compile(gp.quantize(...)): the artifact against part 1's torch fake-quant model (input
+    hooks and int8-grid weights), within the one-step bound of _reference."""
+    import graphprune as gp
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(2, 5, 29)
+    calib = [(torch.randn(2, 5, 29),) for _ in range(2)] + [(x,)]
+    res = gp.quantize(model, (x,), scheme=scheme, calib=calib, exclude=[])
+    art = codegen.compile(res, (x,), out_dir=tmp_path / "a")
+    kern = art.manifest["kernels"]
+    assert {kern[f"quant:{n}.weight"]["kernel"] for n in ("fc1", "fc2", "head")} == {"int8"}
+    with torch.no_grad():
+        want = res.model(x).numpy()
+    _, bound = _reference(model, x.numpy(), res.graph)
+    err = np.abs(np.asarray(art(x)) - want)
+    assert np.all(err <= bound), float((err / bound).max())
+    assert np.mean(err <= 1e-4 * (1 + np.abs(want))) > 0.9
