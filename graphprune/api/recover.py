@@ -321,6 +321,26 @@ class _Batches:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+def _fp32_master(student: nn.Module, report: RecoveryReport):
+    """Half-precision students train in fp32 (AdamW's small updates vanish in bf16 rounding);
+    returns the callback that casts every parameter and buffer back to its own dtype."""
+    tensors = [t for t in (*student.parameters(), *student.buffers())
+               if t.dtype in (torch.bfloat16, torch.float16)]  # fmt: skip
+    if not tensors:
+        return lambda: None
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    report.notes.append(f"{len(tensors)} half-precision tensors trained in fp32 and cast back "
+                        f"to {sorted({str(d).replace('torch.', '') for d in dtypes})}")
+
+    def restore() -> None:
+        for t, d in zip(tensors, dtypes):
+            t.data = t.data.to(d)
+
+    return restore
+
+
 def _train(student, teacher, batches: _Batches, held, report: RecoveryReport, *, lr,
            temperature, hidden_weight, weight_decay, warmup, max_grad_norm, eval_batches,
            progress) -> None:  # fmt: skip
@@ -334,9 +354,11 @@ def _train(student, teacher, batches: _Batches, held, report: RecoveryReport, *,
     dist = Distiller(student, teacher, report, temperature, hidden_weight)
     bar = Progress(steps, progress)
     head = batches.first(eval_batches)
+    restore = lambda: None
     try:
         with keep_masks(student, held, opt):
             report.loss_before = dist.measure(head)
+            restore = _fp32_master(student, report)  # after: both losses in the model's dtype
             done = 0
             for batch in batches:
                 if done == steps:
@@ -358,8 +380,10 @@ def _train(student, teacher, batches: _Batches, held, report: RecoveryReport, *,
                 report.notes.append(f"the data (a one-shot iterator) ran out after {done} of "
                                     f"{steps} steps")  # fmt: skip
                 report.steps = done
+            restore()  # the model's own dtypes again, before the loss after is measured
             report.loss_after = dist.measure(head)
     finally:
+        restore()  # also on an error: an inplace model keeps its dtypes
         dist.close()
         bar.close()
     for name, m in held.items():  # invariant: keep_masks re-masked after the last step

@@ -206,3 +206,20 @@ def test_recipe_recover_refuses_onnx(tmp_path):
     with pytest.raises(gp.ConfigError, match="recover: fine-tunes a torch model"):
         load_recipe({"model": str(tmp_path / "m.onnx"), "sparsify": {}, "calib": {},
                      "recover": {}})  # fmt: skip
+
+
+def test_bf16_model_stays_bf16_with_masks_held():
+    wrapped, _ = hf_llama_tiny()
+    dense = wrapped.to(torch.bfloat16)
+    student = copy.deepcopy(dense)
+    layers = [m for m in student.modules() if isinstance(m, torch.nn.Linear)][:-1]  # not lm_head
+    with torch.no_grad():
+        for lin in layers:
+            lin.weight[:, 1::2] = 0  # masks held from the module's zeros
+    zeros = [lin.weight == 0 for lin in layers]
+    rec = gp.recover(student, dense, _token_batches(4), steps=20, lr=1e-3, progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in rec.model.parameters())
+    assert rec.report.masked_params == len(layers) and "trained in fp32" in rec.report.notes[0]
+    got = [m for m in rec.model.modules() if isinstance(m, torch.nn.Linear)][:-1]
+    assert all(torch.equal(lin.weight == 0, z) for lin, z in zip(got, zeros))
+    assert rec.report.loss_after < 0.5 * rec.report.loss_before
