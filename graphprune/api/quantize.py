@@ -113,10 +113,15 @@ def quantize(model, example_inputs=None, scheme="w8a8_dynamic", calib=None, smoo
         from graphprune.frontends.onnx.files import load_onnx
 
         model = load_onnx(model)[0]
+    kind = frontends.kind_of(model)
+    if graph is not None and (not isinstance(graph, PruneGraph) or graph.frontend != kind):
+        got = graph.frontend if isinstance(graph, PruneGraph) else type(graph).__name__
+        raise ConfigError(f"graph= is not a capture of this model: the model is {kind}, the "
+                          f"graph {got}; pass gp.capture(model, example_inputs) or leave it out")
     report = QuantReport(cfg.scheme)
     if prior:
         report.notes.append(prior)
-    if frontends.kind_of(model) == "onnx":
+    if kind == "onnx":
         return _quantize_onnx(model, inputs, cfg, calib, exclude, graph, report)
     return _quantize_torch(model, inputs, cfg, calib, exclude, graph, report, inplace)
 

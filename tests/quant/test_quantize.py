@@ -169,6 +169,8 @@ def test_bad_options_name_what_to_fix(tmp_path) -> None:
         quantize(res.model, calib[0], exclude=[])
     with pytest.raises(ConfigError, match="exclude="):
         quantize(m, calib[0], exclude="head")
+    with pytest.raises(ConfigError, match="graph= is not a capture of this model"):
+        quantize(m, calib[0], graph="not a graph")
 
 
 def test_mse_observer_never_does_worse_than_minmax_per_layer() -> None:
