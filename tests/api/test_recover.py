@@ -223,3 +223,10 @@ def test_bf16_model_stays_bf16_with_masks_held():
     got = [m for m in rec.model.modules() if isinstance(m, torch.nn.Linear)][:-1]
     assert all(torch.equal(lin.weight == 0, z) for lin, z in zip(got, zeros))
     assert rec.report.loss_after < 0.5 * rec.report.loss_before
+
+
+def test_docstring_example():
+    import doctest
+
+    result = doctest.testmod(gp_recover, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
