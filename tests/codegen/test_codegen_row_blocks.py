@@ -89,8 +89,23 @@ class NarrowFFN(nn.Module):
         return self.down(nn.functional.gelu(self.up(x)))
 
 
-def test_row_blocked_linear_matches_torch(artifact_dir):
-    model, inputs = seeded(NarrowFFN), (torch.randn(64, 768),)
+class ResidualLinear(nn.Module):
+    """Linear 768 -> 48 with a residual add in its epilogue (read per row block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(768, 48)
+
+    def forward(self, x, r):
+        return self.fc(x) + r
+
+
+@pytest.mark.parametrize("case", ["gelu", "residual"])
+def test_row_blocked_linear_matches_torch(artifact_dir, case):
+    if case == "gelu":
+        model, inputs = seeded(NarrowFFN), (torch.randn(64, 768),)
+    else:
+        model, inputs = seeded(ResidualLinear), (torch.randn(64, 768), torch.randn(64, 48))
     art = codegen.compile(model, inputs, out_dir=artifact_dir)
     up = [v for v in art.manifest["kernels"].values() if v.get("reduce") == [768]]
     assert len(up) == 1 and up[0]["k_block"], art.manifest["kernels"]
