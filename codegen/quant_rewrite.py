@@ -21,7 +21,9 @@ Per scheme (``graphprune.ir.quant.QuantSpec``):
   kernel (it would pay only where the layer is memory-bound).
 
 Layers that stay fp32 say why in their record: a ``conv2d`` weight (no int8 conv kernel yet), a
-target without an int8 path, a quantized weight the matcher does not find as a Linear. Every
+target without an int8 path, a quantized weight the matcher does not find as a Linear. Such a
+W8A8 layer computes on its input unquantized (the torch fake-quant model quantizes it), so the
+artifact is there closer to float than the fake-quant model, by up to one input step. Every
 record goes into the manifest's ``kernels`` table under ``quant:<weight name>`` with
 ``"kernel": "int8"`` or ``"fp32"``.
 
@@ -138,9 +140,10 @@ def rewrite_quant(lowered: LoweredModel, target, quant: dict, aliases: dict | No
     step(f"rewriting {len(int8)} quantized layers to int8 kernels ({isa})")
     new = _rewrite(lowered, int8, isa, records)
     for name, spec in int8.items():
-        records.setdefault(name, {"kernel": "fp32", "scheme": spec.scheme,
-                                  "reason": "not matched as a Linear (int8 kernels take "
-                                            "Linear/MatMul weights only; no int8 conv yet)"})  # fmt: skip
+        records.setdefault(name, {"kernel": "fp32", "scheme": spec.scheme, "reason": (
+            "not matched as a Linear (int8 kernels take Linear/MatMul weights only; no int8 "
+            "conv yet): computed in fp32 on its weight as given and its input NOT quantized, "
+            "so it differs from the fake-quant model by up to one input quantization step")})
     return new, {f"quant:{k}": v for k, v in records.items()}
 
 
