@@ -104,7 +104,9 @@ def bench_minilm(quick: bool) -> str:
             f"apply to BERT's post-LN blocks ({smooth_note}).\n\n" + table(head, rows))
 
 
-def bench_llm(quick: bool) -> str:
+def bench_llm(quick: bool, progress=None) -> str:
+    """The SmolLM2 table; ``progress(text)`` gets the table so far after every row (so a run cut
+    short still records the rows it measured, in the priority order below)."""
     ctx, stride = 256, 128
     n_eval, n_calib = (512, 4) if quick else (2048, 16)
     tok, model = load_smollm2()
@@ -113,6 +115,20 @@ def bench_llm(quick: bool) -> str:
                      ("macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")])  # fmt: skip
     cal = cal[: n_calib * ctx].reshape(n_calib // 2, 2, ctx)
     calib = [(b,) for b in cal]
+    head = ["model", "smoothed", f"ppl (ctx {ctx}, stride {stride})", "ratio to dense",
+            "max layer rel. error (calib)", "step s"]  # fmt: skip
+    order = ["W8A8 dynamic", "W8A8 static + SmoothQuant 0.5", "50% Wanda, float",
+             "50% Wanda + W8A8 dynamic", "W8A8 static", "W8A8 dynamic + SmoothQuant 0.5",
+             "W8 (weights only)"]  # fmt: skip
+
+    def text() -> str:
+        missing = [r for r in order if r not in {row[0] for row in rows}]
+        cut = f" Not run (cut short): {', '.join(missing)}." if missing else ""
+        return (f"**SmolLM2-135M** (Q4_1 GGUF dequantised to fp32): perplexity on the first "
+                f"{len(eval_ids)} tokens of Hamlet (from 10% into the file), context {ctx}, "
+                f"stride {stride}, batch 2; calibration {n_calib} x {ctx} tokens of Macbeth, "
+                f"Othello, Lear (no overlap with the evaluation text).{cut}\n\n"
+                + table(head, rows))  # fmt: skip
 
     def ppl(m) -> float:
         return ev.perplexity(m, eval_ids, context=ctx, stride=stride, batch_size=2).ppl
@@ -129,31 +145,30 @@ def bench_llm(quick: bool) -> str:
         sm = f"{len(smoothed)} norms" if smoothed else "-"
         rows.append([name, sm, f"{p:.2f}", f"{p / dense:.3f}", _max_err(res), f"{sec:.1f}"])
         print(" | ".join(rows[-1]), flush=True)
-        del res
+        if progress is not None:
+            progress(text())
 
-    row("W8 (weights only)", lambda: gp.quantize(model, scheme="w8", calib=calib, graph=graph))
-    row("W8A8 dynamic", lambda: gp.quantize(model, scheme="w8a8_dynamic", calib=calib,
-                                            graph=graph))  # fmt: skip
-    row("W8A8 static", lambda: gp.quantize(model, scheme="w8a8_static", calib=calib, graph=graph))
-    row("W8A8 static + SmoothQuant 0.5", lambda: gp.quantize(
-        model, scheme="w8a8_static", calib=calib, smooth=0.5, graph=graph))
-    row("W8A8 dynamic + SmoothQuant 0.5", lambda: gp.quantize(
-        model, scheme="w8a8_dynamic", calib=calib, smooth=0.5, graph=graph))
     sp = {}
 
     def sparse():
         sp["res"] = gp.sparsify(model, calib[0], sparsity=0.5, method="wanda", calib=calib)
         return sp["res"]
 
-    row("50% Wanda, float", sparse)
-    row("50% Wanda + W8A8 dynamic",
-        lambda: gp.quantize(sp["res"], scheme="w8a8_dynamic", calib=calib))
-    head = ["model", "smoothed", f"ppl (ctx {ctx}, stride {stride})", "ratio to dense",
-            "max layer rel. error (calib)", "step s"]  # fmt: skip
-    return (f"**SmolLM2-135M** (Q4_1 GGUF dequantised to fp32): perplexity on the first "
-            f"{len(eval_ids)} tokens of Hamlet (from 10% into the file), context {ctx}, stride "
-            f"{stride}, batch 2; calibration {n_calib} x {ctx} tokens of Macbeth, Othello, Lear "
-            "(no overlap with the evaluation text).\n\n" + table(head, rows))
+    q = gp.quantize
+    runs = {
+        "W8A8 dynamic": lambda: q(model, scheme="w8a8_dynamic", calib=calib, graph=graph),
+        "W8A8 static + SmoothQuant 0.5": lambda: q(model, scheme="w8a8_static", calib=calib,
+                                                   smooth=0.5, graph=graph),
+        "50% Wanda, float": sparse,
+        "50% Wanda + W8A8 dynamic": lambda: q(sp["res"], scheme="w8a8_dynamic", calib=calib),
+        "W8A8 static": lambda: q(model, scheme="w8a8_static", calib=calib, graph=graph),
+        "W8A8 dynamic + SmoothQuant 0.5": lambda: q(model, scheme="w8a8_dynamic", calib=calib,
+                                                    smooth=0.5, graph=graph),
+        "W8 (weights only)": lambda: q(model, scheme="w8", calib=calib, graph=graph),
+    }  # fmt: skip
+    for name in order:
+        row(name, runs[name])
+    return text()
 
 
 def main() -> None:
@@ -166,19 +181,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for name, bench in (("minilm", bench_minilm), ("llm", bench_llm)):
-        if name not in args.only:
-            continue
-        body = bench(args.quick)
+
+    def header() -> str:
         load = os.getloadavg()
-        text = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        return (f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
                 f"({args.threads} threads); {datetime.date.today()}; load average "
                 f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (shared machine: the times are "
-                f"noisy, the quality numbers are not){'; --quick' if args.quick else ''}.\n\n"
-                + body)  # fmt: skip
-        print(text, flush=True)
+                f"noisy, the quality numbers are not){'; --quick' if args.quick else ''}.\n\n")
+
+    def record(name: str, body: str) -> None:
         if not args.no_write:
-            write(name, text)
+            write(name, header() + body)
+
+    if "minilm" in args.only:
+        body = bench_minilm(args.quick)
+        print(body, flush=True)
+        record("minilm", body)
+    if "llm" in args.only:
+        body = bench_llm(args.quick, progress=lambda t: record("llm", t))
+        print(body, flush=True)
+        record("llm", body)
 
 
 def write(name: str, text: str) -> None:
