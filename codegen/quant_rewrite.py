@@ -169,6 +169,8 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
     errors: list[ConfigError] = []
     bias_of, add_of = _bias_adds(main, weight_of)
     fused: list = []  # the original add calls whose bias went into an int8 kernel
+    quantized: list = []  # ((input var, rows, K, static scale, isa), (xu, xs)) emitted so far
+    single_block = len(main.body.blocks) == 1
 
     @mutator
     class _Mutator(PyExprMutator):
@@ -222,11 +224,27 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
                 new_values.append(arr)
                 vars_.append(v)
             emit = self.builder_.emit
-            x2 = emit(relax.op.reshape(call.args[0], (batch, k)))
-            q = emit(relax.call_tir(qf, [x2], out_ty=[
-                relax.TensorType((pad_m(batch, isa), pad_k(k, isa)), "uint8"),
-                relax.TensorType((batch,), "float32")]))  # fmt: skip
-            xu, xs = emit(relax.TupleGetItem(q, 0)), emit(relax.TupleGetItem(q, 1))
+            x = call.args[0]
+            # one quantizer per input (attention's Q, K and V projections read the same
+            # activations, each through its own reshape); shared only where the quantizer's
+            # outputs are sure to be in scope: a dataflow var's consumers are in its block, and
+            # a function with one dataflow block has every consumer in it
+            bound = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            while (isinstance(bound, relax.Call) and getattr(bound.op, "name", "")
+                   == "relax.reshape" and isinstance(bound.args[0], relax.Var)):  # fmt: skip
+                x = bound.args[0]
+                bound = self.lookup_binding(x)
+            shareable = isinstance(x, relax.DataflowVar) or single_block
+            seen = next((q for key, q in quantized if key[0].same_as(x) and key[1:] == (
+                batch, k, static, isa)), None) if shareable else None  # fmt: skip
+            if seen is None:
+                x2 = emit(relax.op.reshape(x, (batch, k)))
+                q = emit(relax.call_tir(qf, [x2], out_ty=[
+                    relax.TensorType((pad_m(batch, isa), pad_k(k, isa)), "uint8"),
+                    relax.TensorType((batch,), "float32")]))  # fmt: skip
+                seen = emit(relax.TupleGetItem(q, 0)), emit(relax.TupleGetItem(q, 1))
+                quantized.append(((x, batch, k, static, isa), seen))
+            xu, xs = seen
             y = emit(relax.call_tir(gf, [xu, vars_[0], vars_[1], xs, *vars_[2:]],
                                     out_ty=relax.TensorType((batch, n), "float32")))  # fmt: skip
             records[name] = {"kernel": "int8", "scheme": spec.scheme, "isa": isa,

@@ -191,3 +191,40 @@ def test_zoo_models_quantized_and_compiled(tmp_path, name):
     err = np.abs(np.asarray(got) - want.numpy()).max()
     tol = 0.03 if name == "vit_tiny" else 1e-4
     assert err <= tol * max(1.0, float(want.abs().max())), err
+
+
+class QKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def test_linears_reading_one_input_share_its_quantizer(tmp_path):
+    """Q, K and V read the same activations (torch.export reshapes them separately): one
+    activation quantizer feeds the three int8 GEMMs (no build needed to see it)."""
+    from graphprune.codegen.lower import lower
+    from graphprune.codegen.quant_rewrite import rewrite_quant
+
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(2, 3, 32)
+    quant = {f"{n}.weight": QuantSpec("w8a8_dynamic", weight_scales(
+        model.state_dict()[f"{n}.weight"].numpy(), 0), 0) for n in "qkv"}  # fmt: skip
+    new, records = rewrite_quant(lower(model, (x,)), make_target("llvm"), quant)
+    assert {r["kernel"] for r in records.values()} == {"int8"}
+    text = new.mod["main"].script()
+    assert text.count("R.call_tir(int8_gemm") == 3, text
+    assert text.count("R.call_tir(int8_quantize_rows") == 1, text
+    # and the shared quantizer computes what three separate ones would
+    pg = capture(model, (x,))
+    pg.quant.update(quant)
+    got = np.asarray(codegen.compile(model, (x,), out_dir=tmp_path / "a", graph=pg)(x))
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    xq = fake_quantize_act(x.numpy(), "w8a8_dynamic")
+    lin = {n: xq @ fake_quantize(sd[f"{n}.weight"], quant[f"{n}.weight"]).T + sd[f"{n}.bias"]
+           for n in "qkv"}  # fmt: skip
+    want = lin["q"] * lin["k"] + lin["v"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
