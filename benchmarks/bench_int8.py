@@ -24,6 +24,12 @@ is faster). One worker process per thread count (TVM reads ``TVM_NUM_THREADS`` a
 
     python benchmarks/bench_int8.py                # 1 and 2 threads, writes BENCHMARKS.md
     python benchmarks/bench_int8.py --no-write --threads 1
+
+Then (``--bert-layers``, default 2) a whole encoder: ``transformers`` BERT at BERT-base widths
+(768 hidden, 12 heads, 3072 FFN; ``full_models.bert``) with 2 layers, random weights, batch 1,
+sequence 128; ours fp32
+and ``gp.compile(gp.quantize(model, scheme="w8a8_dynamic"))`` (every Linear but the pooler head
+int8) against ONNX Runtime fp32 and ``quantize_dynamic`` of the ONNX export.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--threads", type=int, nargs="*", default=[1, 2])
 p.add_argument("--repeat", type=int, default=20, help="timed calls per column")
 p.add_argument("--m", type=int, default=128)
+p.add_argument("--bert-layers", type=int, default=2,
+               help="also a BERT-base-width encoder of this many layers, whole model (0: skip)")
 p.add_argument("--no-write", action="store_true")
 p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 ARGS = p.parse_args()
@@ -150,6 +158,58 @@ def measure(threads: int) -> list[dict]:
     return rows
 
 
+BERT_COLUMNS = ["ours fp32", "ours int8 dyn", "ORT fp32", "ORT int8 dyn"]
+
+
+def measure_bert(threads: int) -> dict:
+    import torch
+    from full_models import bert
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from peers import as_arrays, export_onnx, flat_outputs, ort_runner, time_turns
+
+    import graphprune as gp
+
+    torch.manual_seed(0)
+    model, inputs = bert(layers=ARGS.bert_layers, seq=ARGS.m)
+    with torch.no_grad():
+        ref = flat_outputs(model(*inputs))[0].astype(np.float64)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        onnx_path = export_onnx(model, inputs, tmp / "bert.onnx")
+        dyn = tmp / "bert_int8.onnx"
+        quantize_dynamic(str(onnx_path), str(dyn), per_channel=True, weight_type=QuantType.QInt8)
+        art32 = gp.compile(model, inputs, out_dir=tmp / "fp32")
+        res = gp.quantize(model, inputs, scheme="w8a8_dynamic")
+        art8 = gp.compile(res, inputs, out_dir=tmp / "int8")
+        kinds = [v["kernel"] for k, v in art8.manifest["kernels"].items() if k.startswith("quant:")]
+        ia = as_arrays(inputs)
+        calls = {"ours fp32": lambda: flat_outputs(art32(*ia)),
+                 "ours int8 dyn": lambda: flat_outputs(art8(*ia)),
+                 "ORT fp32": ort_runner(onnx_path, ia, threads),
+                 "ORT int8 dyn": ort_runner(dyn, ia, threads)}  # fmt: skip
+        errs = {n: float(np.abs(np.asarray(fn()[0], np.float64).reshape(ref.shape) - ref).max()
+                         / np.abs(ref).max()) for n, fn in calls.items()}  # fmt: skip
+        t = time_turns(calls, ARGS.repeat)
+    row = {"threads": threads, "ms": {c: t[c].median for c in t},
+           "best_ms": {c: t[c].best for c in t}, "err": errs,
+           "int8_layers": f"{kinds.count('int8')}/{len(kinds)}"}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def render_bert(rows: list[dict]) -> str:
+    head = ["threads", *BERT_COLUMNS, "ORT int8 / ours int8", "same, best-of calls",
+            "ours int8 layers", "rel. err ours int8", "rel. err ORT int8"]  # fmt: skip
+    body = []
+    for r in rows:
+        ms, bm = r["ms"], r["best_ms"]
+        body.append([r["threads"], *[f"{ms[c]:.2f}" for c in BERT_COLUMNS],
+                     f"{ms['ORT int8 dyn'] / ms['ours int8 dyn']:.2f}",
+                     f"{bm['ORT int8 dyn'] / bm['ours int8 dyn']:.2f}", r["int8_layers"],
+                     f"{r['err']['ours int8 dyn']:.4f}", f"{r['err']['ORT int8 dyn']:.4f}"])  # fmt: skip
+    return md_table(head, body)
+
+
 def render(rows: list[dict]) -> str:
     head = ["shape K×N", "threads", *COLUMNS, "best int8 peer", "best peer / ours int8 dyn",
             "same, best-of calls", "ours fp32 / ours int8"]  # fmt: skip
@@ -196,26 +256,34 @@ def main() -> int:
     if ARGS.worker is not None:
         rows = measure(ARGS.worker)
         print("ROWS " + json.dumps(rows))
+        if ARGS.bert_layers:
+            print("BERT " + json.dumps(measure_bert(ARGS.worker)))
         return 0
     import onnxruntime
     import openvino
 
     load0 = os.getloadavg()
     t0 = time.time()
-    rows = []
+    rows, bert = [], []
     for th in ARGS.threads:
         out = subprocess.run([sys.executable, __file__, "--worker", str(th), "--repeat",
-                              str(ARGS.repeat), "--m", str(ARGS.m)], capture_output=True,
-                             text=True, check=False)  # fmt: skip
+                              str(ARGS.repeat), "--m", str(ARGS.m), "--bert-layers",
+                              str(ARGS.bert_layers)], capture_output=True, text=True,
+                             check=False)  # fmt: skip
         sys.stderr.write(out.stderr[-3000:] if out.returncode else "")
         found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
         if not found:
             print(out.stdout[-3000:])
             raise SystemExit(f"worker for {th} threads failed (rc {out.returncode})")
         rows += json.loads(found[0][5:])
+        bert += [json.loads(ln[5:]) for ln in out.stdout.splitlines() if ln.startswith("BERT ")]
     load1 = os.getloadavg()
     isa = rows[0]["isa"]
     table = render(rows)
+    if bert:
+        table += (f"\n\nWhole encoder: BERT-base widths, {ARGS.bert_layers} layers, random "
+                  f"weights, batch 1, sequence {ARGS.m} (ms, median; relative error of the "
+                  f"first output against torch fp32):\n\n" + render_bert(bert))
     head = (
         f"`python benchmarks/bench_int8.py` on {datetime.date.today()}, {cpu_name()}, "
         f"{len(os.sched_getaffinity(0))} cores; our int8 path: {isa}; onnxruntime "
