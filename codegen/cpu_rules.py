@@ -350,6 +350,23 @@ class Contraction(ScheduleRule):
         if n_spatial >= 2 and split_last_row:
             r_o, r_i = sch.split(spatial[-2], [None, rt])
             outer, inner = [c_o, *spatial[:-2], r_o], [r_i, c_t, c_v]
+        elif n_spatial >= 2 and sym_rows:
+            # A symbolic outer row axis (attention's batch or batch * heads): it goes first in
+            # the parallel loop and stays out of the tile, and the tile splits only the
+            # constant rows after it (the innermost one alone where the tile fits in it), so
+            # no index divides by a symbolic extent or decomposes an unrolled loop variable.
+            # Fused with the tiled rows, or inside the panel loop, every accumulator index was
+            # an int64 div/mod by a symbolic extent and LLVM kept the tile in memory.
+            lead = spatial[: sym_rows[-1] + 1]
+            const_rows = spatial[sym_rows[-1] + 1 : -1]
+            if extents[n_spatial - 2] % rt == 0:
+                r_o, r_i = sch.split(const_rows[-1], [None, rt])
+                outer = [*lead, c_o, *const_rows[:-1], r_o]
+            else:
+                rows = sch.fuse(*const_rows) if len(const_rows) > 1 else const_rows[0]
+                r_o, r_i = sch.split(rows, [None, rt])
+                outer = [*lead, c_o, r_o]
+            inner = [r_i, c_t, c_v]
         elif n_spatial >= 2:
             rows = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
             r_o, r_i = sch.split(rows, [None, rt])
