@@ -338,7 +338,14 @@ class Contraction(ScheduleRule):
                 rows *= e
             # A symbolic row count keeps one M-block (its tail is padded to rt, not to a block).
             blocks = 1 if sym_rows else row_blocks(rows, rt, extents[-1], c_ext // bn, dtype_bits)
-            self._schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks)
+            # Symbolic rows: split only the innermost row axis where the tile fits in it (padded
+            # to whole tiles, or a constant multiple of rt), the other row axes loops of their
+            # own, so no index of the tile divides by a symbolic extent.
+            inner_fits = padded if split_last_row else extents[n_spatial - 2] % rt == 0
+            split_inner = bool(sym_rows) and n_spatial > 2 and inner_fits
+            self._schedule_k_blocked(
+                sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks, split_inner
+            )
             for name in producers:
                 schedule_injective_block(sch, sch.get_sblock(name), lanes)
             self.last_match = ContractionInfo(
@@ -409,7 +416,9 @@ class Contraction(ScheduleRule):
         return sch
 
     @staticmethod
-    def _schedule_k_blocked(sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks=1):
+    def _schedule_k_blocked(
+        sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks=1, split_inner=False
+    ):
         """GEMM blocking for long reductions: the panel loop ``c_o`` and ``blocks`` M-blocks of
         rows outermost (parallel pairs, :func:`.cpu_blocking.row_blocks`), then ``kc``-deep
         slices of the reduction, then row tiles, so a ``kc x bn`` slice of the packed weight
@@ -417,7 +426,11 @@ class Contraction(ScheduleRule):
         rows stay in L2 across slices. The register tile is loaded from and stored to the
         output panel once per slice (LLVM promotes it across ``k_i``)."""
         c_o, c_t, c_v = sch.split(spatial[-1], [None, ct, vec])
-        rows = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        lead = []
+        if split_inner:  # symbolic rows: the outer row axes stay loops, outside the tile
+            lead, rows = list(spatial[:-2]), spatial[-2]
+        else:
+            rows = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
         if blocks > 1:
             r_b, r_o, r_i = sch.split(rows, [blocks, None, rt])
             outer = [c_o, r_b]
@@ -425,7 +438,7 @@ class Contraction(ScheduleRule):
             r_o, r_i = sch.split(rows, [None, rt])
             outer = [c_o]
         k_o, k_i = sch.split(reduce[-1], [None, kc])
-        sch.reorder(*outer, k_o, r_o, *reduce[:-1], k_i, r_i, c_t, c_v)
+        sch.reorder(*outer, k_o, *lead, r_o, *reduce[:-1], k_i, r_i, c_t, c_v)
         par = sch.fuse(*outer) if len(outer) > 1 else c_o
         sch.parallel(par)
         if epilogue is not None:

@@ -11,7 +11,10 @@ LLVM recovered the same inner loop as the static kernel. The rule now puts the s
 first in the parallel loop and splits only the constant rows, so no index of the tile divides
 by anything. Checked on the schedule (the pinned part: the tile's row index is base + unrolled
 row), on the generated x86 code (the FMA loop of the symbolic kernel touches memory no more than
-the static one's, a guard) and on the result against numpy.
+the static one's, a guard) and on the result against numpy. The K-blocked schedule (Linears) had
+the same fusion with batch and sequence both symbolic: BERT-base's attention output dense +
+residual (1 layer, batch 2, seq 128, 1 thread) took 6.3 ms dynamic vs 1.9 ms static; the
+sequence is now split alone (1.8 ms).
 """
 
 from __future__ import annotations
@@ -103,3 +106,42 @@ def test_symbolic_batch_matches_numpy():
         out = tvm.runtime.tensor(np.zeros((n, 128, 64), "float32"), dev)
         lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev), out)
         np.testing.assert_allclose(out.numpy(), a @ b, rtol=1e-4, atol=1e-4)
+
+
+def _linear(b, s, k=768, c=768):
+    """``[b, s, k] @ [k, c]``: a Linear of a dynamic-batch, dynamic-sequence model (K-blocked)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((b, s, k), "float32"))
+    w = relax.Var("w", R.Tensor((k, c), "float32"))
+    with bb.function("main", [x, w]):
+        bb.emit_func_output(bb.emit(relax.op.matmul(x, w)))
+    mod = relax.transform.LegalizeOps()(bb.get())
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
+    return func.with_attr("global_symbol", "main")
+
+
+def test_k_blocked_symbolic_rows_tile_only_the_sequence():
+    """Batch and sequence symbolic (BERT's attention output dense + residual ran 3.3x slower
+    than static): the sequence is padded to whole tiles and split alone, the batch a loop of
+    its own, instead of both fused and the unrolled row decomposed by their symbolic product."""
+    b, s = tirx.Var("b", "int64"), tirx.Var("s", "int64")
+    target = make_target(AVX512)
+    rule = Contraction()
+    sch = rule.apply(_linear(b, s), target, False)
+    assert sch is not None and rule.last_match.k_block, rule.last_match
+    (nest,) = re.findall(r"for k_0.*?T\.reads", sch.mod.script(), re.DOTALL)
+    row_var = re.search(r"for (\w+) in T\.unroll", nest).group(1)
+    batch = re.search(r"v_i0 = T\.axis\.spatial\(b, (.*)\)", nest).group(1)
+    row = re.search(r"v_i1 = T\.axis\.spatial\([^,]*\), (.*)\)", nest).group(1)
+    assert row_var not in batch, batch
+    assert row.endswith(f" + {row_var}") and row_var not in row[: -len(row_var)], row
+
+    lib = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    w = rng.standard_normal((768, 768), dtype=np.float32)
+    for shape in ((1, 7), (3, 16)):  # a padded tail, and whole tiles
+        x = rng.standard_normal((*shape, 768), dtype=np.float32)
+        out = tvm.runtime.tensor(np.zeros((*shape, 768), "float32"), dev)
+        lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev), out)
+        np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-3)
