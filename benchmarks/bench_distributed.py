@@ -34,15 +34,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from record import status_kib  # noqa: E402
 START, END = "<!-- distributed:start -->", "<!-- distributed:end -->"
 GIB = 2**30
 
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _child(args) -> None:
@@ -75,7 +71,7 @@ def _child(args) -> None:
     capture_s = time.perf_counter() - t0
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _status_kib("VmRSS") * 1024
+    base = status_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     if distributed:
         dist.barrier()  # start the clock together
@@ -83,7 +79,7 @@ def _child(args) -> None:
     res = gp.sparsify(model, sparsity=0.5, method="wanda", calib=calib, inplace=True,
                       graph=graph, distributed=distributed)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_kib("VmHWM") * 1024
     rank = dist.get_rank() if distributed else 0
     np.savez(Path(args.out) / f"masks{rank}.npz", **{k: m.numpy() for k, m in res.masks.items()})
     row = {"rank": rank, "seconds": seconds, "cpu": cpu, "pass": res.report.seconds,

@@ -36,6 +36,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from record import status_kib  # noqa: E402
 START, END = "<!-- bench_llm_memory:start -->", "<!-- bench_llm_memory:end -->"
 SHAPE = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
          "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
@@ -43,12 +45,6 @@ SHAPE = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
 N_SEQ, SEQ_LEN = 8, 256
 GIB = 2**30
 
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _child(args) -> None:
@@ -77,12 +73,12 @@ def _child(args) -> None:
     calib = [torch.randint(0, cfg.vocab_size, (1, SEQ_LEN), generator=gen) for _ in range(N_SEQ)]
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _status_kib("VmRSS") * 1024
+    base = status_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     t0 = time.perf_counter()
     res = gp.sparsify(model, sparsity=0.5, method=args.method, calib=calib, inplace=True)
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_kib("VmHWM") * 1024
     assert res.model is model
     from graphprune.passes.sparsity import sparsify as pass_module
 

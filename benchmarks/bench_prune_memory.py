@@ -28,19 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from record import cpu_name, write_block  # noqa: E402
+from record import cpu_name, status_kib, write_block  # noqa: E402
 
 START, END = "<!-- bench_prune_memory:start -->", "<!-- bench_prune_memory:end -->"
 SHAPE = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
          "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048}
 GIB = 2**30
 
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _child(args) -> None:
@@ -65,12 +59,12 @@ def _child(args) -> None:
     torch.set_default_dtype(torch.float32)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _kib("VmRSS")
+    base = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
     res = gp.prune(model, (ids,), ratio=0.25, inplace=inplace)
     seconds = time.perf_counter() - t0
-    peak = (_kib("VmHWM") - base) * 1024
+    peak = (status_kib("VmHWM") - base) * 1024
     kept = sum(p.numel() * p.element_size() for p in res.model.parameters()) / nbytes
     print(json.dumps({"model_gib": nbytes / GIB, "base_gib": base * 1024 / GIB,
                       "peak_gib": peak / GIB, "x": peak / nbytes, "seconds": seconds,

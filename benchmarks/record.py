@@ -64,6 +64,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``): the memory benchmarks'
+    measure. Reset ``VmHWM`` with ``Path("/proc/self/clear_refs").write_text("5")``."""
+    from pathlib import Path
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def md_table(head: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
