@@ -192,13 +192,19 @@ def compile_probe(lowered: LoweredModel, cand: Candidate | None, target, lanes: 
     return vm, [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in built.weights]
 
 
-def _time_lowered(lowered: LoweredModel, cand: Candidate | None, target, lanes: int,
-                  repeat: int = 3) -> float:  # fmt: skip
-    """Milliseconds of a one-layer model through the full pipeline (dense, or rewritten to
-    ``cand``): transposes, im2col, VM call overhead and all, so the comparison is what the
-    artifact will run. Repeated calls: the weights stay cache-resident where they fit."""
-    vm, args = compile_probe(lowered, cand, target, lanes)
-    return warm_ms(vm, args, repeat)
+def _time_probes(lowered: LoweredModel, cands: dict[str, Candidate | None], target, lanes: int,
+                 rounds: int = 3) -> dict[str, float]:  # fmt: skip
+    """Milliseconds of a one-layer model through the full pipeline, dense (``None``) or
+    rewritten to each candidate: transposes, im2col, VM call overhead and all, so the comparison
+    is what the artifact will run. Repeated calls: the weights stay cache-resident where they
+    fit. The probes are timed in interleaved rounds, best of each kept, so a burst of load on a
+    shared machine hits every candidate rather than deciding the choice."""
+    probes = {name: compile_probe(lowered, cand, target, lanes) for name, cand in cands.items()}
+    times = {name: float("inf") for name in probes}
+    for _ in range(rounds):
+        for name, (vm, args) in probes.items():
+            times[name] = min(times[name], warm_ms(vm, args, repeat=1))
+    return times
 
 
 def warm_ms(vm, args, repeat: int = 3) -> float:
@@ -229,9 +235,7 @@ def _decide(layer: MatrixLayer, kernels, target, cache: _DecisionCache, lanes):
     hit = cache.get(key)
     if hit is None:
         probe = layer.probe()
-        times = {"dense": _time_lowered(probe, None, target, lanes)}
-        for c in cands:
-            times[c.fmt] = _time_lowered(probe, c, target, lanes)
+        times = _time_probes(probe, {"dense": None, **{c.fmt: c for c in cands}}, target, lanes)
         best = min(times, key=times.get)
         hit = {"choice": best, "times_ms": {f: round(t, 4) for f, t in times.items()}}
         cache.put(key, hit)
