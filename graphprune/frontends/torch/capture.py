@@ -16,11 +16,11 @@ import copy
 import math
 from typing import Any, Callable
 
-import ml_dtypes
 import numpy as np
 import torch
 
 from graphprune.frontends.torch import dynamic
+from graphprune.frontends.torch.arrays import as_numpy
 from graphprune.frontends.torch.nodes import aten_name
 from graphprune.frontends.torch.source import TorchSource
 from graphprune.ir.errors import CaptureError
@@ -414,10 +414,7 @@ def _from_exported(ep: Any, method: str, name: str, args: tuple, kwargs: dict) -
             pid = pname if pname not in taken else f"param:{pname}"
             pg.add_value(pid, Value(tuple(t.shape), _dtype_str(t), "param", param=pname,
                                     trainable=node.name in sig.inputs_to_parameters))
-            # bf16 (no numpy dtype) as ml_dtypes.bfloat16 over the same bytes: still no copy.
-            arr = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else (
-                t.detach().cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16))
-            arr = arr.view()
+            arr = as_numpy(t).view()  # bf16 as ml_dtypes.bfloat16 over the same bytes: no copy
             arr.flags.writeable = False  # a view of the user's weights: passes must not write
             pg.weights[pname] = arr
             vid[node.name] = pid
