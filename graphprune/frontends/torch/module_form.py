@@ -103,9 +103,7 @@ def reference_outputs(reference: nn.Module, pg: PruneGraph) -> list[torch.Tensor
     """The rewritten GraphModule's outputs on the example inputs: what the module form must
     reproduce. Computed first so the GraphModule (a pruned copy of every weight) can be freed
     before the module form is built."""
-    with torch.no_grad():
-        return [t.detach() for t in flatten_outputs(reference(*pg.source.args,
-                                                              **pg.source.kwargs))]
+    return list(flatten_outputs(pg.source.run(reference)))
 
 
 def _sharing_copy(model: nn.Module) -> nn.Module:
