@@ -43,17 +43,17 @@ from graphprune.codegen.target import make_target
 
 CLOCK = time.process_time if ARGS.cpu_time else time.perf_counter
 TARGET = make_target("llvm")
-RULE_TILE, RULE_BLOCKS = rules._register_tile, rules.row_blocks
+RULE_TILE, RULE_BLOCKS = rules.register_tile, rules.row_blocks
 
 
 def build(w: np.ndarray, m: int, tile=None, blocks=None):
     """A callable running our compiled Linear, built with the rule's choices overridden."""
-    rules._register_tile = (lambda *a, **k: tile) if tile else RULE_TILE
+    rules.register_tile = (lambda *a, **k: tile) if tile else RULE_TILE
     rules.row_blocks = (lambda *a, **k: blocks) if blocks else RULE_BLOCKS
     try:
         vm, args = compile_probe(single_linear(w, m), None, TARGET, 16)
     finally:
-        rules._register_tile, rules.row_blocks = RULE_TILE, RULE_BLOCKS
+        rules.register_tile, rules.row_blocks = RULE_TILE, RULE_BLOCKS
     f = vm["main"]
     return (lambda: f(*args)), args[0].numpy(), f(*args).numpy()
 

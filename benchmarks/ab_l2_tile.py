@@ -1,4 +1,4 @@
-"""A/B of one CPU schedule rule: the register tile's L2 weight-load cost (``cpu_rules.L2_LOAD_COST``).
+"""A/B of one CPU schedule rule: the register tile's L2 weight-load cost (``cpu_tiles.L2_LOAD_COST``).
 
 Compiles each model twice in one process, with the cost at 1 (every weight load counted as an L1
 hit: the old choice) and at 2 (the rule), then times both artifacts per kernel
@@ -28,7 +28,7 @@ os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)  # before tvm is imported
 import peers
 import torch
 from full_models import mobilenet, resnet, seeded
-from graphprune.codegen import cpu_rules
+from graphprune.codegen import cpu_tiles
 from graphprune.codegen.profile import profile_artifact
 
 from graphprune import codegen, models
@@ -51,9 +51,9 @@ def one(name: str, tmp: Path) -> None:
     ref = peers.flat_outputs(peers.run_torch(model, inputs))
     arts = {}
     for cost in (1, 2):
-        cpu_rules.L2_LOAD_COST = cost
+        cpu_tiles.L2_LOAD_COST = cost
         arts[cost] = codegen.compile(model, inputs, out_dir=tmp / f"{name}-{cost}")
-    cpu_rules.L2_LOAD_COST = 2
+    cpu_tiles.L2_LOAD_COST = 2
     errs = peers.check_agreement(ref, {c: (lambda a=a: a(*arrays)) for c, a in arts.items()},
                                  atol=1e-4)  # fmt: skip
     # Per kernel: the best single call over ARGS.rounds alternating profiles of each side.

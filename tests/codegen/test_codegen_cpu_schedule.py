@@ -11,7 +11,7 @@ from codegen_models import ConvBlock, seeded
 from torch import nn
 
 from graphprune import codegen
-from graphprune.codegen.cpu_rules import _k_block, _register_tile, _row_tile_fits
+from graphprune.codegen.cpu_tiles import k_block, register_tile, row_tile_fits
 
 
 class MLP(nn.Module):
@@ -32,25 +32,25 @@ class MLP(nn.Module):
      (8, [3136], True), (3, [2, 128], False), (256, [2, 128], True)],
 )  # fmt: skip
 def test_row_tile_is_a_box(rt, extents, fits):
-    assert _row_tile_fits(rt, extents) is fits
+    assert row_tile_fits(rt, extents) is fits
 
 
 def test_register_tile_shapes():
     # 7x7 output, 32 channel vectors: 4 rows would cut the 7-wide rows; 7 x 2 fits the box.
-    assert _register_tile([1, 7, 7], 32, 24) == (7, 2)
-    rt, ct = _register_tile([128], 48, 24)
+    assert register_tile([1, 7, 7], 32, 24) == (7, 2)
+    rt, ct = register_tile([128], 48, 24)
     assert rt * ct <= 24 and 128 % rt == 0 and 48 % ct == 0 and rt >= 4
-    assert _register_tile([1], 64, 24)[0] == 1  # GEMV: one row, many column vectors
-    assert _register_tile([128], 48, 12)[0] * _register_tile([128], 48, 12)[1] <= 12
+    assert register_tile([1], 64, 24)[0] == 1  # GEMV: one row, many column vectors
+    assert register_tile([128], 48, 12)[0] * register_tile([128], 48, 12)[1] <= 12
 
 
 def test_k_block_only_for_long_gemm_reductions():
     # matmul [128, 768] x [768, 96]: 768 * 96 * 4 bytes > 32 KiB -> blocked, kc divides K
-    kc = _k_block([128, 96, 768], 2, 4, 96, 32)
+    kc = k_block([128, 96, 768], 2, 4, 96, 32)
     assert kc and 768 % kc == 0 and kc * 96 * 4 <= 32 * 1024
-    assert _k_block([128, 64, 64], 2, 4, 64, 32) is None  # panel fits L1
-    assert _k_block([1, 7, 7, 64, 3, 3, 512], 4, 7, 64, 32) is None  # 3x3 conv: not GEMM-like
-    assert _k_block([4, 1024, 4096], 2, 4, 256, 32) is None  # one row tile: no panel reuse
+    assert k_block([128, 64, 64], 2, 4, 64, 32) is None  # panel fits L1
+    assert k_block([1, 7, 7, 64, 3, 3, 512], 4, 7, 64, 32) is None  # 3x3 conv: not GEMM-like
+    assert k_block([4, 1024, 4096], 2, 4, 256, 32) is None  # one row tile: no panel reuse
 
 
 def test_linear_weights_are_packed_and_k_blocked(artifact_dir):

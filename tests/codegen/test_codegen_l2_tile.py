@@ -14,7 +14,7 @@ import torch
 from codegen_helpers import assert_matches, torch_outputs
 from codegen_models import seeded
 from graphprune.codegen.cpu_loops import NOMINAL_EXTENT
-from graphprune.codegen.cpu_rules import L1_PANEL_BYTES, _l2_panel_bytes, _register_tile
+from graphprune.codegen.cpu_tiles import L1_PANEL_BYTES, l2_panel_bytes, register_tile
 from torch import nn
 
 from graphprune import codegen
@@ -25,15 +25,15 @@ CONV1X1 = [1, 14, 14, 256, 1, 1, 2304]  # same reduction length, GEMM-like
 
 
 def _tile(extents, lanes=16, max_acc=24, rows=None):
-    panel = _l2_panel_bytes(extents, 4, lanes, 32)
-    return _register_tile(rows or extents[1:3], extents[3] // lanes, max_acc, panel)
+    panel = l2_panel_bytes(extents, 4, lanes, 32)
+    return register_tile(rows or extents[1:3], extents[3] // lanes, max_acc, panel)
 
 
 def test_l2_panel_only_where_there_is_no_k_blocking():
-    assert _l2_panel_bytes(CONV3X3, 4, 16, 32) == 3 * 3 * 256 * 16 * 4 > L1_PANEL_BYTES
-    assert _l2_panel_bytes(CONV1X1, 4, 16, 32) == 0  # 1x1 conv: K-blocked
-    assert _l2_panel_bytes([128, 96, 768], 2, 16, 32) == 0  # matmul
-    assert _l2_panel_bytes([1, 56, 56, 64, 3, 3, 1], 4, 16, 32) < L1_PANEL_BYTES  # depthwise
+    assert l2_panel_bytes(CONV3X3, 4, 16, 32) == 3 * 3 * 256 * 16 * 4 > L1_PANEL_BYTES
+    assert l2_panel_bytes(CONV1X1, 4, 16, 32) == 0  # 1x1 conv: K-blocked
+    assert l2_panel_bytes([128, 96, 768], 2, 16, 32) == 0  # matmul
+    assert l2_panel_bytes([1, 56, 56, 64, 3, 3, 1], 4, 16, 32) < L1_PANEL_BYTES  # depthwise
 
 
 def test_conv_with_l2_panel_takes_more_rows_than_the_gemm_like_case():
@@ -44,7 +44,7 @@ def test_conv_with_l2_panel_takes_more_rows_than_the_gemm_like_case():
     # ResNet-50's 56x56x64 3x3 conv and the 7x7 stem (panel over L1 only from 4 vectors on)
     assert _tile([1, 56, 56, 64, 3, 3, 64]) == (8, 2)
     assert _tile([1, 112, 112, 64, 7, 7, 3]) == (8, 2)
-    assert _register_tile([112, 112], 4, 24) == (4, 4)  # what it was
+    assert register_tile([112, 112], 4, 24) == (4, 4)  # what it was
     # Rows planned at NOMINAL_EXTENT (a symbolic row axis innermost): 6 x 4 wins either way.
     assert _tile(CONV3X3, rows=[NOMINAL_EXTENT]) == (6, 4)
     # AVX2 (8 lanes, 12 accumulators): the tile stays within its registers.
