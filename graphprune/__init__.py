@@ -25,6 +25,7 @@ from graphprune.api.remove import remove_channels
 from graphprune.api.sparsify import sparsify
 from graphprune.api.quantize import QuantizeResult, quantize
 from graphprune.api.checkpoint import CheckpointResult, sparsify_checkpoint
+from graphprune.api.prune_checkpoint import PruneCheckpointResult, prune_checkpoint
 from graphprune.api.iterative import prune_iteratively, rewind, sensitivity
 from graphprune.api.pretrained import from_pretrained
 from graphprune.api.recover import RecoverResult, recover
@@ -61,7 +62,7 @@ def load(path):
     return _load(path)
 
 __all__ = [
-    "capture", "explain", "groups", "sparsify", "quantize", "QuantizeResult", "sparsify_checkpoint", "CheckpointResult", "recover", "RecoverResult", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "run", "prune_exported", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
+    "capture", "explain", "groups", "sparsify", "quantize", "QuantizeResult", "sparsify_checkpoint", "CheckpointResult", "prune_checkpoint", "PruneCheckpointResult", "recover", "RecoverResult", "prune_iteratively", "rewind", "sensitivity", "compile", "load", "run", "prune_exported", "remove_channels", "prune", "PruneResult", "PruneReport", "PruneGraph", "OpNode", "Value",
     "GraphPruneError", "CaptureError", "UnsupportedOpError", "CouplingError", "VerificationError",
     "PassError", "CodegenUnsupported", "ArtifactError", "ConfigError",
 ]  # fmt: skip

@@ -121,9 +121,9 @@ def sparsify_checkpoint(src, dst, calib, sparsity=None, pattern="unstructured", 
     if dst.exists() or dst.is_symlink():
         raise ArtifactError(f"dst={str(dst)!r} exists: choose a new folder (nothing is replaced)")
     reader = ckpt.CheckpointReader(src)
-    _check_disk(reader, dst, keep_free)
+    check_disk(reader, dst, keep_free)
     model = ckpt.build_skeleton(src)
-    bname, blist = _decoder_layers(model, src, reader)
+    bname, blist = decoder_layers(model, src, reader)
 
     report = SparsityReport(cfg.method, str(cfg.pattern), "layer", cfg.sparsity,
                             f"streamed from {src.name}, sequential over {bname} "
@@ -133,7 +133,7 @@ def sparsify_checkpoint(src, dst, calib, sparsity=None, pattern="unstructured", 
     masks: dict[str, torch.Tensor] | None = {} if return_masks else None
     try:
         writer = ckpt.ShardWriter(stage, len(blist) + 1)
-        seq = _first_inputs(model, reader, bname, blist, calib)
+        seq = first_inputs(model, reader, bname, blist, calib)
         offload = _Offload(stage, offload_bytes)
         try:
             for i, block in enumerate(blist):
@@ -168,8 +168,8 @@ def sparsify_checkpoint(src, dst, calib, sparsity=None, pattern="unstructured", 
     return CheckpointResult(dst, report, masks)
 
 
-# -- steps ------------------------------------------------------------------------------------
-def _check_disk(reader: ckpt.CheckpointReader, dst: Path, keep_free: int) -> None:
+# -- steps (check_disk, decoder_layers, first_inputs and OneBlock also serve prune_checkpoint) --
+def check_disk(reader: ckpt.CheckpointReader, dst: Path, keep_free: int) -> None:
     need = reader.nbytes() + keep_free
     free = ckpt.stat_free(dst.parent)
     if free < need:
@@ -180,13 +180,13 @@ def _check_disk(reader: ckpt.CheckpointReader, dst: Path, keep_free: int) -> Non
             f"{free / gib:.1f} GiB free; free space or choose another dst")
 
 
-def _decoder_layers(model: nn.Module, src: Path,
-                    reader: ckpt.CheckpointReader) -> tuple[str, nn.ModuleList]:
+def decoder_layers(model: nn.Module, src: Path,
+                   reader: ckpt.CheckpointReader) -> tuple[str, nn.ModuleList]:
     found = find_blocks(model, find_targets(model))
     if found is None:
         lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
         raise ConfigError(
-            f"{src}: {type(model).__name__} has no decoder stack sparsify_checkpoint can walk "
+            f"{src}: {type(model).__name__} has no decoder stack the streamed checkpoint passes can walk "
             f"(an nn.ModuleList of >= 2 identical blocks holding its Linear layers; found module "
             f"lists {lists[:4]}); supported: Llama, Mistral, Qwen2 and other decoders laid out "
             "as embeddings -> layers[i] -> norm -> head")
@@ -199,8 +199,8 @@ def _decoder_layers(model: nn.Module, src: Path,
     return found
 
 
-def _first_inputs(model: nn.Module, reader: ckpt.CheckpointReader, bname: str,
-                  blist: nn.ModuleList, calib: list) -> SequentialBlocks:
+def first_inputs(model: nn.Module, reader: ckpt.CheckpointReader, bname: str,
+                 blist: nn.ModuleList, calib: list) -> SequentialBlocks:
     """Load everything but the layers (and layer 0), capture layer 0's inputs, free the rest."""
     tied = dict(getattr(model, "_tied_weights_keys", None) or {})
     if not isinstance(tied, dict):
@@ -218,7 +218,7 @@ def _first_inputs(model: nn.Module, reader: ckpt.CheckpointReader, bname: str,
     try:
         seq = SequentialBlocks(model, blist, calib)
     except BlocksDoNotChain as e:
-        raise ConfigError(f"{bname}: its blocks do not chain ({e}); sparsify_checkpoint needs "
+        raise ConfigError(f"{bname}: its blocks do not chain ({e}); the streamed passes need "
                           "each layer's output to be the next layer's input") from e
     except (TypeError, ValueError, IndexError, RuntimeError) as e:
         raise ConfigError(f"calib: the model failed to run on the first batch up to {bname}.0 "
@@ -244,7 +244,7 @@ def _load_direct(reader: ckpt.CheckpointReader, module: nn.Module, prefix: str,
         module._parameters[k] = nn.Parameter(t, requires_grad=False)
 
 
-class _OneBlock(nn.Module):
+class OneBlock(nn.Module):
     """One decoder layer at its path in the full model, called with the inputs captured for it,
     so the pass names (and ``exclude`` matches) the full model's parameter names."""
 
@@ -269,7 +269,7 @@ def _sparsify_block(block, prefix, cached, token_masks, cfg, exclude):
     # the statistics leave out padded positions exactly as in the in-memory walk.
     batches = [{"block_inputs": c} if m is None else {"block_inputs": c, "attention_mask": m}
                for c, m in zip(cached, token_masks)]
-    found = compute_masks(_OneBlock(prefix, block), cfg, calib=batches, exclude=exclude,
+    found = compute_masks(OneBlock(prefix, block), cfg, calib=batches, exclude=exclude,
                           flatten_outputs=flatten_outputs, inplace=True)
     # Notes about unused exclude patterns and the missing block list concern this one block.
     found.report.notes = [n for n in found.report.notes
