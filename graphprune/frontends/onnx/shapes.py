@@ -27,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.frontends.onnx.nodes import const_input
+from graphprune.frontends.onnx.replay import Replay, ReplayIndex, find_replay, splice
 from graphprune.frontends.onnx.symbols import probe_shapes, probe_sizes
 from graphprune.ir.errors import CaptureError
 
@@ -90,10 +91,20 @@ class DynamicDims:
     #: (sizes, tensor name -> shape) of the model folded at other sizes of its dims, from which
     #: :mod:`~graphprune.frontends.onnx.symbols` fits each value's size expressions
     probes: list[tuple[dict[str, int], dict[str, tuple]]] = field(default_factory=list)
+    #: (node name, input slot) -> the original subgraph that computes the constant at any size
+    #: (a causal mask, a flattened-batch index: :mod:`~graphprune.frontends.onnx.replay`)
+    replay: dict[tuple[str, int], Replay] = field(default_factory=dict)
+    #: dim -> why it was fixed at its analysed size although its range allowed others
+    static: dict[str, str] = field(default_factory=dict)
+
+    def symbolic(self, d: str) -> bool:
+        """Whether dim ``d`` stays symbolic (its range has more than one size)."""
+        lo, hi = self.ranges[d]
+        return lo < hi
 
     def rename(self, old: str, new: str) -> None:
         """Node ``old`` is called ``new`` in the captured graph."""
-        for table in (self.affine, self.broadcast):
+        for table in (self.affine, self.broadcast, self.replay):
             for key in [k for k in table if k[0] == old]:
                 table[(new, key[1])] = table.pop(key)
 
@@ -158,17 +169,23 @@ class DynamicDims:
         graph = gs.import_onnx(model)
         tensors = graph.tensors()
         dims: dict[str, gs.Variable] = {}
+        deltas: dict[str, gs.Variable] = {}
 
-        def dim_value(d: str) -> gs.Variable:
+        def dim_size(d: str) -> gs.Variable:
             if d not in dims:
                 name, axis = self.uses[d][0]
                 shape = graph.layer(op="Shape", inputs=[tensors[name]],
                                     outputs=[f"gp_dim_{d}_shape"])[0]  # fmt: skip
                 idx = gs.Constant(f"gp_dim_{d}_axis", np.array([axis], dtype=np.int64))
-                v = graph.layer(op="Gather", inputs=[shape, idx], outputs=[f"gp_dim_{d}"])[0]
-                off = gs.Constant(f"gp_dim_{d}_at", np.array([self.sizes[d]], dtype=np.int64))
-                dims[d] = graph.layer(op="Sub", inputs=[v, off], outputs=[f"gp_dim_{d}_delta"])[0]
+                dims[d] = graph.layer(op="Gather", inputs=[shape, idx], outputs=[f"gp_dim_{d}"])[0]
             return dims[d]
+
+        def dim_value(d: str) -> gs.Variable:
+            if d not in deltas:
+                off = gs.Constant(f"gp_dim_{d}_at", np.array([self.sizes[d]], dtype=np.int64))
+                deltas[d] = graph.layer(op="Sub", inputs=[dim_size(d), off],
+                                        outputs=[f"gp_dim_{d}_delta"])[0]  # fmt: skip
+            return deltas[d]
 
         by_name = {n.name: n for n in graph.nodes}
         for (node_name, slot), coeffs in self.affine.items():
@@ -193,14 +210,20 @@ class DynamicDims:
             if arr is not None:
                 node.inputs[slot] = self._progression(graph, node_name, slot, arr, per_dim,
                                                       dim_value)  # fmt: skip
+        for k, ((node_name, slot), rep) in enumerate(sorted(self.replay.items())):
+            node = by_name.get(node_name)
+            if node is not None:
+                node.inputs[slot] = splice(graph, rep, f"gp_replay{k}", dim_size)
         for d, uses in self.uses.items():
             for name, axis in uses:
                 shape = list(tensors[name].shape)
-                shape[axis] = d
+                shape[axis] = d if self.symbolic(d) else self.sizes[d]
                 tensors[name].shape = shape
+        fixed = {d for d in self.uses if not self.symbolic(d)}
         for t in graph.outputs:
             if t.name in self.outputs:
-                t.shape = [p or s for p, s in zip(self.outputs[t.name], t.shape)]
+                t.shape = [s if not p or p in fixed else p
+                           for p, s in zip(self.outputs[t.name], t.shape)]  # fmt: skip
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and t not in graph.inputs and t not in graph.outputs:
                 t.shape = None
@@ -228,10 +251,22 @@ def _sizes_for(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None,
     return sizes
 
 
+class _Static(Exception):
+    """Dim ``dim`` cannot stay symbolic, for ``reason``: analyse it at its example size."""
+
+    def __init__(self, dim: str, reason: str):
+        super().__init__(reason)
+        self.dim, self.reason = dim, reason
+
+
 def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
             dynamic_shapes: dict[str, tuple[int, int]] | None = None,
             ) -> tuple[onnx.ModelProto, DynamicDims | None]:  # fmt: skip
-    """The model to analyse (static, folded) and, if it has symbolic dims, their record."""
+    """The model to analyse (static, folded) and, if it has symbolic dims, their record.
+
+    A dim that cannot stay symbolic (the model folds to different graphs at two of its sizes, a
+    constant follows it in a way nothing here rebuilds, the model fails at another size) is
+    fixed at its example size instead, and ``DynamicDims.static`` says why."""
     uses = symbolic_dims(model)
     unknown = set(dynamic_shapes or {}) - set(uses)
     if unknown:
@@ -242,18 +277,38 @@ def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
     folded = fold_shapes(fix_dims(model, sizes))
     if not uses:
         return folded, None
+    static: dict[str, str] = {}
+    while True:
+        try:
+            out, dyn = _prepare_dynamic(model, folded, sizes, ranges, uses)
+        except _Static as e:
+            static[e.dim] = e.reason
+            ranges[e.dim] = (sizes[e.dim], sizes[e.dim])
+            continue
+        dyn.static = static
+        return out, dyn
+
+
+def _prepare_dynamic(model: onnx.ModelProto, folded: onnx.ModelProto, sizes: dict[str, int],
+                     ranges: dict[str, tuple[int, int]], uses: dict[str, list[tuple[str, int]]],
+                     ) -> tuple[onnx.ModelProto, DynamicDims]:  # fmt: skip
     outputs = {o.name: [d.dim_param for d in o.type.tensor_type.shape.dim]
                for o in model.graph.output}  # fmt: skip
-    dyn = DynamicDims(sizes, ranges, uses, outputs=outputs)
+    dyn = DynamicDims(sizes, dict(ranges), uses, outputs=outputs)
     base = gs.import_onnx(folded)
+    index = ReplayIndex(model, lambda at: _original_shapes(model, at), sizes,
+                        probe_sizes(sizes, ranges))  # fmt: skip
     sliced = False
     for d in uses:
         lo, hi = ranges[d]
         other = sizes[d] + 1 if sizes[d] + 1 <= hi else sizes[d] - 1
         if other < lo or other == sizes[d]:
             continue  # a fixed-size "range": nothing varies
-        varied_model = fold_shapes(fix_dims(model, {**sizes, d: other}))
-        dyn.probes.append(({**sizes, d: other}, probe_shapes(varied_model)))
+        try:
+            varied_model = fold_shapes(fix_dims(model, {**sizes, d: other}))
+            dyn.probes.append(({**sizes, d: other}, probe_shapes(varied_model)))
+        except Exception as e:  # noqa: BLE001 - the model does not fold or infer at that size
+            raise _Static(d, f"the model does not fold at {d}={other}: {str(e)[:200]}") from e
         varied = gs.import_onnx(varied_model)
         prefixes = _prefix_constants(base, varied)
         if prefixes:  # each a Slice of the constant at the range's largest size
@@ -261,15 +316,18 @@ def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
             for k, i, ax in sorted(prefixes, reverse=True):
                 table = const_input(full.nodes[k], i)
                 if table is None or table.ndim <= ax:
-                    raise CaptureError(f"node {base.nodes[k].name!r} ({base.nodes[k].op}) reads a "
-                                       f"prefix of a constant that does not fold at {d}={hi}")
+                    raise _Static(d, f"node {base.nodes[k].name!r} ({base.nodes[k].op}) reads a "
+                                     f"prefix of a constant that does not fold at {d}={hi}")
                 for g in (base, varied):
                     _slice_prefix(g, k, i, table, ax)
             sliced = True
-        _record_affine(dyn, d, base, varied, other - sizes[d])
+        _record_affine(dyn, d, base, varied, other - sizes[d], index)
     for at in probe_sizes(sizes, ranges):  # pairs of dims stepped together (a batch*seq axis)
         if sum(at[k] != sizes[k] for k in at) == 2:
             dyn.probes.append((at, probe_shapes(fold_shapes(fix_dims(model, at)))))
+    for key in dyn.replay:  # the replay computes the whole constant, every dim's part of it
+        dyn.affine.pop(key, None)
+        dyn.broadcast.pop(key, None)
     if sliced:
         out = gs.export_onnx(base)
         out.ir_version = folded.ir_version
@@ -277,6 +335,14 @@ def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
         out.opset_import.extend(folded.opset_import)
         folded = out
     return folded, dyn
+
+
+def _original_shapes(model: onnx.ModelProto, at: dict[str, int]) -> dict[str, tuple]:
+    """Every tensor's inferred shape in the original ``model`` with its dims fixed to ``at``."""
+    try:
+        return probe_shapes(fix_dims(model, at))
+    except Exception:  # noqa: BLE001 - shape inference failing leaves every size unknown
+        return {}
 
 
 def _prefix_constants(base: gs.Graph, varied: gs.Graph) -> list[tuple[int, int, int]]:
@@ -315,11 +381,12 @@ def _slice_prefix(graph: gs.Graph, k: int, i: int, table: np.ndarray, ax: int) -
     node.inputs[i] = out
 
 
-def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, step: int) -> None:
+def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, step: int,
+                   index: ReplayIndex) -> None:  # fmt: skip
     if [n.op for n in base.nodes] != [n.op for n in varied.nodes]:
-        raise CaptureError(
-            f"the model folds to different graphs at two sizes of its dim {d!r}: it cannot be "
-            "pruned with that dim kept symbolic; export it with a static size instead.")
+        at = next((f"node {a.name!r} ({a.op}) vs {b.name!r} ({b.op})" for a, b in
+                   zip(base.nodes, varied.nodes) if a.op != b.op), "a different node count")
+        raise _Static(d, f"the model folds to different graphs at two sizes of {d!r} ({at})")
     for nb, nv in zip(base.nodes, varied.nodes):
         for i in range(len(nb.inputs)):
             a, b = const_input(nb, i), const_input(nv, i)
@@ -333,13 +400,17 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
                 dyn.broadcast.setdefault((nb.name, i), {})[d] = (axis, coef)
                 continue
             diff = (b.astype(np.int64) - a.astype(np.int64)) if a.shape == b.shape else None
-            if (diff is None or a.ndim != 1 or a.dtype.kind not in "iu"
-                    or np.any(diff % step)):  # fmt: skip
-                raise CaptureError(
-                    f"node {nb.name!r} ({nb.op}) reads a constant whose contents depend on the "
-                    f"symbolic dim {d!r} in a way that cannot be rebuilt (shape {a.shape}); "
-                    "export the model with a static size for it to prune.")
-            dyn.affine.setdefault((nb.name, i), {})[d] = diff // step
+            if (diff is not None and a.ndim == 1 and a.dtype.kind in "iu"
+                    and not np.any(diff % step)):  # fmt: skip
+                dyn.affine.setdefault((nb.name, i), {})[d] = diff // step
+                continue
+            if (nb.name, i) in dyn.replay:
+                continue
+            rep = find_replay(index, nb.inputs[i].name, a.dtype)
+            if isinstance(rep, str):
+                raise _Static(d, f"node {nb.name!r} ({nb.op}) reads a constant of shape "
+                                 f"{a.shape} that follows {d!r}; {rep}")  # fmt: skip
+            dyn.replay[(nb.name, i)] = rep
 
 
 def _broadcast_axis(a: np.ndarray, b: np.ndarray) -> int | None:

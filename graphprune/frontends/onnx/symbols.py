@@ -50,10 +50,14 @@ def dim_name(dim_param: str) -> str:
     return name if name.isidentifier() else f"d_{name}"
 
 
-def _fit(base: int, sizes: dict[str, int], probes: list[tuple[dict[str, int], int | None]],
-         names: dict[str, str]) -> str | None:  # fmt: skip
-    """The expression of an axis of size ``base`` at ``sizes`` and the probed sizes, or ``None``
-    when it does not vary or fits no integer polynomial of degree one per dim."""
+Terms = tuple[int, dict[str, int], dict[tuple[str, str], int]]
+
+
+def fit_terms(base: int, sizes: dict[str, int], probes: list[tuple[dict[str, int], int | None]],
+              ) -> Terms | None:  # fmt: skip
+    """``(c, {d: a_d}, {(d, e): a_de})`` with ``size = c + Σ a_d·d + Σ a_de·d·e`` for an axis of
+    size ``base`` at ``sizes`` and the probed sizes, or ``None`` when it fits no integer
+    polynomial of degree one per dim (a size missing at a probe included)."""
     single: dict[str, Fraction] = {}
     cross: dict[tuple[str, str], Fraction] = {}
     at = {tuple(sorted(d for d in p if p[d] != sizes[d])): (p, n) for p, n in probes}
@@ -77,16 +81,26 @@ def _fit(base: int, sizes: dict[str, int], probes: list[tuple[dict[str, int], in
         coef[e] = coef.get(e, 0) - c * sizes[d]
     const = base - sum(c * sizes[d] for d, c in coef.items()) - sum(
         c * sizes[d] * sizes[e] for (d, e), c in cross.items())
-    terms = [*coef.values(), *cross.values(), const]
-    if any(t.denominator != 1 for t in terms) or not any([*coef.values(), *cross.values()]):
+    if any(t.denominator != 1 for t in [*coef.values(), *cross.values(), const]):
         return None
+    return (int(const), {d: int(c) for d, c in coef.items() if c},
+            {k: int(c) for k, c in cross.items() if c})  # fmt: skip
+
+
+def _fit(base: int, sizes: dict[str, int], probes: list[tuple[dict[str, int], int | None]],
+         names: dict[str, str]) -> str | None:  # fmt: skip
+    """The expression of an axis of size ``base`` at ``sizes`` and the probed sizes, or ``None``
+    when it does not vary or fits no integer polynomial of degree one per dim."""
+    terms = fit_terms(base, sizes, probes)
+    if terms is None or not (terms[1] or terms[2]):
+        return None
+    const, coef, cross = terms
     parts = []
     for key, c in [*((names[d], c) for d, c in coef.items()),
                    *((f"{names[d]}*{names[e]}", c) for (d, e), c in cross.items())]:  # fmt: skip
-        if c:
-            parts.append(key if c == 1 else f"{int(c)}*{key}")
+        parts.append(key if c == 1 else f"{c}*{key}")
     if const:
-        parts.append(str(int(const)))
+        parts.append(str(const))
     return " + ".join(parts).replace("+ -", "- ")
 
 
@@ -114,6 +128,11 @@ def record_dynamic(pg: PruneGraph, dynamic, probes: list[tuple[dict[str, int], d
     for d, uses in dynamic.uses.items():
         lo, hi = dynamic.ranges[d]
         for inp, axis in uses:
+            if d in dynamic.static:
+                pg.static_axes[f"{inp}[{axis}]"] = (
+                    f"dim_param {d!r} falls back to static at its example size "
+                    f"{dynamic.sizes[d]}: {dynamic.static[d]}")
+                continue
             if d not in varies:
                 how = "dynamic_shapes" if d in given else "its range"
                 pg.static_axes[f"{inp}[{axis}]"] = (

@@ -133,6 +133,13 @@ def apply_plan_onnx(pg: PruneGraph, plan: RemovalPlan, verify: bool = True) -> o
             rw(c, n)
     model = pg.source.export(graph)
     if pg.source.dynamic is not None:
+        for key in pg.source.dynamic.replay:  # rebuilt from the original graph: never sliced
+            vid = pg.source.const_uses.get(key)
+            if vid is not None and vid in plan.new_shapes:
+                raise VerificationError(
+                    f"the plan slices constant {vid!r} of node {key[0]!r}, which follows the "
+                    "model's symbolic dims and is rebuilt from the original graph at run time; "
+                    "exclude the group through it, or fix its dims with dynamic_shapes.")
         model = pg.source.dynamic.restore(model)
     if verify:
         verify_onnx(pg, plan, model)
