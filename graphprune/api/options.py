@@ -11,49 +11,14 @@ own configs (:class:`graphprune.passes.prune.channels.PruneConfig`,
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from graphprune.ir.checks import check_flag, check_integer, check_number
 from graphprune.ir.errors import ConfigError
+from graphprune.passes.prune.channels import check_ranges
 
 __all__ = ["check_iterative_options", "check_prune_options", "check_sparsify_options"]
-
-
-def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
-            hi_open: bool = True, example: str = "0.5", none_ok: bool = False) -> None:  # fmt: skip
-    """``value`` is a finite real (not a bool) in the interval ``lo..hi`` (ends as told)."""
-    if value is None and none_ok:
-        return
-    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-    want = f"a number in {left}{lo:g}, {hi:g}{right}, e.g. {name}={example}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name}={value!r} ({type(value).__name__}): pass {want}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ConfigError(f"{name}={value!r} is not finite: pass {want}")
-    if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-        raise ConfigError(f"{name}={value!r} is outside {left}{lo:g}, {hi:g}{right}: pass {want}")
-
-
-def _integer(name: str, value: Any, minimum: int | None, *, example: int = 1,
-             none_ok: bool = False) -> None:  # fmt: skip
-    if value is None and none_ok:
-        return
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or (minimum is not None and value < minimum)):  # fmt: skip
-        floor = "" if minimum is None else f" >= {minimum}"
-        raise ConfigError(f"{name}={value!r} ({type(value).__name__}): pass an integer{floor}, "
-                          f"e.g. {name}={example}")  # fmt: skip
-
-
-def _flag(name: str, value: Any, *, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if not isinstance(value, bool):
-        extra = " or None" if none_ok else ""
-        raise ConfigError(f"{name}={value!r} ({type(value).__name__}): pass True or False{extra}")
 
 
 def _globs(name: str, value: Any) -> None:
@@ -91,35 +56,27 @@ def check_prune_options(*, ratio: Any = 0.5, criterion: Any = "l2", scope: Any =
     ...
     graphprune.ir.errors.ConfigError: ratio='abc' (str): pass a number in [0, 1), e.g. ratio=0.5
     """
-    _integer("drop_blocks", drop_blocks, 0, example=2)
+    check_integer("drop_blocks", drop_blocks, 0, example=2)
     targeted = target_macs is not None or target_params is not None or bool(drop_blocks)
     if ratio is None and not targeted:
         raise ConfigError("ratio=None: pass the fraction of prunable channels to remove, a number "
                           "in [0, 1) such as ratio=0.5, or give target_macs= / target_params=")
-    _number("ratio", ratio, 0.0, 1.0, none_ok=True)
-    _number("target_macs", target_macs, 0.0, 1.0, lo_open=True, hi_open=False, none_ok=True)
-    _number("target_params", target_params, 0.0, 1.0, lo_open=True, hi_open=False, none_ok=True)
-    _number("min_keep", min_keep, 0.0, 1.0, hi_open=False, example="0.1")
-    _integer("round_to", round_to, 1, example=8, none_ok=True)
-    _integer("seed", seed, None, example=0)
+    if ratios is not None and not isinstance(ratios, Mapping):
+        raise ConfigError(f"ratios={ratios!r}: pass a dict {{name glob: ratio}}, e.g. "
+                          "ratios={'layer1.*': 0.3}")  # fmt: skip
+    check_ranges(ratio=ratio, target_macs=target_macs, target_params=target_params,
+                 min_keep=min_keep, round_to=round_to, ratios=ratios)
+    check_integer("seed", seed, None, example=0)
     scores_ok = bool(drop_blocks) and isinstance(criterion, Mapping)  # {block name: score}
     if not (isinstance(criterion, str) or callable(criterion) or scores_ok):
         raise ConfigError(f"criterion={criterion!r} ({type(criterion).__name__}): pass a name such "
                           "as 'l2' or 'taylor', or a callable fn(ctx, group) -> scores")  # fmt: skip
     if not isinstance(scope, str):
         raise ConfigError(f"scope={scope!r}: use 'local' or 'global'")
-    if ratios is not None:
-        if not isinstance(ratios, Mapping):
-            raise ConfigError(f"ratios={ratios!r}: pass a dict {{name glob: ratio}}, e.g. "
-                              "ratios={'layer1.*': 0.3}")  # fmt: skip
-        for pat, r in ratios.items():
-            if not isinstance(pat, str):
-                raise ConfigError(f"ratios key {pat!r} is not a name glob (a string)")
-            _number(f"ratios[{pat!r}]", r, 0.0, 1.0, example="0.3")
     _globs("ignore", ignore)
-    _flag("heads", heads)
-    _flag("inplace", inplace)
-    _flag("uniform", uniform, none_ok=True)
+    check_flag("heads", heads)
+    check_flag("inplace", inplace)
+    check_flag("uniform", uniform, none_ok=True)
     if depth_unit not in ("branch", "layer"):
         raise ConfigError(f"depth_unit={depth_unit!r}: use 'branch' or 'layer'")
     _callable("loss_fn", loss_fn, "loss_fn(output, batch) -> scalar tensor")
@@ -134,8 +91,8 @@ def check_iterative_options(ratio: Any, steps: Any, schedule: Any, fine_tune: An
     if ratio is None:
         raise ConfigError("ratio=None: pass the final fraction of prunable channels to remove, a "
                           "number in [0, 1) such as ratio=0.5")  # fmt: skip
-    _number("ratio", ratio, 0.0, 1.0)
-    _integer("steps", steps, 1, example=3)
+    check_number("ratio", ratio, 0.0, 1.0)
+    check_integer("steps", steps, 1, example=3)
     if schedule not in ("linear", "agp"):
         raise ConfigError(f"schedule={schedule!r}: use 'linear' or 'agp'")
     _callable("fine_tune", fine_tune, "fine_tune(model, step) -> model or None")
@@ -147,5 +104,5 @@ def check_iterative_options(ratio: Any, steps: Any, schedule: Any, fine_tune: An
 
 def check_sparsify_options(*, seed: Any = 0, inplace: Any = False, **_: Any) -> None:
     """What :func:`graphprune.passes.sparsity.config.validate_config` does not check."""
-    _integer("seed", seed, None, example=0)
-    _flag("inplace", inplace)
+    check_integer("seed", seed, None, example=0)
+    check_flag("inplace", inplace)

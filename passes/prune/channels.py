@@ -28,7 +28,25 @@ from graphprune.passes.prune import criteria
 from graphprune.passes.prune.plan import plan_removal
 
 from graphprune.ir import PruneGraph
+from graphprune.ir.checks import check_integer, check_number
 from graphprune.ir.errors import ConfigError
+
+
+def check_ranges(*, ratio: Any = None, target_macs: Any = None, target_params: Any = None,
+                 min_keep: Any = 0.1, round_to: Any = None,
+                 ratios: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Types and ranges of the planning options; ``None`` means not given. Shared by
+    :meth:`PruneConfig.validate` and ``gp.prune``'s up-front checks (before any capture)."""
+    check_number("ratio", ratio, 0.0, 1.0, none_ok=True)
+    check_number("target_macs", target_macs, 0.0, 1.0, lo_open=True, hi_open=False, none_ok=True)
+    check_number("target_params", target_params, 0.0, 1.0, lo_open=True, hi_open=False,
+                 none_ok=True)  # fmt: skip
+    check_number("min_keep", min_keep, 0.0, 1.0, hi_open=False, example="0.1")
+    check_integer("round_to", round_to, 1, example=8, none_ok=True)
+    for pat, r in (ratios or {}).items():
+        if not isinstance(pat, str):
+            raise ConfigError(f"ratios key {pat!r} is not a name glob (a string)")
+        check_number(f"ratios[{pat!r}]", r, 0.0, 1.0, example="0.3")
 
 
 @dataclass
@@ -50,24 +68,13 @@ class PruneConfig:
     exclude: dict[int, str] | None = None
 
     def validate(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"ratio={self.ratio} is outside [0, 1): it is the fraction of "
-                              "prunable channels to remove")  # fmt: skip
-        for name in ("target_macs", "target_params"):
-            t = getattr(self, name)
-            if t is not None and not 0.0 < t <= 1.0:
-                raise ConfigError(f"{name}={t} must be in (0, 1]: a fraction of the original")
+        check_ranges(ratio=self.ratio, target_macs=self.target_macs,
+                     target_params=self.target_params, min_keep=self.min_keep,
+                     round_to=self.round_to, ratios=self.ratios)  # fmt: skip
         if self.target_macs is not None and self.target_params is not None:
             raise ConfigError("give target_macs or target_params, not both")
         if self.scope not in ("local", "global"):
             raise ConfigError(f"scope={self.scope!r}: use 'local' or 'global'")
-        if not 0.0 <= self.min_keep <= 1.0:
-            raise ConfigError(f"min_keep={self.min_keep} must be in [0, 1]")
-        if self.round_to is not None and self.round_to < 1:
-            raise ConfigError(f"round_to={self.round_to} must be a positive integer")
-        for pat, r in (self.ratios or {}).items():
-            if not 0.0 <= r < 1.0:
-                raise ConfigError(f"ratios[{pat!r}]={r} is outside [0, 1)")
         if isinstance(self.criterion, str):
             criteria.get(self.criterion)
             if self.criterion in criteria.NEEDS_CALIB and self.calib is None:
