@@ -82,7 +82,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+                np.lib.format.write_array(f, np.asarray(array, order="C"), allow_pickle=False)
 
 
 def write_artifact(out_dir, executable, weights: list[np.ndarray], info: dict) -> Path:

@@ -100,4 +100,4 @@ def run_transform_params(mod, weights: list[np.ndarray]) -> list[np.ndarray]:
     exe = tvm.compile(only, target=host)
     vm = relax.VirtualMachine(exe, tvm.cpu())
     out = vm[TRANSFORM]([tvm.runtime.tensor(w) for w in weights])
-    return [np.ascontiguousarray(t.numpy()) for t in out]
+    return [np.asarray(t.numpy(), order="C") for t in out]
