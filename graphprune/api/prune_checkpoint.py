@@ -84,10 +84,10 @@ class CheckpointPruneReport:
         return self.params_after / max(self.params_before, 1)
 
     def to_text(self) -> str:
-        out = [f"streamed structured pruning: criterion={self.criterion} scope={self.scope} "
-               f"ratio={self.ratio:.3f}, uniform over {self.layers} decoder layers",
-               f"params {self.params_before:,} -> {self.params_after:,} "
-               f"({self.params_ratio:.1%}) in {self.seconds:.0f} s"]
+        out = [(f"streamed structured pruning: criterion={self.criterion} scope={self.scope} "
+                f"ratio={self.ratio:.3f}, uniform over {self.layers} decoder layers"),
+               (f"params {self.params_before:,} -> {self.params_after:,} "
+                f"({self.params_ratio:.1%}) in {self.seconds:.0f} s")]
         out += [f"  {k}: {a} -> {b}" for k, (a, b) in self.sizes.items()]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
@@ -155,7 +155,7 @@ def prune_checkpoint(src, dst, ratio: float = 0.5, criterion: str = "l2",
     check_disk(reader, dst, keep_free)
     model = ckpt.build_skeleton(src)
     bname, blist = decoder_layers(model, src, reader)
-    tmpl = _Template.capture(model, reader, bname, blist)
+    tmpl = _Template.capture(model, reader, bname, blist, cfg)
     report = CheckpointPruneReport(criterion, scope, ratio, len(blist), notes=tmpl.notes)
     say = progress or (lambda _line: None)
 
@@ -168,6 +168,7 @@ def prune_checkpoint(src, dst, ratio: float = 0.5, criterion: str = "l2",
         say(f"{bname}.{i}: scored ({time.perf_counter() - t0:.0f} s)")
     removal = channels.select(tmpl.pg, cfg, scores, groups, ratio)
     per_layer = len(tmpl.groups)
+    removal = _loadable_heads(model, tmpl, groups, scores, removal, report.notes)
     removed = {_key(groups[gid]): idx for gid, idx in removal.items()}
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +199,51 @@ def prune_checkpoint(src, dst, ratio: float = 0.5, criterion: str = "l2",
     return PruneCheckpointResult(dst, report, removed)
 
 
+def _loadable_heads(model: nn.Module, tmpl: _Template, groups: list[Group], scores: dict,
+                    removal: dict[int, list[int]], notes: list[str]) -> dict[int, list[int]]:
+    """Fewer kv-head groups removed where the config class would refuse the selected count.
+
+    ``transformers``' config classes validate on load (``LlamaConfig``: ``hidden_size`` must be
+    a multiple of ``num_attention_heads``, even with ``head_dim`` given), so a count the model
+    itself runs with may not reload. The largest loadable count not above the selected one is
+    removed instead, in every layer, each layer's lowest-scored kv groups as ``select`` ranks
+    them; the report says so."""
+    config = model.config
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    d = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    per_layer = len(tmpl.groups)
+    mine = [gid for gid in range(len(groups))
+            if channels.is_head_group(tmpl.pg, tmpl.groups[gid % per_layer])
+            and groups[gid].size == kv]
+    counts = {len(removal.get(gid, ())) for gid in mine}
+    if len(counts) != 1:
+        return removal
+    n = counts.pop()
+    fit = next(k for k in range(n, -1, -1) if _config_loads(config, heads // kv * (kv - k),
+                                                            kv - k, d))
+    if fit == n:
+        return removal
+    out = {gid: idx for gid, idx in removal.items() if gid not in mine}
+    for gid in mine:
+        if fit:
+            out[gid] = sorted(np.argsort(scores[gid], kind="stable")[:fit].tolist())
+    notes.append(f"{n} of {kv} kv-head groups per layer were selected, {fit} removed: "
+                 f"{type(config).__name__} refuses to load {heads // kv * (kv - n)} attention "
+                 f"heads with hidden_size {config.hidden_size}")
+    return out
+
+
+def _config_loads(config, heads: int, kv: int, head_dim: int) -> bool:
+    d = config.to_dict()
+    d.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
+    try:
+        type(config).from_dict(d)
+    except Exception:  # noqa: BLE001 - transformers' validators raise several kinds
+        return False
+    return True
+
+
 def _key(g: Group) -> tuple[tuple[str, int], ...]:
     return tuple(sorted({(m.param, m.axis) for m in g.params}))
 
@@ -215,7 +261,8 @@ class _Template:
 
     @classmethod
     def capture(cls, model: nn.Module, reader: ckpt.CheckpointReader, bname: str,
-                blist: nn.ModuleList) -> _Template:
+                blist: nn.ModuleList, cfg: channels.PruneConfig) -> _Template:
+        """Capture layer 0 and keep the groups ``cfg`` (``heads``) and the config allow."""
         # Capture needs the layer's call arguments (rotary embeddings, masks): made from a dummy
         # batch through the embedding; only their shapes matter for the structure.
         seq = first_inputs(model, reader, bname, blist, [torch.zeros(2, 8, dtype=torch.long)])
@@ -225,7 +272,6 @@ class _Template:
         del seq
         members = [(g.id, [(m.param, m.axis) for m in g.params], channels.is_head_group(pg, g))
                    for g in build_coupling(pg).groups if g.prunable]
-        cfg = channels.PruneConfig()
         cfg.exclude, notes = hf.unexpressible(model, members)
         groups, _ = channels.candidates(pg, cfg)
         if not groups:
