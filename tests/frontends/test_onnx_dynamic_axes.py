@@ -31,8 +31,7 @@ def resnet_dyn(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_dyn(tmp_path_factory):
     """hf_bert_tiny's encoder on ``input_ids`` alone, batch and sequence dynamic (legacy
-    exporter). (With an ``attention_mask`` the folded mask constant depends on the sequence in a
-    way the ONNX frontend cannot rebuild yet: capture refuses it, naming the node.)"""
+    exporter; with an ``attention_mask`` too: ``test_onnx_sequence.py``)."""
     from graphprune.models.hf import TensorOutputs
 
     model, inputs = models.get("hf_bert_tiny")

@@ -7,7 +7,7 @@ other dims are fixed with ``dynamic_shapes`` ranges of one size. BERT also prune
 ``sequence_length`` symbolic: its position-embedding slice ``table[:sequence_length]`` folds to a
 constant whose prefix grows with the length, captured as a Slice of the whole table with the
 sliced axis frozen. The decoders' causal mask and flattened-batch mask index depend on the length
-along two axes, which the rebuild does not express: refused by name.
+along two axes: replayed from the exporter's subgraph (``test_onnx_sequence.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import pytest
 
 import graphprune as gp
 from graphprune.frontends.onnx.session import run_onnx
-from graphprune.ir.errors import CaptureError
 from graphprune.testing.oracle_onnx import run_oracle_onnx
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "optimum"
@@ -107,7 +106,3 @@ def test_bert_prunes_with_sequence_length_symbolic():
     assert run_onnx(res.model, longer)[0].shape[:2] == (3, 40)
     run_oracle_onnx(pg, groups[0].id, feeds=feeds("bert")).assert_close(atol=5e-5, rtol=1e-4)
 
-
-def test_symbolic_sequence_length_is_refused_by_name():
-    with pytest.raises(CaptureError, match=r"depend on the symbolic dim 'sequence_length'"):
-        gp.capture(str(DATA / "gpt2.onnx"), feeds("gpt2"))

@@ -128,20 +128,26 @@ class DynamicDims:
 
     def _progression(self, graph: gs.Graph, name: str, slot: int, arr: np.ndarray,
                      per_dim: dict[str, tuple[int, int]], dim_value: Any) -> gs.Tensor:  # fmt: skip
-        """``first + range(length) · step`` along the dynamic axis, length from the runtime dim."""
+        """A repeated block Tiled along each dim's axis (as many times as the runtime dims say),
+        or ``first + range(length) · step`` along the one dynamic axis."""
+        core, repeats = arr, True
+        for axis, _ in per_dim.values():
+            core, step = _progression(core, axis)
+            repeats = repeats and step is None
+        p = f"{name}_gp_prog{slot}"
+        if repeats:  # a block repeated along each axis: Tile it (length / period) times
+            reps: gs.Tensor = gs.Constant(f"{p}_reps0", np.array(
+                [n // k for n, k in zip(arr.shape, core.shape)], np.int64))  # fmt: skip
+            for d, (axis, coef) in per_dim.items():
+                k = np.array([coef // core.shape[axis] if i == axis else 0
+                              for i in range(arr.ndim)], np.int64)  # fmt: skip
+                term = graph.layer(op="Mul", inputs=[dim_value(d), gs.Constant(f"{p}_coef_{d}", k)],
+                                   outputs=[f"{p}_dreps_{d}"])[0]  # fmt: skip
+                reps = graph.layer(op="Add", inputs=[reps, term], outputs=[f"{p}_reps_{d}"])[0]
+            return graph.layer(op="Tile", inputs=[gs.Constant(f"{p}_block", core), reps],
+                               outputs=[f"{p}_value"])[0]  # fmt: skip
         (d, (axis, coef)), = per_dim.items()
         first, step = _progression(arr, axis)
-        p = f"{name}_gp_prog{slot}"
-        if step is None:  # a repeated block: Tile it (length / period) times
-            period = first.shape[axis]
-            reps = graph.layer(op="Add", inputs=[
-                gs.Constant(f"{p}_reps0", np.array([arr.shape[axis] // period if i == axis else 1
-                                                    for i in range(arr.ndim)], np.int64)),
-                graph.layer(op="Mul", inputs=[dim_value(d), gs.Constant(f"{p}_coef", np.array(
-                    [coef // period if i == axis else 0 for i in range(arr.ndim)], np.int64))],
-                    outputs=[f"{p}_dreps"])[0]], outputs=[f"{p}_reps"])[0]  # fmt: skip
-            return graph.layer(op="Tile", inputs=[gs.Constant(f"{p}_block", first), reps],
-                               outputs=[f"{p}_value"])[0]  # fmt: skip
         length = graph.layer(op="Add", inputs=[
             gs.Constant(f"{p}_len0", np.array([arr.shape[axis]], dtype=np.int64)),
             graph.layer(op="Mul", inputs=[dim_value(d), gs.Constant(
@@ -396,7 +402,8 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
             coef = (b.shape[axis] - a.shape[axis]) // step if axis is not None else 0
             block, delta = _progression(a, axis) if axis is not None else (None, None)
             if (axis is not None and (b.shape[axis] - a.shape[axis]) % step == 0
-                    and (delta is not None or coef % block.shape[axis] == 0)):  # fmt: skip
+                    and (delta is not None or coef % block.shape[axis] == 0)
+                    and _joins(dyn.broadcast.get((nb.name, i), {}), a, axis, delta)):  # fmt: skip
                 dyn.broadcast.setdefault((nb.name, i), {})[d] = (axis, coef)
                 continue
             diff = (b.astype(np.int64) - a.astype(np.int64)) if a.shape == b.shape else None
@@ -411,6 +418,16 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
                 raise _Static(d, f"node {nb.name!r} ({nb.op}) reads a constant of shape "
                                  f"{a.shape} that follows {d!r}; {rep}")  # fmt: skip
             dyn.replay[(nb.name, i)] = rep
+
+
+def _joins(others: dict[str, tuple[int, int]], a: np.ndarray, axis: int, delta) -> bool:
+    """Whether a broadcast along ``axis`` can join those of ``others`` dims: none yet, or all of
+    them (this one too) a block repeated along its own axis (a mask tiled over batch and seq)."""
+    if not others:
+        return True
+    axes = [ax for ax, _ in others.values()]
+    return (delta is None and axis not in axes
+            and all(_progression(a, ax)[1] is None for ax in axes))  # fmt: skip
 
 
 def _broadcast_axis(a: np.ndarray, b: np.ndarray) -> int | None:
