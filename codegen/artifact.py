@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.staging import make_staging_dir
+from graphprune.staging import existing_ancestor, make_staging_dir
 from graphprune.ir.errors import ArtifactError, ConfigError
 from graphprune.runtime import FORMAT, FORMAT_VERSION, file_sha256, manifest_digest
 
@@ -138,12 +138,9 @@ def check_out_dir(out_dir) -> None:
             f"out_dir {os.fspath(out_dir)!r} exists and is not a graphprune artifact; refusing to "
             f"replace it (choose another out_dir or remove it)"
         )
-    for parent in path.parents:  # a file where a parent directory should be
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"out_dir {os.fspath(out_dir)!r}: {parent} is a file, not a "
-                                  f"directory")  # fmt: skip
-            break
+    parent = existing_ancestor(path)[0]  # a file where a parent directory should be
+    if not parent.is_dir():
+        raise ConfigError(f"out_dir {os.fspath(out_dir)!r}: {parent} is a file, not a directory")
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["STALE_AFTER_S", "make_staging_dir", "remove_stale", "staging_path"]
+__all__ = ["STALE_AFTER_S", "existing_ancestor", "make_staging_dir", "remove_stale", "staging_path"]
 
 #: age after which a staging entry is stale even if a process of its id is running
 STALE_AFTER_S = 48 * 3600
@@ -103,3 +103,14 @@ def remove_stale(directory: str | os.PathLike, name: str | None = None,
         except OSError:
             continue
     return removed
+
+
+def existing_ancestor(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """The nearest ancestor of ``path`` that exists (it may be a file, which a writer must
+    refuse), and the topmost missing directory between them (``None``: the parent exists)."""
+    top = None
+    for d in Path(os.path.abspath(path)).parents:
+        if d.exists() or d.is_symlink():
+            return d, top
+        top = d
+    raise AssertionError("unreachable: the filesystem root exists")

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from graphprune.ir.errors import ConfigError
-from graphprune.staging import make_staging_dir, remove_stale, staging_path
+from graphprune.staging import existing_ancestor, make_staging_dir, remove_stale, staging_path
 
 __all__ = ["check_output", "check_replaceable", "check_writable", "make_parent",
            "missing_parent", "staging_dir", "swap_into_place", "write_file_atomic",
@@ -32,13 +32,9 @@ __all__ = ["check_output", "check_replaceable", "check_writable", "make_parent",
 def missing_parent(path: str | os.PathLike) -> Path | None:
     """The topmost directory above ``path`` that does not exist yet (``None``: the parent
     exists). An ancestor that is a file is a :class:`ConfigError`."""
-    top = None
-    for d in Path(os.path.abspath(path)).parents:
-        if d.exists() or d.is_symlink():
-            if not d.is_dir():
-                raise ConfigError(f"cannot write {path}: {d} is a file, not a directory")
-            return top
-        top = d
+    anc, top = existing_ancestor(path)
+    if not anc.is_dir():
+        raise ConfigError(f"cannot write {path}: {anc} is a file, not a directory")
     return top
 
 
@@ -75,11 +71,8 @@ def check_output(path: str | os.PathLike, force: bool, *, directory: bool = Fals
                               f"{os.path.join(str(path), 'model.onnx')}")  # fmt: skip
         elif not force:
             raise ConfigError(f"{path} exists: choose another output or pass --force to replace it")
-    anc = p.parent
-    while not (anc.exists() or anc.is_symlink()):
-        anc = anc.parent
-    if not anc.is_dir():
-        raise ConfigError(f"cannot write {path}: {anc} is a file, not a directory")
+    missing_parent(path)  # an ancestor that is a file is refused there
+    anc = existing_ancestor(p)[0]
     probe = staging_path(anc / "probe", "tmp")
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
