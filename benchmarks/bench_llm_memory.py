@@ -2,7 +2,9 @@
 
 The model is a ``LlamaForCausalLM`` of TinyLlama-1.1B's shape (hidden 2048, intermediate 5632,
 22 layers, 32 heads, 4 kv heads, vocab 32000) with random weights, built directly in the dtype
-measured (fp32 or bf16, no fp32 intermediate). Calibration: 8 sequences of 256 random tokens, one
+measured (fp32 or bf16, no fp32 intermediate); ``--shape 3b``: Llama-3.2-3B's shape instead
+(hidden 3072, intermediate 8192, 28 layers, 24 heads, 8 kv heads, vocab 128256, head tied to
+the embedding; fp32 12.0 GiB), in a table of its own. Calibration: 8 sequences of 256 random tokens, one
 sequence per batch.
 
 Each configuration runs in its own subprocess: imports, model build and calibration data first,
@@ -11,7 +13,7 @@ then the baseline (``VmRSS``), then the high-water mark is reset (``/proc/self/c
 model, compared with the model's own bytes (issue 17's goal: <= 1.25x, SparseGPT may add one
 layer's Hessian and its inverse). Usage::
 
-    .venv/bin/python benchmarks/bench_llm_memory.py [--dtypes fp32,bf16]
+    .venv/bin/python benchmarks/bench_llm_memory.py [--shape 1b|3b] [--dtypes fp32,bf16]
         [--methods wanda:22,sparsegpt:2] [--before DIR] [--no-write]
 
 Rows run in the order of ``--dtypes`` within ``--methods``, every "after" row before any
@@ -39,9 +41,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from record import status_kib  # noqa: E402
 START, END = "<!-- bench_llm_memory:start -->", "<!-- bench_llm_memory:end -->"
-SHAPE = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
-         "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
-         "max_position_embeddings": 2048}
+SHAPES = {
+    # TinyLlama-1.1B
+    "1b": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+           "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+           "max_position_embeddings": 2048},
+    # Llama-3.2-3B (tied embedding and head; fp32 12.0 GiB)
+    "3b": {"vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192,
+           "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+           "head_dim": 128, "max_position_embeddings": 2048, "tie_word_embeddings": True},
+}
+SHAPE_NAMES = {"1b": "TinyLlama-1.1B", "3b": "Llama-3.2-3B"}
 N_SEQ, SEQ_LEN = 8, 256
 GIB = 2**30
 
@@ -62,7 +72,7 @@ def _child(args) -> None:
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    cfg = transformers.LlamaConfig(**{**SHAPE, "num_hidden_layers": args.layers},
+    cfg = transformers.LlamaConfig(**{**SHAPES[args.shape], "num_hidden_layers": args.layers},
                                    use_cache=False)
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy on the way
@@ -94,7 +104,8 @@ def _child(args) -> None:
 
 
 def _run(args, dtype: str, method: str, layers: int, src: str | None, label: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--method", method,
+    cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--dtype", dtype,
+           "--method", method,
            "--layers", str(layers), "--threads", str(args.threads)]
     if src:
         cmd += ["--src", src]
@@ -125,18 +136,27 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="wanda", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b",
+                    help="1b (its table) or 3b (a table of its own, after the 1b one)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--methods", default="wanda:22,sparsegpt:2")
-    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"],
+    ap.add_argument("--layers", type=int, default=None,
                     help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--before", default=None, help="also run the code in this directory")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.layers is None:
+        args.layers = SHAPES[args.shape]["num_hidden_layers"]
     if args.child:
         _child(args)
         return
+    shape = SHAPES[args.shape]
+    start, end_marker = START, END
+    if args.shape != "1b":
+        start, end_marker = (f"<!-- bench_llm_memory_{args.shape}:start -->",
+                             f"<!-- bench_llm_memory_{args.shape}:end -->")
     load = os.getloadavg()
     label = "before"
     if args.before:
@@ -147,7 +167,7 @@ def main() -> None:
         for item in args.methods.split(","):
             method, _, layers = item.partition(":")
             for dtype in args.dtypes.split(","):
-                plan.append((dtype, method, int(layers or SHAPE["num_hidden_layers"]), src, code))
+                plan.append((dtype, method, int(layers or shape["num_hidden_layers"]), src, code))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from record import cpu_name, write_block
 
@@ -163,18 +183,28 @@ def main() -> None:
         head = (f"Machine: {cpu_name()}, {args.threads} threads; {datetime.date.today()}; load "
                 f"average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after the "
                 f"last row {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (a shared machine: times are "
-                f"noisy). Llama of TinyLlama-1.1B's shape ({SHAPE['num_hidden_layers']} layers, or "
+                f"noisy). Llama of {SHAPE_NAMES[args.shape]}'s shape "
+                f"({shape['num_hidden_layers']} layers, or "
                 f"cut to the layers listed), random weights; {N_SEQ} calibration sequences of "
                 f"{SEQ_LEN} tokens; `gp.sparsify(model, sparsity=0.5, method=..., calib=..., "
                 "inplace=True)`. Peak = VmHWM (reset after the model was built) minus the RSS "
                 "then, in a fresh process per row. Produced by `benchmarks/bench_llm_memory.py`."
                 + done)
         if not args.no_write:
-            write_block(START, END, f"### LLM sparsify memory (issue 17)\n\n{head}\n\n"
-                        f"{_table(rows)}")
+            title = "LLM sparsify memory" + ("" if args.shape == "1b" else
+                                             f", {SHAPE_NAMES[args.shape]} shape")
+            write_block(start, end_marker, f"### {title} (issue 17)\n\n{head}\n\n"
+                        f"{_table(rows)}", insert=_after_1b)
     print()
     print(head)
     print(_table(rows))
+
+def _after_1b(text: str, block: str) -> str:
+    if END in text:
+        i = text.index(END) + len(END)
+        return text[:i] + "\n\n" + block + text[i:]
+    return text.rstrip() + "\n\n" + block + "\n"
+
 
 if __name__ == "__main__":
     main()
