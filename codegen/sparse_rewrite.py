@@ -57,6 +57,9 @@ KERNEL_CHOICES = ("auto", "dense", "csr", "bsr", "nm")
 AUTO_MAX_DENSITY = 0.7
 _BLOCKS = [(16, 1), (8, 8), (4, 4), (1, 16), (8, 1), (2, 2)]
 _NM = [(1, 4), (2, 8), (2, 4), (4, 8)]
+# Part of every ``auto`` cache key: a change of the kernels (or of how a layer is called) bumps
+# it, so decisions measured with the old kernels are not reused
+KERNELS_REVISION = "rows1"
 
 
 def default_cache_path() -> Path:
@@ -104,8 +107,8 @@ class Candidate:
     fmt: str
     options: dict
 
-    def kernel(self, w, batch, lanes):
-        return make_kernel(w, self.fmt, batch, lanes=lanes, **self.options)
+    def kernel(self, w, batch, lanes, rows: bool = False):
+        return make_kernel(w, self.fmt, batch, lanes=lanes, rows=rows, **self.options)
 
 
 def _candidates(w: np.ndarray, kernels: str) -> tuple[list[Candidate], str]:
@@ -231,7 +234,8 @@ def _decide(layer: MatrixLayer, kernels, target, cache: _DecisionCache, lanes):
         return cands[0], {**record, "sparsity": kernels, "options": _jsonable(cands[0].options)}
     pattern = ",".join(f"{c.fmt}:{_jsonable(c.options)}" for c in cands)
     sig = f"{layer.signature}|" if layer.signature else ""
-    key = f"{target}|{sig}{w.shape[0]}x{w.shape[1]}|b{batch}|{pattern}|d{density:.2f}"
+    shape = f"{w.shape[0]}x{w.shape[1]}"
+    key = f"{target}|{KERNELS_REVISION}|{sig}{shape}|b{batch}|{pattern}|d{density:.2f}"
     hit = cache.get(key)
     if hit is None:
         probe = layer.probe()
@@ -288,7 +292,7 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int, masks: dict | None = Non
             if cand is None:
                 return call
             try:
-                kern = cand.kernel(layer.dense, layer.batch, lanes)
+                kern = cand.kernel(layer.dense, layer.batch, lanes, rows=layer.to_rows is not None)
             except CodegenUnsupported as e:
                 record.update(sparsity="dense", reason=str(e))
                 return call
@@ -303,6 +307,11 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int, masks: dict | None = Non
                 new_values.append(arr)
                 vars_.append(v)
             emit = self.builder_.emit
+            record["layout"] = kern.layout
+            if kern.layout == "rows":
+                out_ty = relax.TensorType((layer.batch, n), "float32")
+                y = emit(relax.call_tir(gv, [layer.to_rows(emit), *vars_], out_ty=out_ty))
+                return layer.from_rows(emit, y)
             xt = layer.to_xt(emit)
             out_ty = relax.TensorType((n, layer.batch), "float32")
             yt = emit(relax.call_tir(gv, [xt, *vars_], out_ty=out_ty))

@@ -17,6 +17,7 @@ from graphprune.codegen.kernels.cpu_bsr import bsr_kernel
 from graphprune.codegen.kernels.cpu_common import PARALLEL_CHUNKS, balanced_row_split
 from graphprune.codegen.kernels.cpu_csr import csr_kernel, pad_rows, word_indices
 from graphprune.codegen.kernels.cpu_nm import nm_kernel
+from graphprune.codegen.kernels.cpu_panel import csr_panel_kernel, nm_panel_kernel, panel_fits
 from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["FORMATS", "SparseKernel", "make_kernel", "build_kernel", "run_kernel", "time_kernel"]
@@ -35,6 +36,9 @@ class SparseKernel:
     weights: list[np.ndarray]
     key: tuple
     detail: dict = field(default_factory=dict)
+    # "xt": the kernel takes XT[K, B] and returns YT[N, B] (the caller transposes); "rows": it
+    # takes X[B, K] and returns Y[B, N] (:mod:`.cpu_panel`, which packs the panel itself)
+    layout: str = "xt"
 
     @property
     def nbytes(self) -> int:
@@ -50,10 +54,22 @@ def _pad_empty(arrays: list[np.ndarray], count: int) -> list[np.ndarray]:
     return [np.zeros((1, *a.shape[1:]), a.dtype) for a in nz] + [indptr]
 
 
+def _panel_parts(batch: int) -> int:
+    """Row parts per batch tile of a panel kernel: at least two parallel tasks (the projects'
+    machines have 2 cores; a second part repeats the tile's packing, so only when needed)."""
+    from graphprune.codegen.kernels.cpu_panel import panel_acc
+
+    return 2 if batch // (16 * panel_acc(batch)) < 2 else 1
+
+
 def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
-                lanes: int = 16) -> SparseKernel:  # fmt: skip
+                lanes: int = 16, rows: bool = False) -> SparseKernel:  # fmt: skip
     """Compress ``w`` (``[N, K]``, masked: pruned entries exactly zero) for ``fmt`` and make the
     kernel for ``batch`` rows of activations.
+
+    ``rows=True``: the caller can hand the activations as ``X[B, K]`` and take ``Y[B, N]``;
+    CSR and N:M then use the row-major panel kernels (:mod:`.cpu_panel`) where the sizes allow
+    (``kernel.layout == "rows"``), which need no transposes around them.
 
     Raises ``CodegenUnsupported`` when ``w`` does not fit ``fmt`` (e.g. a group with more than
     ``N`` nonzeros for ``nm``).
@@ -68,6 +84,28 @@ def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
     if batch < 1:
         raise ConfigError(f"batch must be >= 1, got {batch}")
     n, k = w.shape
+    panel = rows and fmt in ("csr", "nm") and panel_fits(n, k, batch, lanes)
+    if panel and fmt == "csr":
+        c = formats.compress_csr(w)
+        idx = str(c.indices.dtype)
+        arrays = _pad_empty(c.arrays(), c.nnz)
+        parts = _panel_parts(batch)
+        split = balanced_row_split(arrays[-1][::16], parts)
+        func = csr_panel_kernel(n, k, batch, idx, parts)
+        key = ("csr_panel", n, k, batch, idx, parts)
+        detail = {"nnz": c.nnz, "index_dtype": idx, "layout": "rows"}
+        return SparseKernel(fmt, (n, k), batch, func, arrays + [split], key, detail, "rows")
+    if panel and fmt == "nm":
+        c = formats.compress_nm(w, *nm)
+        kept = c.values.shape[1]
+        parts = _panel_parts(batch)
+        split = (np.arange(parts + 1) * (n // 16) // parts).astype(np.int32)
+        func = nm_panel_kernel(n, k, batch, (c.n, c.m), kept, parts)
+        key = ("nm_panel", n, k, batch, (c.n, c.m), kept, parts)
+        # the panel frame takes three weight arrays; N:M has two, the third is never read
+        arrays = [*c.arrays(), np.zeros(1, np.int32), split]
+        return SparseKernel(fmt, (n, k), batch, func, arrays, key,
+                            {"nm": [c.n, c.m], "layout": "rows"}, "rows")  # fmt: skip
     if fmt == "csr":
         c = formats.compress_csr(w)
         idx = str(c.indices.dtype)
@@ -120,16 +158,21 @@ def _args(kernel: SparseKernel, x: np.ndarray):
     import tvm
 
     n, k = kernel.shape
-    xt = np.ascontiguousarray(np.asarray(x, np.float32).reshape(kernel.batch, k).T)
-    out = tvm.runtime.tensor(np.zeros((n, kernel.batch), np.float32))
-    return [tvm.runtime.tensor(xt)] + [tvm.runtime.tensor(a) for a in kernel.weights] + [out]
+    x = np.asarray(x, np.float32).reshape(kernel.batch, k)
+    if kernel.layout == "rows":
+        xin, out = x, np.zeros((kernel.batch, n), np.float32)
+    else:
+        xin, out = np.ascontiguousarray(x.T), np.zeros((n, kernel.batch), np.float32)
+    return ([tvm.runtime.tensor(np.ascontiguousarray(xin))]
+            + [tvm.runtime.tensor(a) for a in kernel.weights] + [tvm.runtime.tensor(out)])  # fmt: skip
 
 
 def run_kernel(kernel: SparseKernel, x: np.ndarray, target) -> np.ndarray:
     """``x[B, K] @ W.T`` through the compiled kernel (numpy in and out)."""
     args = _args(kernel, x)
     build_kernel(kernel, target)["sparse_kernel"](*args)
-    return args[-1].numpy().T
+    y = args[-1].numpy()
+    return y if kernel.layout == "rows" else y.T
 
 
 def time_kernel(kernel: SparseKernel, target, number: int = 10, repeat: int = 3) -> float:

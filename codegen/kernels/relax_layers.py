@@ -45,6 +45,10 @@ class MatrixLayer:
     from_yt: Callable  # (emit, YT[N, B]) -> the call's result
     probe: Callable  # () -> LoweredModel with only this layer, dense
     keep: np.ndarray | None = None  # bool [N, K]: the weight's mask (True = kept), if known
+    # Linears only: (emit) -> X[B, K] and (emit, Y[B, N]) -> the call's result, for the
+    # row-major kernels (no transposes); None where the layer has no such form (convs)
+    to_rows: Callable | None = None
+    from_rows: Callable | None = None
 
     def pattern(self) -> np.ndarray:
         """The sparsity pattern as the nonzeros of an ``[N, K]`` array: the mask where known,
@@ -112,13 +116,19 @@ def match_linear(call, x, rhs, weight_of: dict, lookup, mask_of=None) -> MatrixL
         y = relax.op.reshape(yt, (1, n)) if batch == 1 else relax.op.permute_dims(yt, [1, 0])
         return y if len(xshape) == 2 else relax.op.reshape(emit(y), (*xshape[:-1], n))
 
+    def to_rows(emit):
+        return x if len(xshape) == 2 else emit(relax.op.reshape(x, (batch, k)))
+
+    def from_rows(emit, y):
+        return y if len(xshape) == 2 else relax.op.reshape(y, (*xshape[:-1], n))
+
     def probe():
         def op(bb, xv, wv):
             return relax.op.matmul(xv, bb.emit(relax.op.permute_dims(wv, [1, 0])))
 
         return _one_op_model((batch, k), np.ascontiguousarray(dense), op, (batch, n), "probe")
 
-    return MatrixLayer(wvar, dense, batch, "", to_xt, from_yt, probe, keep)
+    return MatrixLayer(wvar, dense, batch, "", to_xt, from_yt, probe, keep, to_rows, from_rows)
 
 
 def match_conv2d(call, weight_of: dict, mask_of=None) -> MatrixLayer | None:
