@@ -141,3 +141,26 @@ def test_tiny_bert_softmax_and_layer_norm_use_the_rule_and_match_torch(dynamic, 
         calls.append((ids, mask))
     for xs in calls:
         assert_matches(art(*xs), torch_outputs(model, xs))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "rms_norm"])
+def test_symbolic_row_length_is_vectorised_with_a_peeled_tail(kind):
+    """A symbolic row length (attention's key length in a dynamic artifact): every pass over
+    the row runs whole vectors, then a scalar tail (codegen/tail_peel.py), and the result is
+    right at lengths around the vector width: no tail, a tail only, both."""
+    shape = ["b", 3, "s"] if kind == "softmax" else ["b", 3, "d"]
+    vm, report = _build(kind, shape)
+    assert {r["rule"] for r in report.values()} == {"RowReduction"}, report
+    mod = _relax(kind, shape)
+    func = next(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+    text = RowReduction().apply(func, TARGET, False).mod["main"].script()
+    passes = 3 if kind == "softmax" else 2  # max, sum, output / sum of squares, output
+    assert text.count("T.vectorized(") >= passes, text  # (+ vector inits of the partials)
+    assert text.count("T.where(") == passes, text  # one predicated tail per pass
+    rng = np.random.default_rng(0)
+    for n in (1, 15, 16, 17, 33, 64):
+        x = (3 * rng.standard_normal((2, 3, n))).astype("float32")
+        g = rng.standard_normal(n).astype("float32")
+        args = [x] if kind == "softmax" else [x, g]
+        out = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+        np.testing.assert_allclose(out, _reference(kind, x, g), rtol=1e-5, atol=1e-5)
