@@ -171,13 +171,22 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from record import cpu_name, write_block
 
-    rows = []
+    rows, skipped = [], []
     for dtype, method, layers, src, code in plan:
-        rows.append(_run(args, dtype, method, layers, src, code))
-        print(_table(rows[-1:]), flush=True)
+        need, free = _model_gib(args.shape, layers, dtype) + 4, _available_gib()
+        if free < need:  # a shared machine: never push the others out of memory
+            skipped.append(f"{dtype} {method} ({layers} layers) not run: {free:.1f} GiB "
+                           f"available, it needs the model's bytes + 4 = {need:.1f} GiB")
+            print(skipped[-1], flush=True)
+        else:
+            rows.append(_run(args, dtype, method, layers, src, code))
+            print(_table(rows[-1:]), flush=True)
+        if not rows:
+            continue
         # Recorded after every row: a run cut short still leaves what it measured, and says so.
-        done = "" if len(rows) == len(plan) else (
+        done = "" if len(rows) + len(skipped) == len(plan) else (
             f" Incomplete run: {len(rows)} of the {len(plan)} rows planned were measured.")
+        done += "".join(f" {s}." for s in skipped)
         rows.sort(key=lambda r: (r["method"], r["dtype"], r["code"] == "after"))
         end = os.getloadavg()
         head = (f"Machine: {cpu_name()}, {args.threads} threads; {datetime.date.today()}; load "
@@ -195,9 +204,28 @@ def main() -> None:
                                              f", {SHAPE_NAMES[args.shape]} shape")
             write_block(start, end_marker, f"### {title} (issue 17)\n\n{head}\n\n"
                         f"{_table(rows)}", insert=_after_1b)
-    print()
-    print(head)
-    print(_table(rows))
+    if rows:
+        print()
+        print(head)
+        print(_table(rows))
+
+
+def _model_gib(shape: str, layers: int, dtype: str) -> float:
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{**SHAPES[shape], "num_hidden_layers": layers})
+    with torch.device("meta"):
+        n = sum(p.numel() for p in transformers.LlamaForCausalLM(cfg).parameters())
+    return n * (4 if dtype == "fp32" else 2) / GIB
+
+
+def _available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
 
 def _after_1b(text: str, block: str) -> str:
     if END in text:
