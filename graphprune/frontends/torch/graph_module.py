@@ -15,9 +15,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from graphprune.frontends.torch.arrays import as_numpy, as_tensor
+from graphprune.frontends.torch.arrays import as_numpy
 from graphprune.frontends.torch.dynamic import install_input_check
-from graphprune.frontends.torch.nodes import aten_name, get_tensor
+from graphprune.frontends.torch.nodes import aten_name, get_tensor, replacement, set_tensor
 from graphprune.ir.errors import VerificationError
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
@@ -145,18 +145,6 @@ ARG_REWRITES: dict[str, Callable[[_Ctx, torch.fx.Node], None]] = {
 }  # fmt: skip
 
 
-def _set_tensor(gm: torch.nn.Module, target: str, new: torch.Tensor) -> None:
-    """Put ``new`` at ``target``; a tensor set under several (tied) names stays one object."""
-    *path, leaf = target.split(".")
-    owner = gm.get_submodule(".".join(path)) if path else gm
-    if isinstance(new, torch.nn.Parameter):
-        setattr(owner, leaf, new)
-    elif leaf in getattr(owner, "_buffers", {}):
-        owner._buffers[leaf] = new
-    else:
-        setattr(owner, leaf, new)
-
-
 def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True,
                      share: bool = False) -> torch.fx.GraphModule:  # fmt: skip
     """A new GraphModule computing ``pg``'s model with the plan's channels removed.
@@ -179,11 +167,9 @@ def apply_plan_torch(pg: PruneGraph, plan: RemovalPlan, verify: bool = True,
             old = state.get(n.target)
             if old is None:
                 old = get_tensor(gm, n.target)
-            new = as_tensor(slice_array(as_numpy(old), vid[n.name], plan), old.dtype)
-            if isinstance(old, torch.nn.Parameter):
-                new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            new = replacement(old, slice_array(as_numpy(old), vid[n.name], plan))
             for target in aliases.get(id(old), [n.target]):
-                _set_tensor(gm, target, new)
+                set_tensor(gm, target, new)
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.name in pg.nx:
             rw = ARG_REWRITES.get(aten_name(n.target))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from graphprune.frontends.torch import hf
-from graphprune.frontends.torch.arrays import as_tensor
+from graphprune.frontends.torch.nodes import get_tensor, replacement, set_tensor
 from graphprune.frontends.torch.outputs import flatten_outputs
 from graphprune.ir import PruneGraph
 from graphprune.ir.plan import RemovalPlan, slice_array
@@ -81,21 +81,13 @@ def _load(model: nn.Module, pg: PruneGraph, plan: RemovalPlan,
         val = pg.value(v)
         if v not in plan.new_shapes or val.param in done:
             continue
-        owner, leaf = _owner(model, val.param)
-        old = getattr(owner, leaf)
         if new is not None:
             tensor = new[val.param]
         else:
-            tensor = as_tensor(slice_array(np.asarray(pg.weights[val.param]), v, plan), old.dtype)
-            if isinstance(old, nn.Parameter):
-                tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            old = get_tensor(model, val.param)
+            tensor = replacement(old, slice_array(np.asarray(pg.weights[val.param]), v, plan))
         done[val.param] = tensor
-        if isinstance(old, nn.Parameter):
-            setattr(owner, leaf, tensor)
-        elif leaf in owner._buffers:
-            owner._buffers[leaf] = tensor
-        else:
-            setattr(owner, leaf, tensor)
+        set_tensor(model, val.param, tensor)
     return done
 
 
