@@ -212,9 +212,12 @@ def pretrained_tiny(family: str, seed: int = 0) -> tuple[nn.Module, tuple[Tensor
     """The ``transformers`` model itself (no :class:`TensorOutputs` wrapper), as a user holds it.
 
     ``family`` is ``llama`` (GQA: 4 heads, 2 kv heads), ``qwen2`` (GQA, q/k/v biases),
-    ``gpt2`` (tied lm_head, fused ``c_attn``), ``bert`` or ``vit``; all hidden 64, 2 layers,
-    intermediate 128, vocab 128. Returns ``(model in eval mode, (input_ids,) or (pixel_values,))``
-    with batch 2 and sequence 16. ``use_cache`` keeps its default, so decoders can ``generate()``.
+    ``gpt2`` (tied lm_head, fused ``c_attn``), ``bert``, ``vit``, ``t5`` (``T5EncoderModel``:
+    ``d_kv`` 16, relative position bias shared by the layers) or ``whisper`` (``WhisperEncoder``:
+    16 mel bins, two convolutions halving 64 frames to 32 positions, which its forward requires
+    exactly); all hidden 64, 2 layers, 4 heads, intermediate 128, vocab 128. Returns ``(model in
+    eval mode, (input_ids,), (pixel_values,) or (input_features,))`` with batch 2 and sequence
+    16 (Whisper: 64 frames). ``use_cache`` keeps its default, so decoders can ``generate()``.
     """
     import transformers as tf
 
@@ -225,13 +228,24 @@ def pretrained_tiny(family: str, seed: int = 0) -> tuple[nn.Module, tuple[Tensor
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**decoder)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder)),
         "gpt2": lambda: tf.GPT2LMHeadModel(
-            tf.GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                          bos_token_id=0, eos_token_id=0)
+            tf.GPT2Config(
+                vocab_size=128,
+                n_positions=64,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
         ),
         "bert": lambda: tf.BertModel(
             tf.BertConfig(vocab_size=128, max_position_embeddings=64, **small)
         ),
         "vit": lambda: tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)),
+        "t5": lambda: tf.T5EncoderModel(
+            tf.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+        ),
+        "whisper": lambda: _whisper_encoder(small),
     }
     if family not in makers:
         raise ValueError(f"unknown family {family!r}: one of {sorted(makers)}")
@@ -240,4 +254,22 @@ def pretrained_tiny(family: str, seed: int = 0) -> tuple[nn.Module, tuple[Tensor
         model = makers[family]().eval()
         if family == "vit":
             return model, (torch.randn(2, 3, 32, 32),)
+        if family == "whisper":
+            return model, (torch.randn(2, 16, 64),)
         return model, (torch.randint(0, 128, (2, 16), dtype=torch.int64),)
+
+
+def _whisper_encoder(small: dict[str, int]) -> nn.Module:
+    """``WhisperEncoder`` (the encoder half of ``WhisperModel``, a ``PreTrainedModel`` itself);
+    special token ids inside the small vocabulary, which the config validates."""
+    import transformers as tf
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = tf.WhisperConfig(
+        vocab_size=128, d_model=small["hidden_size"], encoder_layers=small["num_hidden_layers"],
+        encoder_attention_heads=small["num_attention_heads"],
+        encoder_ffn_dim=small["intermediate_size"], decoder_layers=1, num_mel_bins=16,
+        max_source_positions=32, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    return WhisperEncoder(cfg)

@@ -34,9 +34,12 @@ from torch import nn
 from graphprune.ir.errors import ConfigError
 
 PLAN_FILE = "graphprune_plan.json"
-_MLP_SIZE = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
-_HEAD_SIZE = ("head_dim", "attention_head_size")
-_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+# Whisper's config has encoder_ffn_dim and decoder_ffn_dim: an encoder alone reads the first.
+_MLP_SIZE = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim")
+_HEAD_SIZE = ("head_dim", "attention_head_size", "key_value_proj_dim")  # T5: d_kv
+_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
+# An MLP block's first projection: Llama/Qwen2 (gate, up), Whisper/OPT, GPT-2, T5, gated T5.
+_MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "wi", "wi_0")
 
 
 def is_hf(model: Any) -> bool:
@@ -140,12 +143,17 @@ def probe_kinds(model: nn.Module) -> dict[str, str | None]:
             "residual stream would change the head size")  # fmt: skip
     key = next((k for k in _MLP_SIZE if hasattr(cfg, k)), None)
     out["mlp"] = None if key else f"{cname} has no intermediate size field ({', '.join(_MLP_SIZE)})"
+    out["other"] = (
+        f"{cname} has no field for these channels (neither attention heads, the "
+        "MLP width nor the residual stream, e.g. a convolutional front end)"
+    )
     return out
 
 
 def group_kind(model: nn.Module, members: list[tuple[str, int]], is_head: bool) -> str:
-    """``hidden`` (the residual stream), ``heads``, ``head_dim`` or ``mlp`` for a coupled group
-    given its ``(parameter name, axis)`` members."""
+    """``hidden`` (the residual stream), ``heads``, ``head_dim``, ``mlp`` or ``other`` (channels
+    no config field sizes, such as Whisper's convolutional front end) for a coupled group given
+    its ``(parameter name, axis)`` members."""
     emb = model.get_input_embeddings()
     emb_names = {n for n, p in model.named_parameters(remove_duplicate=False)
                  if any(p is q for q in emb.parameters())}  # fmt: skip
@@ -154,7 +162,10 @@ def group_kind(model: nn.Module, members: list[tuple[str, int]], is_head: bool) 
     attn = [n for n, _ in _attention_modules(model)]
     if any(any(p.startswith(a + ".") for a in attn) for p, _ in members):
         return "heads" if is_head else "head_dim"
-    return "mlp"
+    mlp = [n for n, m in model.named_modules() if _mlp_width(m) is not None]
+    if any(any(p.startswith(a + ".") for a in mlp) for p, _ in members):
+        return "mlp"
+    return "other"
 
 
 def unexpressible(model: nn.Module, groups: list[tuple[int, list[tuple[str, int]], bool]]
@@ -187,15 +198,16 @@ def update_modules(model: nn.Module) -> None:
     for _, a in _attention_modules(model):
         d = _head_size(a)
         heads, kv = (w // d for w in _widths(a))
-        for attr in ("num_heads", "num_attention_heads"):
+        for attr in ("num_heads", "num_attention_heads", "n_heads"):
             if hasattr(a, attr):
                 setattr(a, attr, heads)
         if hasattr(a, "num_key_value_heads"):
             a.num_key_value_heads = kv
         if hasattr(a, "num_key_value_groups"):
             a.num_key_value_groups = heads // max(kv, 1)
-        if hasattr(a, "all_head_size"):
-            a.all_head_size = heads * d
+        for attr in ("all_head_size", "inner_dim"):  # inner_dim: T5
+            if hasattr(a, attr):
+                setattr(a, attr, heads * d)
         if hasattr(a, "split_size"):  # GPT-2: c_attn's output splits into three equal parts
             a.split_size = a.embed_dim = heads * d
     for m in model.modules():
@@ -210,24 +222,27 @@ def update_modules(model: nn.Module) -> None:
 def _mlp_width(m: nn.Module) -> int | None:
     """The hidden width of an MLP block (its first projection's outputs), None for other modules.
     BERT's block is ``intermediate.dense``; GPT-2's ``mlp.c_fc`` is a Conv1D (in × out)."""
-    for name in ("gate_proj", "up_proj", "fc1", "c_fc"):
+    for name in _MLP_IN:
         lin = getattr(m, name, None)
         if isinstance(lin, nn.Linear):
             return lin.out_features
         if lin is not None and hasattr(lin, "nf"):
             return lin.weight.shape[1]
-    if type(m).__name__.endswith("Intermediate") and isinstance(getattr(m, "dense", None), nn.Linear):
+    if type(m).__name__.endswith("Intermediate") and isinstance(
+        getattr(m, "dense", None), nn.Linear
+    ):
         return m.dense.out_features
     return None
 
 
 def _hidden_width(model: nn.Module) -> int:
     """Width of the residual stream: the token embedding's columns, or the output channels of
-    a patch embedding's projection (ViT)."""
+    a patch embedding's projection (ViT) or of the first convolution (Whisper's ``conv1``, as
+    wide as the stream in every Whisper config)."""
     emb = model.get_input_embeddings()
     if isinstance(emb, nn.Embedding):
         return emb.weight.shape[1]
-    proj = next(m for m in emb.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    proj = next(m for m in emb.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)))
     return proj.weight.shape[0]
 
 
@@ -320,8 +335,10 @@ def load_pruned(path: str | os.PathLike) -> nn.Module:
 
     plan_path = os.path.join(path, PLAN_FILE)
     if not os.path.exists(plan_path):
-        raise ConfigError(f"{os.fspath(path)!r} has no {PLAN_FILE}: it was not written by "
-                          "PruneResult.save_pretrained; load it with transformers' from_pretrained")
+        raise ConfigError(
+            f"{os.fspath(path)!r} has no {PLAN_FILE}: it was not written by "
+            "PruneResult.save_pretrained; load it with transformers' from_pretrained"
+        )
     with open(plan_path) as f:
         plan = json.load(f)
     if plan.get("format") != 1:
@@ -334,8 +351,10 @@ def load_pruned(path: str | os.PathLike) -> nn.Module:
     cls = getattr(importlib.import_module(mod), str(plan.get("class")), None) if (
         mod.startswith("transformers.")) else None  # fmt: skip
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise ConfigError(f"{plan_path}: {mod}.{plan.get('class')} is not a transformers model "
-                          "class; graphprune.from_pretrained rebuilds transformers models only")
+        raise ConfigError(
+            f"{plan_path}: {mod}.{plan.get('class')} is not a transformers model "
+            "class; graphprune.from_pretrained rebuilds transformers models only"
+        )
     cfg = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = cls(cfg)
@@ -402,7 +421,10 @@ def drop_layers(model: nn.Module, dropped: list[set[str]], reference: nn.Module,
     with torch.no_grad(), capture_mode(out):
         from graphprune.frontends.torch.outputs import flatten_outputs
 
-        got, want = flatten_outputs(out(*args, **kwargs)), flatten_outputs(reference(*args, **kwargs))
+        got, want = (
+            flatten_outputs(out(*args, **kwargs)),
+            flatten_outputs(reference(*args, **kwargs)),
+        )
     same = len(got) == len(want) and all(a.shape == b.shape and torch.allclose(a, b, atol=1e-5,
                                                                               rtol=1e-4)
                                          for a, b in zip(got, want))  # fmt: skip
