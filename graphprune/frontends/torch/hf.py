@@ -5,8 +5,10 @@ A pruned ``PreTrainedModel`` should stay one: the same class, smaller layers, ev
 ``split_size``, ``intermediate_size``, ``hidden_size``, GPT-2's ``Conv1D.nf``/``nx``) and, where
 every layer agrees, the config, so ``save_pretrained`` → ``from_pretrained`` rebuilds it with no
 graphprune installed. What a config can express differs by family: Llama, Qwen2, Mistral and ViT
-read ``config.head_dim``, so whole heads, MLP width and the residual width can all shrink; BERT
-and GPT-2 compute the head size as hidden ÷ heads, so only the MLP width can. :func:`probe_kinds`
+read ``config.head_dim``, so whole heads, MLP width and the residual width can all shrink, and
+T5 ``d_kv`` (its attention's ``key_value_proj_dim``) with ``num_heads`` and ``d_ff``; BERT,
+GPT-2 and Whisper compute the head size as hidden ÷ heads, so only the MLP width can (Whisper's
+``encoder_ffn_dim``; its convolutional front end has no config field). :func:`probe_kinds`
 asks the class itself (a config change, a model built on the meta device) rather than a table.
 
 Results the config cannot express are saved with :func:`save_pruned` (safetensors weights, the
