@@ -66,7 +66,9 @@ def compile(
         ``dynamic_dims`` (``{name: [min, max]}``, max ``null`` when unbounded) and the inputs'
         shapes name it. Default ``None``: every axis static, as before (one artifact per shape
         runs fastest; see ``benchmarks/bench_dynamic.py`` for what a dynamic artifact costs).
-        Not combinable with sparse ``kernels`` or ``tune=True`` (both specialise on the batch).
+        Not combinable with ``tune=True`` (it specialises on the batch). Sparse ``kernels``
+        take a symbolic batch in the row-major CSR and N:M kernels (AVX-512, Linear sizes
+        multiples of 16); other sparse layers stay dense, with the reason in the manifest.
     target : {"llvm", "cuda"} or dict
         ``"llvm"`` detects the CPU (explicit ``mcpu``, ``num-cores``); ``"cuda"`` uses sm_80.
     out_dir : str or os.PathLike
@@ -132,11 +134,10 @@ def compile(
     check_device(tgt, load)
     step("lowering to Relax")
     lowered = lower(model, example_inputs, dynamic_shapes)
-    if lowered.dims and (kernels != "dense" or tuning is not None):
+    if lowered.dims and tuning is not None:
         raise ConfigError(
-            f"dynamic_shapes with kernels={kernels!r}, tune={tune}: sparse kernels and tuning "
-            f"specialise on one batch size; compile with kernels='dense', tune=False, or "
-            f"without dynamic_shapes (dynamic dims {sorted(lowered.dims)})"
+            f"dynamic_shapes with tune=True: tuning specialises on one batch size; compile "
+            f"with tune=False or without dynamic_shapes (dynamic dims {sorted(lowered.dims)})"
         )
     step("bounds-checking index inputs")
     lowered, index_inputs = check_index_inputs(lowered)

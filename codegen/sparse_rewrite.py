@@ -225,9 +225,13 @@ def _decide(layer: MatrixLayer, kernels, target, cache: _DecisionCache, lanes):
     w, batch = layer.pattern(), layer.batch
     density = float(np.count_nonzero(w) / max(w.size, 1))
     record = {"shape": list(w.shape), "batch": batch, "density": round(density, 4)}
+    if layer.dynamic:
+        record["batch"] = f"dynamic (auto probes {batch} rows)"
     if layer.signature:
         record["layer"] = layer.signature
     cands, reason = _candidates(w, kernels)
+    if layer.dynamic and kernels == "auto":  # only the panel kernels take a symbolic batch
+        cands = [c for c in cands if c.fmt in ("csr", "nm")]
     if not cands:
         return None, {**record, "sparsity": "dense", "reason": reason}
     if kernels != "auto":
@@ -235,7 +239,8 @@ def _decide(layer: MatrixLayer, kernels, target, cache: _DecisionCache, lanes):
     pattern = ",".join(f"{c.fmt}:{_jsonable(c.options)}" for c in cands)
     sig = f"{layer.signature}|" if layer.signature else ""
     shape = f"{w.shape[0]}x{w.shape[1]}"
-    key = f"{target}|{KERNELS_REVISION}|{sig}{shape}|b{batch}|{pattern}|d{density:.2f}"
+    rows = f"{batch}dyn" if layer.dynamic else batch
+    key = f"{target}|{KERNELS_REVISION}|{sig}{shape}|b{rows}|{pattern}|d{density:.2f}"
     hit = cache.get(key)
     if hit is None:
         probe = layer.probe()
@@ -291,14 +296,15 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int, masks: dict | None = Non
             records[name] = record
             if cand is None:
                 return call
+            batch = None if layer.dynamic else layer.batch
             try:
-                kern = cand.kernel(layer.dense, layer.batch, lanes, rows=layer.to_rows is not None)
+                kern = cand.kernel(layer.dense, batch, lanes, rows=layer.to_rows is not None)
             except CodegenUnsupported as e:
                 record.update(sparsity="dense", reason=str(e))
                 return call
             n, k = layer.dense.shape
             kind = "conv" if layer.signature else ""
-            fname = f"sparse_{kern.fmt}{kind}_{n}x{k}_b{layer.batch}"
+            fname = f"sparse_{kern.fmt}{kind}_{n}x{k}_b{batch or 'dyn'}"
             gv = self.builder_.add_func(kern.func.with_attr("global_symbol", fname), fname)
             vars_ = []
             for i, arr in enumerate(kern.weights):
@@ -309,8 +315,9 @@ def _rewrite(lowered: LoweredModel, decide, lanes: int, masks: dict | None = Non
             emit = self.builder_.emit
             record["layout"] = kern.layout
             if kern.layout == "rows":
-                out_ty = relax.TensorType((layer.batch, n), "float32")
-                y = emit(relax.call_tir(gv, [layer.to_rows(emit), *vars_], out_ty=out_ty))
+                x2 = layer.to_rows(emit)
+                out_ty = relax.TensorType((x2.ty.shape.values[0], n), "float32")
+                y = emit(relax.call_tir(gv, [x2, *vars_], out_ty=out_ty))
                 return layer.from_rows(emit, y)
             xt = layer.to_xt(emit)
             out_ty = relax.TensorType((n, layer.batch), "float32")

@@ -18,8 +18,14 @@ Parallel tasks: batch tiles × ``parts`` runs of 16-row blocks with equal nonzer
 packs its own panel, so ``parts > 1`` (only when there are fewer tiles than threads) repeats
 the packing once per part.
 
-Preconditions (else the rewrite keeps the transposed kernels): ``B``, ``N`` and ``K`` multiples
-of 16 and a 16-lane (AVX-512) target.
+Tried and dropped (90% CSR, batch 128, one thread, interleaved best-of, loaded machine): 8
+accumulators (a 128-wide panel) 10-20% slower than 4; even and odd nonzeros into two accumulator
+sets (to hide the FMA latency) 2-6% slower: the loop is not latency-bound.
+
+Any ``B`` of at least 16, or a symbolic ``B`` (dynamic-shape artifacts): a last tile that ``B``
+does not fill packs copies of the last row and stores only the rows that exist. ``N`` and ``K``
+multiples of 16 and a 16-lane (AVX-512) target (else the rewrite keeps the transposed kernels,
+static shapes only).
 """
 
 from __future__ import annotations
@@ -33,14 +39,20 @@ __all__ = ["panel_fits", "panel_acc", "csr_panel_kernel", "nm_panel_kernel"]
 _V = 16  # lanes; the 16 x 16 transpose below is written for 512-bit vectors
 
 
-def panel_fits(n: int, k: int, batch: int, lanes: int) -> bool:
-    """Whether the row-major panel kernels take this layer."""
-    return lanes == _V and batch % _V == 0 and n % _V == 0 and k % _V == 0 and batch > 0
+def panel_fits(n: int, k: int, batch, lanes: int) -> bool:
+    """Whether the row-major panel kernels take this layer: ``batch`` is an int (at least 16;
+    smaller batches are the matrix-vector kernels' business) or ``None`` for a symbolic batch."""
+    sizes = lanes == _V and n % _V == 0 and k % _V == 0
+    return sizes and (batch is None or batch >= _V)
 
 
-def panel_acc(batch: int) -> int:
-    """Vector accumulators per row (the panel is ``16·acc`` batch rows wide)."""
-    return next(a for a in (4, 2, 1) if batch % (_V * a) == 0)
+def panel_acc(batch) -> int:
+    """Vector accumulators per row (the panel is ``16·acc`` batch rows wide): the widest that
+    divides ``batch``, else (a ragged last tile) 4, or fewer for a batch under 64."""
+    if not isinstance(batch, int):
+        return 4
+    even = [a for a in (4, 2, 1) if batch % (_V * a) == 0]
+    return even[0] if even else max(1, min(4, batch // _V))
 
 
 def _masks(bit: int) -> tuple[list[int], list[int]]:
@@ -88,7 +100,15 @@ def _frame(n, k, batch, acc, parts, row_dot, weight_args, has_bias):
     """The panel kernel around ``row_dot(accs, panel, i, w0, w1, w2)`` (a macro that adds row
     ``i`` of ``W`` times the panel into the ``acc`` vectors ``accs``)."""
     width = _V * acc
-    tiles = batch // width
+    if batch is None:  # one kernel for every batch: Relax binds the extent at the call
+        from tvm import tirx
+
+        batch = tirx.Var("batch", "int64")
+    ragged = not isinstance(batch, int) or batch % width != 0
+    tiles = (batch + width - 1) // width
+
+    def src_row(row):  # a ragged last tile packs copies of the last row, never stored
+        return T.min(row, batch - 1) if ragged else row
 
     @T.macro
     def body(x, w0, w1, w2, bias, split, y):
@@ -102,7 +122,8 @@ def _frame(n, k, batch, acc, parts, row_dot, weight_args, has_bias):
             for kb in range(k // _V):
                 for cb in T.unroll(acc):
                     for r in T.unroll(_V):
-                        tr[T.Ramp(r * _V, 1, _V)] = x[b0 + cb * _V + r, T.Ramp(kb * _V, 1, _V)]
+                        tr[T.Ramp(r * _V, 1, _V)] = x[src_row(b0 + cb * _V + r),
+                                                      T.Ramp(kb * _V, 1, _V)]  # fmt: skip
                     _transpose(tr)
                     for r in T.unroll(_V):
                         panel[T.Ramp((kb * _V + r) * width + cb * _V, 1, _V)] = _vec(tr, r * _V)
@@ -123,7 +144,11 @@ def _frame(n, k, batch, acc, parts, row_dot, weight_args, has_bias):
                         tr[T.Ramp(r * _V, 1, _V)] = _vec(stage, r * width + cb * _V)
                     _transpose(tr)
                     for r in T.unroll(_V):
-                        y[b0 + cb * _V + r, T.Ramp(rb * _V, 1, _V)] = _vec(tr, r * _V)
+                        if ragged:
+                            if b0 + cb * _V + r < batch:
+                                y[b0 + cb * _V + r, T.Ramp(rb * _V, 1, _V)] = _vec(tr, r * _V)
+                        else:
+                            y[b0 + cb * _V + r, T.Ramp(rb * _V, 1, _V)] = _vec(tr, r * _V)
 
     (d_shape, d_dtype), (i_shape, i_dtype), (p_shape, p_dtype) = weight_args
 
@@ -159,10 +184,11 @@ def _frame(n, k, batch, acc, parts, row_dot, weight_args, has_bias):
     return panel_spmm
 
 
-def csr_panel_kernel(n: int, k: int, batch: int, index_dtype: str, parts: int = 1,
+def csr_panel_kernel(n: int, k: int, batch: int | None, index_dtype: str, parts: int = 1,
                      bias: bool = False, nnz=None, acc: int | None = None):  # fmt: skip
     """PrimFunc ``(X[B,K], data[nnz], indices[nnz], indptr[N+1], split[parts+1], [bias[N]],
-    Y[B,N])``; ``split``: boundaries of ``parts`` runs of 16-row blocks."""
+    Y[B,N])``; ``split``: boundaries of ``parts`` runs of 16-row blocks; ``batch=None``: a
+    symbolic ``B``."""
     acc = acc or panel_acc(batch)
     width = _V * acc
     nnz = nnz_var() if nnz is None else max(nnz, 1)
@@ -179,7 +205,7 @@ def csr_panel_kernel(n: int, k: int, batch: int, index_dtype: str, parts: int = 
     return _frame(n, k, batch, acc, parts, row_dot, specs, bias)
 
 
-def nm_panel_kernel(n: int, k: int, batch: int, nm: tuple[int, int], kept: int, parts: int = 1,
+def nm_panel_kernel(n: int, k: int, batch: int | None, nm: tuple[int, int], kept: int, parts: int = 1,
                     bias: bool = False):  # fmt: skip
     """PrimFunc ``(X[B,K], values[N,kept], packed[N,kept/per_word], dummy[1], split[parts+1],
     [bias[N]], Y[B,N])``: the :class:`~.formats.NMWeight` arrays (offsets ``bits`` per uint32;

@@ -17,7 +17,12 @@ from graphprune.codegen.kernels.cpu_bsr import bsr_kernel
 from graphprune.codegen.kernels.cpu_common import PARALLEL_CHUNKS, balanced_row_split
 from graphprune.codegen.kernels.cpu_csr import csr_kernel, pad_rows, word_indices
 from graphprune.codegen.kernels.cpu_nm import nm_kernel
-from graphprune.codegen.kernels.cpu_panel import csr_panel_kernel, nm_panel_kernel, panel_fits
+from graphprune.codegen.kernels.cpu_panel import (
+    csr_panel_kernel,
+    nm_panel_kernel,
+    panel_acc,
+    panel_fits,
+)
 from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["FORMATS", "SparseKernel", "make_kernel", "build_kernel", "run_kernel", "time_kernel"]
@@ -54,12 +59,13 @@ def _pad_empty(arrays: list[np.ndarray], count: int) -> list[np.ndarray]:
     return [np.zeros((1, *a.shape[1:]), a.dtype) for a in nz] + [indptr]
 
 
-def _panel_parts(batch: int) -> int:
-    """Row parts per batch tile of a panel kernel: at least two parallel tasks (the projects'
-    machines have 2 cores; a second part repeats the tile's packing, so only when needed)."""
-    from graphprune.codegen.kernels.cpu_panel import panel_acc
-
-    return 2 if batch // (16 * panel_acc(batch)) < 2 else 1
+def _panel_parts(batch) -> int:
+    """Row parts per batch tile of a panel kernel: at least two parallel tasks (the project's
+    machines have 2 cores; a second part repeats the tile's packing, so only when needed). A
+    symbolic batch is taken as large: one part."""
+    if batch is None:
+        return 1
+    return 2 if -(-batch // (16 * panel_acc(batch))) < 2 else 1
 
 
 def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
@@ -69,7 +75,9 @@ def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
 
     ``rows=True``: the caller can hand the activations as ``X[B, K]`` and take ``Y[B, N]``;
     CSR and N:M then use the row-major panel kernels (:mod:`.cpu_panel`) where the sizes allow
-    (``kernel.layout == "rows"``), which need no transposes around them.
+    (``kernel.layout == "rows"``), which need no transposes around them. ``batch=None`` (with
+    ``rows=True``): a kernel for any batch (a symbolic extent), which only the panel kernels
+    are; ``CodegenUnsupported`` where they do not take the layer.
 
     Raises ``CodegenUnsupported`` when ``w`` does not fit ``fmt`` (e.g. a group with more than
     ``N`` nonzeros for ``nm``).
@@ -81,10 +89,15 @@ def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
     ('csr', (4, 4), ['float32', 'int16', 'int32', 'int32'])
     """
     w = np.asarray(w, np.float32)
-    if batch < 1:
-        raise ConfigError(f"batch must be >= 1, got {batch}")
     n, k = w.shape
     panel = rows and fmt in ("csr", "nm") and panel_fits(n, k, batch, lanes)
+    if batch is None and not panel:
+        raise CodegenUnsupported(
+            f"no {fmt} kernel for a symbolic batch of a {n}x{k} weight: only CSR and N:M with "
+            f"both sizes multiples of 16 on an AVX-512 target (lanes {lanes}) take one"
+        )
+    if batch is not None and batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {batch}")
     if panel and fmt == "csr":
         c = formats.compress_csr(w)
         idx = str(c.indices.dtype)
@@ -92,7 +105,7 @@ def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
         parts = _panel_parts(batch)
         split = balanced_row_split(arrays[-1][::16], parts)
         func = csr_panel_kernel(n, k, batch, idx, parts)
-        key = ("csr_panel", n, k, batch, idx, parts)
+        key = ("csr_panel", n, k, batch or "dyn", idx, parts)
         detail = {"nnz": c.nnz, "index_dtype": idx, "layout": "rows"}
         return SparseKernel(fmt, (n, k), batch, func, arrays + [split], key, detail, "rows")
     if panel and fmt == "nm":
@@ -101,7 +114,7 @@ def make_kernel(w: np.ndarray, fmt: str, batch: int, block=(4, 4), nm=(2, 4),
         parts = _panel_parts(batch)
         split = (np.arange(parts + 1) * (n // 16) // parts).astype(np.int32)
         func = nm_panel_kernel(n, k, batch, (c.n, c.m), kept, parts)
-        key = ("nm_panel", n, k, batch, (c.n, c.m), kept, parts)
+        key = ("nm_panel", n, k, batch or "dyn", (c.n, c.m), kept, parts)
         # the panel frame takes three weight arrays; N:M has two, the third is never read
         arrays = [*c.arrays(), np.zeros(1, np.int32), split]
         return SparseKernel(fmt, (n, k), batch, func, arrays, key,
@@ -158,11 +171,11 @@ def _args(kernel: SparseKernel, x: np.ndarray):
     import tvm
 
     n, k = kernel.shape
-    x = np.asarray(x, np.float32).reshape(kernel.batch, k)
+    x = np.asarray(x, np.float32).reshape(-1 if kernel.batch is None else kernel.batch, k)
     if kernel.layout == "rows":
-        xin, out = x, np.zeros((kernel.batch, n), np.float32)
+        xin, out = x, np.zeros((x.shape[0], n), np.float32)
     else:
-        xin, out = np.ascontiguousarray(x.T), np.zeros((n, kernel.batch), np.float32)
+        xin, out = np.ascontiguousarray(x.T), np.zeros((n, x.shape[0]), np.float32)
     return ([tvm.runtime.tensor(np.ascontiguousarray(xin))]
             + [tvm.runtime.tensor(a) for a in kernel.weights] + [tvm.runtime.tensor(out)])  # fmt: skip
 

@@ -49,6 +49,9 @@ class MatrixLayer:
     # row-major kernels (no transposes); None where the layer has no such form (convs)
     to_rows: Callable | None = None
     from_rows: Callable | None = None
+    # a symbolic batch (dynamic-shape artifacts): ``batch`` is then only the size ``auto``
+    # probes at, and the kernel must take any batch (the row-major panel kernels)
+    dynamic: bool = False
 
     def pattern(self) -> np.ndarray:
         """The sparsity pattern as the nonzeros of an ``[N, K]`` array: the mask where known,
@@ -64,6 +67,26 @@ def _shape(expr) -> list[int] | None:
         return [int(d) for d in ty.shape.values]
     except (TypeError, AttributeError):  # symbolic dimensions
         return None
+
+
+# Rows a dynamic Linear is probed with by ``auto`` (one BERT sequence of 128 tokens)
+DYNAMIC_PROBE_BATCH = 128
+
+
+def _leading_dims(x, k: int):
+    """``[PrimExpr]`` of the leading (batch) axes of a float32 ``x[..., k]`` with symbolic
+    ones, or None."""
+    ty = x.ty
+    if getattr(ty, "shape", None) is None or str(ty.dtype) != "float32":
+        return None
+    values = getattr(ty.shape, "values", None)
+    if values is None or len(values) < 2:
+        return None
+    try:
+        last = int(values[-1])
+    except (TypeError, ValueError):  # a symbolic reduction axis
+        return None
+    return list(values[:-1]) if last == k else None
 
 
 def _one_op_model(xshape, w: np.ndarray, op, out_shape, name: str) -> LoweredModel:
@@ -102,10 +125,15 @@ def match_linear(call, x, rhs, weight_of: dict, lookup, mask_of=None) -> MatrixL
         keep = None if keep is None else keep.T
     else:
         return None
-    xshape = _shape(x)
-    if dense.dtype != np.float32 or xshape is None or xshape[-1] != dense.shape[1]:
-        return None
     n, k = dense.shape
+    if dense.dtype != np.float32:
+        return None
+    xshape = _shape(x)
+    if xshape is None:
+        lead = _leading_dims(x, k)
+        return None if lead is None else _dynamic_linear(x, lead, wvar, dense, keep)
+    if xshape[-1] != k:
+        return None
     batch = int(np.prod(xshape[:-1])) if len(xshape) > 1 else 1
 
     def to_xt(emit):
@@ -129,6 +157,36 @@ def match_linear(call, x, rhs, weight_of: dict, lookup, mask_of=None) -> MatrixL
         return _one_op_model((batch, k), np.ascontiguousarray(dense), op, (batch, n), "probe")
 
     return MatrixLayer(wvar, dense, batch, "", to_xt, from_yt, probe, keep, to_rows, from_rows)
+
+
+def _dynamic_linear(x, lead, wvar, dense, keep) -> MatrixLayer:
+    """A Linear whose input has symbolic leading axes: rows layout only (``to_xt`` refuses)."""
+    from tvm import relax
+
+    n, k = dense.shape
+    rows = lead[0]
+    for d in lead[1:]:
+        rows = rows * d
+
+    def to_rows(emit):
+        return x if len(lead) == 1 else emit(relax.op.reshape(x, (rows, k)))
+
+    def from_rows(emit, y):
+        return y if len(lead) == 1 else relax.op.reshape(y, (*lead, n))
+
+    def no_xt(*_):
+        raise AssertionError("a dynamic Linear is only rewritten to a row-major kernel")
+
+    batch = DYNAMIC_PROBE_BATCH
+
+    def probe():
+        def op(bb, xv, wv):
+            return relax.op.matmul(xv, bb.emit(relax.op.permute_dims(wv, [1, 0])))
+
+        return _one_op_model((batch, k), np.ascontiguousarray(dense), op, (batch, n), "probe")
+
+    return MatrixLayer(wvar, dense, batch, "", no_xt, no_xt, probe, keep, to_rows, from_rows,
+                       dynamic=True)  # fmt: skip
 
 
 def match_conv2d(call, weight_of: dict, mask_of=None) -> MatrixLayer | None:

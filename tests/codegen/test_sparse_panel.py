@@ -86,9 +86,12 @@ def test_sizes_the_panel_cannot_take_keep_the_transposed_kernel():
     rng = np.random.default_rng(0)
     w = masked(rng, 48, 64, "csr")
     assert make_kernel(w, "csr", 32).layout == "xt"  # the caller did not offer rows
-    odd = make_kernel(w, "csr", 24, rows=True)  # batch not a multiple of 16
-    assert odd.layout == "xt"
-    check(w, odd, rng)
+    small = make_kernel(w, "csr", 8, rows=True)  # under 16 rows: the transposed kernels
+    assert small.layout == "xt"
+    check(w, small, rng)
+    ragged = make_kernel(w, "csr", 24, rows=True)  # a last tile of 8 rows (stores guarded)
+    assert ragged.layout == "rows"
+    check(w, ragged, rng)
     assert make_kernel(masked(rng, 40, 64, "csr"), "csr", 32, rows=True).layout == "xt"
     assert make_kernel(w, "bsr", 32, rows=True).layout == "xt"
 
