@@ -6,7 +6,8 @@ artifact, symbolic batch and sequence) within 10% of ``gp.compile`` for that exa
 * **BERT-base** shape (``transformers.BertModel``, default config, random weights; inputs
   ``input_ids`` and ``attention_mask``): dynamic ``batch`` in [1, 16] and ``seq`` in
   [2, 512]; sweep batch 1, 4, 16 x sequence 16, 128, 384.
-* **CNN**: ResNet-50 (224x224) with a dynamic batch in [1, 16]; sweep batch 1, 4, 16.
+* **CNN**: ResNet-50 (224x224) with a dynamic batch in [1, 16]; sweep batch 1, 4, 16
+  (``--cnns resnet18,resnet50`` adds ResNet-18 widths at 64x64, what ``--quick`` runs).
 
 One process; the static and dynamic artifacts of a shape are timed in alternating rounds
 (``--rounds``), each round the mean of back-to-back calls over at least ``--min-ms`` (TVM's
@@ -16,6 +17,7 @@ limit). ``TVM_NUM_THREADS`` is read from the environment (default: all cores).
 
     python benchmarks/bench_dynamic.py            # the full sweep (long: a static build per shape)
     python benchmarks/bench_dynamic.py --quick    # BERT-base at 3 shapes, a small ResNet at 3
+    python benchmarks/bench_dynamic.py --cnns resnet18,resnet50 --rounds 3  # full, both CNNs
 
 The table goes into BENCHMARKS.md between the ``bench_dynamic`` markers with the CPU, date and
 load average (``--no-write`` to skip).
@@ -49,6 +51,9 @@ def _args():
     p.add_argument("--min-ms", type=float, default=200.0, help="per timing round")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     p.add_argument("--workdir", default=None, help="keep the artifacts here")
+    p.add_argument("--cnns", default=None,
+                   help="comma-separated CNNs of resnet18 (64x64), resnet50 (224x224); default "
+                        "resnet18 with --quick, else resnet50")  # fmt: skip
     return p.parse_args()
 
 
@@ -71,10 +76,12 @@ def bert_case(quick: bool):
     return "BERT-base", model, dyn, shapes, inputs, lambda sh: f"batch {sh[0]}, seq {sh[1]}"
 
 
-def cnn_case(quick: bool):
+def cnn_case(name: str):
     from graphprune.models.resnet import BasicBlock, ResNet, resnet50
 
-    if quick:  # ResNet-18 widths at 64x64: the same kernels' shapes, minutes less to build
+    if name not in ("resnet18", "resnet50"):
+        raise SystemExit(f"--cnns: unknown CNN {name!r} (resnet18, resnet50)")
+    if name == "resnet18":  # ResNet-18 widths at 64x64: the same kernels' shapes, minutes less
         torch.manual_seed(0)
         model = ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], 1000).eval()
         hw, name = 64, "ResNet-18 (64x64)"
@@ -149,33 +156,41 @@ def run_case(case, work: Path, rounds: int, min_ms: float) -> list[list]:
     return rows
 
 
-def main():
-    args = _args()
-    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    threads = os.environ.get("TVM_NUM_THREADS", f"all ({os.cpu_count()})")
-    with tempfile.TemporaryDirectory(prefix="bench_dynamic-") as tmp:
-        work = Path(args.workdir or tmp)
-        rows = []
-        for make in (bert_case, cnn_case):
-            rows += run_case(make(args.quick), work, args.rounds, args.min_ms)
-    load1 = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    head = ["model", "shape", "static ms", "dynamic ms", "dynamic / static", "max err s / d"]
-    table = md_table(head, rows)
-    print(table)
+def _body(args, threads: str, load0: str, rows: list, pending: list[str]) -> str:
     from graphprune.codegen.target import detect_mcpu
 
-    body = (
-        f"## Dynamic vs static artifacts (bench_dynamic{' --quick' if args.quick else ''})\n\n"
+    load1 = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    head = ["model", "shape", "static ms", "dynamic ms", "dynamic / static", "max err s / d"]
+    flags = (" --quick" if args.quick else "") + (f" --cnns {args.cnns}" if args.cnns else "")
+    left = f" **Partial: still running {', '.join(pending)}.**" if pending else ""
+    return (
+        f"## Dynamic vs static artifacts (bench_dynamic{flags})\n\n"
         f"{cpu_name()}, {os.cpu_count()} cores, mcpu={detect_mcpu()}, TVM_NUM_THREADS "
         f"{threads}; {dt.date.today().isoformat()}; load average (1/5/15 min) {load0} at "
         f"start, {load1} at end (the machine was shared with other jobs: figures are noisy). "
         f"Best of {args.rounds} alternating rounds of >= {args.min_ms:.0f} ms each. The dynamic "
         f"artifact is one build per model (symbolic dims, bounds from `torch.export.Dim`); each "
-        f"static one is compiled for that exact shape. Goal: dynamic / static <= 1.10.\n\n"
-        f"{table}\n"
+        f"static one is compiled for that exact shape. Goal: dynamic / static <= 1.10.{left}\n\n"
+        f"{md_table(head, rows)}\n"
     )
-    if not args.no_write:
-        write_block(START, END, body)
+
+
+def main():
+    args = _args()
+    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    threads = os.environ.get("TVM_NUM_THREADS", f"all ({os.cpu_count()})")
+    cnns = [c.strip() for c in (args.cnns or ("resnet18" if args.quick else "resnet50")).split(",")]
+    cases = [lambda: bert_case(args.quick)] + [lambda c=c: cnn_case(c) for c in cnns]
+    names = ["BERT-base", *cnns]
+    rows: list = []
+    with tempfile.TemporaryDirectory(prefix="bench_dynamic-") as tmp:
+        work = Path(args.workdir or tmp)
+        for i, make in enumerate(cases):
+            rows += run_case(make(), work, args.rounds, args.min_ms)
+            body = _body(args, threads, load0, rows, names[i + 1 :])
+            if not args.no_write:  # after each model: a long run cut short keeps its rows
+                write_block(START, END, body)
+    print(body)
 
 
 if __name__ == "__main__":
