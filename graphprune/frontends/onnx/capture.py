@@ -11,13 +11,17 @@ appear as tensor slots; float initializers that ops compute with become paramete
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
-from graphprune.frontends.onnx.files import check_model, infer_shapes, load_onnx
+from graphprune.frontends.onnx.files import (INLINE_BYTES, annotate_shapes, check_model,
+                                             load_onnx, skeleton, tensor_nbytes)
 from graphprune.frontends.onnx.nodes import const_input
 from graphprune.frontends.onnx.patterns import merge_chunk_slices
 from graphprune.frontends.onnx.shapes import example_feeds, prepare
@@ -159,6 +163,23 @@ def _dtype(t: gs.Tensor) -> str:
         return str(t.dtype)
 
 
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """``model`` (capture's own folded copy, emptied here) imported into onnx-graphsurgeon with
+    its large tensors as numpy arrays and nothing else holding their bytes: the graph is imported
+    from the model's :func:`~graphprune.frontends.onnx.files.skeleton` and the arrays read from
+    the model, whose bytes are then freed (a protobuf message frees nothing until it is dropped
+    whole, and a graph imported from it keeps it alive)."""
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+              if tensor_nbytes(t) > INLINE_BYTES}  # fmt: skip
+    shell = skeleton(model)
+    del model.graph.initializer[:]
+    graph = gs.import_onnx(shell)
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Constant) and name in arrays:
+            t.values = arrays.pop(name)
+    return graph
+
+
 def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: Any = None,
                  dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> PruneGraph:  # fmt: skip
     """Capture an ONNX model (never modified) into a PruneGraph.
@@ -176,18 +197,30 @@ def capture_onnx(model_or_path: Any, name: str | None = None, example_inputs: An
         raise CaptureError(
             f"ONNX model {where!r} fails onnx.checker: {e}. Fix or re-export it.") from e
     feeds = example_feeds(model, example_inputs)
-    folded, dynamic = prepare(model, feeds, dynamic_shapes)
+    owned = not isinstance(model_or_path, onnx.ModelProto)  # loaded here: ours to fold in place
+    folded, dynamic = prepare(model, feeds, dynamic_shapes, owned=owned)
+    # A model loaded here is kept as its skeleton, and reloaded only if the original has to run
+    # (a written model failed): one copy of the weights, the graph's, stays in memory.
+    source_model = skeleton(model) if owned else model
+    path = os.path.abspath(os.fspath(model_or_path)) if owned else None
+    if folded is model and not owned:  # shapes are written into it, never into the user's
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+    del model
     try:
-        inferred = infer_shapes(folded)
+        annotate_shapes(folded)
     except Exception as e:  # noqa: BLE001
         raise CaptureError(f"ONNX shape inference fails on {where!r}: {e}") from e
-    graph = gs.import_onnx(inferred)
+    graph = import_graph(folded)
+    del folded
     graph.cleanup().toposort()
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = next((o.version for o in source_model.opset_import if o.domain in ("", "ai.onnx")),
+                 17)  # fmt: skip
     merge_chunk_slices(graph, opset)
     pg = PruneGraph("onnx", "onnx-graphsurgeon", where)
     const_uses: dict[tuple[str, int], str] = {}
-    pg.source = OnnxSource(model, graph, const_uses, example_feeds=feeds, dynamic=dynamic)
+    pg.source = OnnxSource(source_model, graph, const_uses, example_feeds=feeds, dynamic=dynamic,
+                           path=path)  # fmt: skip
 
     def value_id(t: gs.Tensor) -> str:
         return t.name

@@ -22,13 +22,15 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, helper
 
 from graphprune.ir.errors import ArtifactError, CaptureError
 from graphprune.staging import make_staging_dir
 
-__all__ = ["check_model", "infer_shapes", "is_large", "load_onnx", "on_disk", "save_onnx"]
+__all__ = ["annotate_shapes", "check_model", "infer_shapes", "is_large", "load_onnx", "on_disk",
+           "save_onnx", "skeleton"]
 
 #: protobuf refuses to serialise a message of 2 GB or more; keep a margin for the graph itself
 PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF - (64 << 20)
@@ -163,22 +165,82 @@ def on_disk(model: onnx.ModelProto) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: the external-data location of a skeleton's tensors (:func:`skeleton`): no such data exists
+PLACEHOLDER = "graphprune-weights-not-loaded"
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize if t.data_type != 8 else 0
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def skeleton(model: onnx.ModelProto, limit: int = INLINE_BYTES) -> onnx.ModelProto:
+    """``model`` without the bytes of its initializers over ``limit``: each becomes a reference
+    to external data at :data:`PLACEHOLDER` (same name, type and dims), the rest is copied.
+
+    Shape inference and the checker read a tensor's type and dims, and the values of small
+    integer tensors only, so they give the same answers on a skeleton for a fraction of the
+    memory: ``infer_shapes`` and ``check_model`` on a ``ModelProto`` serialise it, and the C++
+    side parses the bytes again (three copies of the weights at once). Reading a placeholder's
+    values fails (no such file), so nothing can silently use a skeleton's missing weights.
+    """
+    skel = onnx.ModelProto()
+    _copy_fields(model, skel, "graph")
+    _copy_fields(model.graph, skel.graph, "initializer")
+    for t in model.graph.initializer:
+        if tensor_nbytes(t) <= limit:
+            skel.graph.initializer.add().CopyFrom(t)
+            continue
+        stub = skel.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", PLACEHOLDER
+    return skel
+
+
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker.check_model``, through a path for a model past protobuf's 2 GB."""
-    if not is_large(model):
-        onnx.checker.check_model(model)
-        return
-    with on_disk(model) as path:
+    """``onnx.checker.check_model`` on the model's :func:`skeleton`, through a path (the checker
+    wants the placeholder data file to exist beside the model: an empty one is written)."""
+    tmp = tempfile.mkdtemp(prefix="graphprune_onnx_")
+    try:
+        path = os.path.join(tmp, "model.onnx")
+        open(os.path.join(tmp, PLACEHOLDER), "wb").close()
+        onnx.save_model(skeleton(model), path)
         onnx.checker.check_model(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def infer_shapes(model: onnx.ModelProto, strict_mode: bool = False) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` (with data propagation), through
-    ``infer_shapes_path`` for a model past protobuf's 2 GB."""
-    if not is_large(model):
-        return onnx.shape_inference.infer_shapes(model, strict_mode=strict_mode, data_prop=True)
-    with on_disk(model) as path:
-        out = os.path.join(os.path.dirname(path), "inferred.onnx")
-        onnx.shape_inference.infer_shapes_path(path, out, strict_mode=strict_mode,
-                                               data_prop=True)  # fmt: skip
-        return onnx.load(out)  # with the external data file beside it
+    """``onnx.shape_inference.infer_shapes`` (with data propagation) of the model's
+    :func:`skeleton`: the returned model has the inferred ``value_info`` and outputs, and
+    placeholders for its large tensors (:func:`annotate_shapes` puts the shapes on a model)."""
+    return onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=strict_mode,
+                                             data_prop=True)  # fmt: skip
+
+
+def annotate_shapes(model: onnx.ModelProto) -> None:
+    """Write the inferred shapes of ``model``'s tensors into ``model`` itself (its
+    ``value_info`` and outputs): shape inference without a copy of the weights."""
+    inferred = infer_shapes(model)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)

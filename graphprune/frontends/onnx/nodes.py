@@ -28,3 +28,14 @@ def constant_value(node: gs.Node) -> np.ndarray | None:
         if key in a:
             return np.asarray(a[key], dtype=dtype)
     return None
+
+
+def same_bytes(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """Whether two imported constants certainly hold the same tensor, told from their ONNX bytes
+    without loading them (onnx-graphsurgeon keeps what it loads: comparing two folds of a model
+    by values would hold two more copies of its weights). ``False`` when it cannot be told so."""
+    la, lb = getattr(a, "_values", None), getattr(b, "_values", None)
+    ta, tb = getattr(la, "tensor", None), getattr(lb, "tensor", None)
+    if ta is None or tb is None or ta.data_type != tb.data_type or list(ta.dims) != list(tb.dims):
+        return False
+    return bool(ta.raw_data) and ta.raw_data == tb.raw_data

@@ -18,6 +18,7 @@ from the inputs' runtime shapes and puts the ``dim_param`` names back on its inp
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.frontends.onnx.nodes import const_input
+from graphprune.frontends.onnx.files import annotate_shapes, skeleton
+from graphprune.frontends.onnx.nodes import const_input, same_bytes
 from graphprune.frontends.onnx.replay import Replay, ReplayIndex, find_replay, splice
 from graphprune.frontends.onnx.symbols import probe_shapes, probe_sizes
 from graphprune.ir.errors import CaptureError
@@ -48,11 +50,16 @@ def symbolic_dims(model: onnx.ModelProto) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
-def fix_dims(model: onnx.ModelProto, sizes: dict[str, int]) -> onnx.ModelProto:
-    """A copy of ``model`` whose symbolic input dims are set to ``sizes``."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    where = {(i, a): d for d, uses in symbolic_dims(model).items() for i, a in uses}
+def fix_dims(model: onnx.ModelProto, sizes: dict[str, int], inplace: bool = False,
+             uses: dict[str, list[tuple[str, int]]] | None = None) -> onnx.ModelProto:  # fmt: skip
+    """``model`` (``inplace``) or a copy of it whose symbolic input dims (``uses``, default
+    :func:`symbolic_dims`) are set to ``sizes``."""
+    if inplace:
+        fixed = model
+    else:
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)
+    where = {(i, a): d for d, at in (uses or symbolic_dims(model)).items() for i, a in at}
     for vi in fixed.graph.input:
         for a, d in enumerate(vi.type.tensor_type.shape.dim):
             if (vi.name, a) in where:
@@ -62,17 +69,61 @@ def fix_dims(model: onnx.ModelProto, sizes: dict[str, int]) -> onnx.ModelProto:
     return fixed
 
 
+@contextlib.contextmanager
+def folding(model: onnx.ModelProto, owned: bool, uses: dict[str, list[tuple[str, int]]]):
+    """``fold(sizes)``: the model folded at ``sizes`` of its symbolic dims. An ``owned`` model
+    (capture loaded it from a file) has its dims set in place instead of copied, one copy of the
+    weights less, and gets its symbolic dims back on exit."""
+    dims = [(vi.type.tensor_type.shape.dim, a) for vi in model.graph.input
+            for a in range(len(vi.type.tensor_type.shape.dim))]  # fmt: skip
+    saved = [(dim, a, onnx.TensorShapeProto.Dimension()) for dim, a in dims]
+    for dim, a, copy in saved:
+        copy.CopyFrom(dim[a])
+    try:
+        yield lambda sizes: fold_shapes(fix_dims(model, sizes, inplace=owned, uses=uses))
+    finally:
+        if owned:
+            for dim, a, copy in saved:
+                dim[a].CopyFrom(copy)
+
+
 def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold constant and shape-only subgraphs (onnxslim). Fusions that would leave the model's
     opset (``Gelu`` before opset 20) are skipped; Conv+BN folding is kept (as the legacy exporter
-    already does)."""
+    already does).
+
+    onnxslim's own shape inference copies the whole model several times over (onnxruntime's
+    symbolic inference deep-copies it, onnx's serialises it), so it is turned off and the shapes
+    are inferred here on the weightless :func:`~graphprune.frontends.onnx.files.skeleton`
+    between rounds instead, until a round changes nothing (the same folded graphs on the zoo's
+    exports, in a third to a half of the time). ``model`` gets its inferred ``value_info``
+    (its outputs stay as declared).
+    """
     import onnxslim
 
+    given = model
+    outputs = [onnx.ValueInfoProto() for _ in given.graph.output]
+    for o, v in zip(outputs, given.graph.output):
+        o.CopyFrom(v)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return onnxslim.slim(model, skip_fusion_patterns=["FusionGelu"])
+        for _ in range(10):
+            annotate_shapes(model)
+            with contextlib.redirect_stdout(io.StringIO()):
+                out = onnxslim.slim(model, no_shape_infer=True,
+                                    skip_fusion_patterns=["FusionGelu"])  # fmt: skip
+            done = [(n.op_type, list(n.input)) for n in out.graph.node] == [
+                (n.op_type, list(n.input)) for n in model.graph.node]
+            model = out
+            if done:
+                break
+        annotate_shapes(model)
+        return model
     except Exception as e:  # noqa: BLE001 - onnxslim raises what its passes raise
         raise CaptureError(f"folding the model's shape computations failed: {e}") from e
+    finally:
+        del given.graph.output[:]  # as declared (annotating the input set its inferred shapes)
+        given.graph.output.extend(outputs)
+        gc.collect()  # onnxslim's graphs are cyclic: free their copies of the weights now
 
 
 @dataclass
@@ -266,13 +317,14 @@ class _Static(Exception):
 
 
 def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
-            dynamic_shapes: dict[str, tuple[int, int]] | None = None,
+            dynamic_shapes: dict[str, tuple[int, int]] | None = None, owned: bool = False,
             ) -> tuple[onnx.ModelProto, DynamicDims | None]:  # fmt: skip
     """The model to analyse (static, folded) and, if it has symbolic dims, their record.
 
     A dim that cannot stay symbolic (the model folds to different graphs at two of its sizes, a
     constant follows it in a way nothing here rebuilds, the model fails at another size) is
-    fixed at its example size instead, and ``DynamicDims.static`` says why."""
+    fixed at its example size instead, and ``DynamicDims.static`` says why. ``owned``: the model
+    is capture's own (loaded from a file), folded without copying it (:func:`folding`)."""
     uses = symbolic_dims(model)
     unknown = set(dynamic_shapes or {}) - set(uses)
     if unknown:
@@ -280,29 +332,31 @@ def prepare(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
                            f"of the model's inputs (those are {sorted(uses)})")  # fmt: skip
     ranges = {d: tuple((dynamic_shapes or {}).get(d, DEFAULT_RANGE)) for d in uses}
     sizes = _sizes_for(model, feeds, ranges)
-    folded = fold_shapes(fix_dims(model, sizes))
-    if not uses:
-        return folded, None
-    static: dict[str, str] = {}
-    while True:
-        try:
-            out, dyn = _prepare_dynamic(model, folded, sizes, ranges, uses)
-        except _Static as e:
-            static[e.dim] = e.reason
-            ranges[e.dim] = (sizes[e.dim], sizes[e.dim])
-            continue
-        dyn.static = static
-        return out, dyn
+    with folding(model, owned, uses) as fold:
+        folded = fold(sizes)
+        if not uses:
+            return folded, None
+        static: dict[str, str] = {}
+        while True:
+            try:
+                out, dyn = _prepare_dynamic(model, fold, folded, sizes, ranges, uses)
+            except _Static as e:
+                static[e.dim] = e.reason
+                ranges[e.dim] = (sizes[e.dim], sizes[e.dim])
+                continue
+            dyn.static = static
+            return out, dyn
 
 
-def _prepare_dynamic(model: onnx.ModelProto, folded: onnx.ModelProto, sizes: dict[str, int],
+def _prepare_dynamic(model: onnx.ModelProto, fold, folded: onnx.ModelProto, sizes: dict[str, int],
                      ranges: dict[str, tuple[int, int]], uses: dict[str, list[tuple[str, int]]],
                      ) -> tuple[onnx.ModelProto, DynamicDims]:  # fmt: skip
     outputs = {o.name: [d.dim_param for d in o.type.tensor_type.shape.dim]
                for o in model.graph.output}  # fmt: skip
     dyn = DynamicDims(sizes, dict(ranges), uses, outputs=outputs)
     base = gs.import_onnx(folded)
-    index = ReplayIndex(model, lambda at: _original_shapes(model, at), sizes,
+    shell = skeleton(model)  # the graph without its weights, for shape inference
+    index = ReplayIndex(model, lambda at: _original_shapes(shell, at, uses), sizes,
                         probe_sizes(sizes, ranges))  # fmt: skip
     sliced = False
     for d in uses:
@@ -311,14 +365,14 @@ def _prepare_dynamic(model: onnx.ModelProto, folded: onnx.ModelProto, sizes: dic
         if other < lo or other == sizes[d]:
             continue  # a fixed-size "range": nothing varies
         try:
-            varied_model = fold_shapes(fix_dims(model, {**sizes, d: other}))
+            varied_model = fold({**sizes, d: other})
             dyn.probes.append(({**sizes, d: other}, probe_shapes(varied_model)))
         except Exception as e:  # noqa: BLE001 - the model does not fold or infer at that size
             raise _Static(d, f"the model does not fold at {d}={other}: {str(e)[:200]}") from e
         varied = gs.import_onnx(varied_model)
         prefixes = _prefix_constants(base, varied)
         if prefixes:  # each a Slice of the constant at the range's largest size
-            full = gs.import_onnx(fold_shapes(fix_dims(model, {**sizes, d: hi})))
+            full = gs.import_onnx(fold({**sizes, d: hi}))
             for k, i, ax in sorted(prefixes, reverse=True):
                 table = const_input(full.nodes[k], i)
                 if table is None or table.ndim <= ax:
@@ -328,9 +382,10 @@ def _prepare_dynamic(model: onnx.ModelProto, folded: onnx.ModelProto, sizes: dic
                     _slice_prefix(g, k, i, table, ax)
             sliced = True
         _record_affine(dyn, d, base, varied, other - sizes[d], index)
+        del varied, varied_model  # one folded copy at a time besides the base
     for at in probe_sizes(sizes, ranges):  # pairs of dims stepped together (a batch*seq axis)
         if sum(at[k] != sizes[k] for k in at) == 2:
-            dyn.probes.append((at, probe_shapes(fold_shapes(fix_dims(model, at)))))
+            dyn.probes.append((at, probe_shapes(fold(at))))
     for key in dyn.replay:  # the replay computes the whole constant, every dim's part of it
         dyn.affine.pop(key, None)
         dyn.broadcast.pop(key, None)
@@ -343,10 +398,11 @@ def _prepare_dynamic(model: onnx.ModelProto, folded: onnx.ModelProto, sizes: dic
     return folded, dyn
 
 
-def _original_shapes(model: onnx.ModelProto, at: dict[str, int]) -> dict[str, tuple]:
+def _original_shapes(model: onnx.ModelProto, at: dict[str, int],
+                     uses: dict[str, list[tuple[str, int]]]) -> dict[str, tuple]:  # fmt: skip
     """Every tensor's inferred shape in the original ``model`` with its dims fixed to ``at``."""
     try:
-        return probe_shapes(fix_dims(model, at))
+        return probe_shapes(fix_dims(model, at, uses=uses))
     except Exception:  # noqa: BLE001 - shape inference failing leaves every size unknown
         return {}
 
@@ -359,6 +415,8 @@ def _prefix_constants(base: gs.Graph, varied: gs.Graph) -> list[tuple[int, int, 
         return found  # _record_affine says why
     for k, (nb, nv) in enumerate(zip(base.nodes, varied.nodes)):
         for i in range(len(nb.inputs)):
+            if same_bytes(nb.inputs[i], nv.inputs[i]):
+                continue
             a, b = const_input(nb, i), const_input(nv, i)
             if a is None or b is None or a.ndim != b.ndim or a.ndim == 0 or a.dtype.kind != "f":
                 continue
@@ -395,6 +453,8 @@ def _record_affine(dyn: DynamicDims, d: str, base: gs.Graph, varied: gs.Graph, s
         raise _Static(d, f"the model folds to different graphs at two sizes of {d!r} ({at})")
     for nb, nv in zip(base.nodes, varied.nodes):
         for i in range(len(nb.inputs)):
+            if same_bytes(nb.inputs[i], nv.inputs[i]):
+                continue
             a, b = const_input(nb, i), const_input(nv, i)
             if a is None or b is None or (a.shape == b.shape and np.array_equal(a, b)):
                 continue

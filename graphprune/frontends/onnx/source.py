@@ -32,6 +32,16 @@ class OnnxSource:
     example_feeds: dict[str, np.ndarray] | None = None
     #: how the model's symbolic input dims were fixed for analysis, and how to restore them
     dynamic: DynamicDims | None = None
+    #: the file the model was loaded from; ``model`` is then its skeleton (no weights)
+    path: str | None = None
+
+    def original(self) -> onnx.ModelProto:
+        """The model as given, with its weights (reloaded from :attr:`path` if it was a file)."""
+        if self.path is None:
+            return self.model
+        from graphprune.frontends.onnx.files import load_onnx
+
+        return load_onnx(self.path)[0]
 
     def feeds(self, pg: PruneGraph, sizes: dict[str, int] | None = None,
               seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip

@@ -179,7 +179,7 @@ def verify_onnx(pg: PruneGraph, plan: RemovalPlan, model: onnx.ModelProto) -> No
 def _check_source_runs(pg: PruneGraph, feeds: dict[str, np.ndarray]) -> None:
     """After the written model failed: if the model as given fails too, say so (an exporter's
     invalid output is not a pruning error)."""
-    why = _ort_failure(pg.source.model, feeds)
+    why = _ort_failure(pg.source.original(), feeds)
     if why is not None:
         raise CaptureError(
             f"the input ONNX model itself fails in onnxruntime {why}; nothing was pruned. "
