@@ -10,6 +10,8 @@ one's precondition the previous one's result (``schedule="stock"`` skips stages 
    vectorises); CPU with our schedule: the other :mod:`.rewrites` (gelu as ``erf`` arithmetic +
    ``FastMathTransform``, ``x / w`` as ``x * (1 / w)``, folded BN epilogues) and channel padding
    (:mod:`.pad_channels`, listed in the manifest under ``padded_channels``); then
+   :func:`.fold_constants.fold_constants` (constant-only chains such as BN statistics, in numpy:
+   ``FoldConstant`` would compile every op of them separately during legalization) and
    ``LiftTransformParams``. :mod:`.rewrites` states their ordering rules.
 2. **evaluate lifted weights** (:func:`.lifted_weights.evaluate_lifted_weights`): the
    ``main_transform_params`` that ``LiftTransformParams`` split off (transposes of Linear weights,
@@ -40,6 +42,7 @@ import numpy as np
 
 from graphprune.codegen.cpu_reductions import RowReduction
 from graphprune.codegen.cpu_rules import Contraction, Injective, vector_lanes
+from graphprune.codegen.fold_constants import fold_constants
 from graphprune.codegen.lifted_weights import evaluate_lifted_weights, has_lifted_weights
 from graphprune.codegen.lower import LoweredModel, num_inputs
 from graphprune.codegen.pad_channels import pad_channels
@@ -173,7 +176,9 @@ def optimise(mod, target, schedule: str, padded: list[dict]):
     if is_cpu and schedule == "ours":
         seq += [decompose_gelu(), relax.transform.FastMathTransform(), divide_by_weights(),
                 fold_affine_epilogues(), pad_channels(vector_lanes(target), padded)]  # fmt: skip
-    seq.append(relax.transform.LiftTransformParams())
+    # Constant-only chains (BN statistics are constants after torch.export) are folded here in
+    # numpy; FoldConstant would compile each op separately during legalization.
+    seq += [fold_constants(), relax.transform.LiftTransformParams()]
     return tvm.transform.Sequential(seq)(mod)
 
 

@@ -185,9 +185,12 @@ class Artifact:
                 pass
         buf = self._buffers[i]
         if buf is None or tuple(buf.shape) != a.shape:  # dynamic dims: a new shape
-            self._buffers[i] = tvm.runtime.empty(a.shape, str(a.dtype), self._device)
-        self._buffers[i].copyfrom(np.ascontiguousarray(a))
-        return self._buffers[i]
+            buf = self._buffers[i] = tvm.runtime.empty(a.shape, str(a.dtype), self._device)
+        try:  # into a numpy view of the buffer: ~90 us faster than Tensor.copyfrom per call
+            np.copyto(np.from_dlpack(buf), a)
+        except (BufferError, TypeError, ValueError, RuntimeError):  # not host memory
+            buf.copyfrom(np.ascontiguousarray(a))
+        return buf
 
     def __call__(self, *inputs):
         """Run the model; returns one array, or a tuple when the model has several outputs.
@@ -205,12 +208,22 @@ class Artifact:
                 if INDEX_CHECK_PREFIX not in str(e):
                     raise
                 raise ArtifactError(str(e).strip().splitlines()[-1]) from e
-            outs = [o.numpy() for o in _flatten(result)]
+            outs = [_host_copy(o) for o in _flatten(result)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s['name']}{tuple(s['shape'])}:{s['dtype']}" for s in self.inputs)
         return f"Artifact({str(self.path)!r}, target={self.manifest['target'].get('kind')}, {ins})"
+
+
+def _host_copy(t) -> np.ndarray:
+    """A numpy copy of TVM tensor ``t``: through DLPack where numpy can take it (a CPU tensor of
+    a numpy dtype), else ``Tensor.numpy()``, which costs ~40-100 us more per call (a tenth of a
+    small CNN's latency)."""
+    try:
+        return np.from_dlpack(t).copy()
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        return t.numpy()
 
 
 def _flatten(result):
