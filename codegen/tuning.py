@@ -17,6 +17,13 @@ The database is MetaSchedule's ``JSONDatabase`` (two JSON-lines files) in ``tuni
 default ``$GRAPHPRUNE_TUNING_DIR`` or ``~/.cache/graphprune/tuning``. Records are keyed by the
 structural hash of the PrimFunc and by target, so one directory serves many models.
 
+Static shapes only: ``compile(tune=True, dynamic_shapes=...)`` is refused (``ConfigError``, in
+:func:`graphprune.codegen.compiler.compile`). MetaSchedule measures every candidate on random
+inputs of the kernel's exact shapes (``ms.arg_info.ArgInfo.from_entry_func`` needs integer
+extents and raises ``TypeError`` on a symbolic one), so a kernel with a symbolic batch or
+sequence cannot be measured at all; tuning a dynamic artifact would need one kernel per shape
+bucket and a dispatch on the dims, which the artifact does not have.
+
 Needs ``apache-tvm-ffi`` other than 0.1.15.*: with it every ``tvm.ir.save_json`` (which the
 database uses for workloads) segfaults (shared/TVM_NOTES.md); we refuse with a ``ConfigError``
 rather than crash. ``xgboost`` is used for the cost model when installed, else a random model
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphprune.codegen.tvm_compat import import_cpu_tensor_intrinsics, workload_module
+
 from graphprune.ir.errors import CodegenUnsupported, ConfigError
 
 __all__ = ["TuningReport", "default_tuning_dir", "tune_and_apply"]

@@ -76,3 +76,32 @@ def test_tuning_arguments(mlp, tmp_path):
         codegen.compile(model, inputs, out_dir=tmp_path / "a", tune=True)
     with pytest.raises(ConfigError, match="without tune=True"):
         codegen.compile(model, inputs, out_dir=tmp_path / "a", trials=8)
+
+
+def test_tuning_a_dynamic_artifact_is_refused(mlp, tmp_path):
+    """MetaSchedule measures each candidate on random inputs of the kernel's exact shapes
+    (``ArgInfo.from_entry_func``), which a symbolic extent does not have: tuning would need a
+    kernel per shape bucket. The compile refuses before building and writes nothing."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.s_tir import meta_schedule as ms
+
+    model, inputs = mlp
+    dyn = ({0: torch.export.Dim("batch", min=1, max=8)},)
+    with pytest.raises(ConfigError, match=r"dynamic_shapes with .*tune=True.*tuning specialise"):
+        codegen.compile(model, inputs, out_dir=tmp_path / "a", tune=True, trials=4,
+                        tuning_dir=tmp_path / "db", dynamic_shapes=dyn)  # fmt: skip
+    assert not (tmp_path / "a").exists()
+    # Why: the measured arguments of a symbolic kernel have no concrete shape.
+    n = tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([n, 16], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            o = bb.emit_output(relax.op.nn.relu(x))
+        bb.emit_func_output(o)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    func = next(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+    task = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    with pytest.raises(TypeError, match="IntImm"):
+        ms.arg_info.ArgInfo.from_entry_func(task)
