@@ -45,6 +45,7 @@ def compile(
     graph: PruneGraph | None = None,
     dynamic_shapes=None,
     load: bool = True,
+    int8_tolerance: float | None = None,
 ):
     """Compile a model to a TVM artifact directory and return it loaded.
 
@@ -88,7 +89,19 @@ def compile(
     kernels : {"dense", "auto", "csr", "bsr", "nm"}
         Sparse Linear kernels (CPU): ``"auto"`` measures dense and each format the weight fits
         per layer and keeps the fastest (decisions cached on disk, recorded in the manifest);
-        a format name forces it where the weight fits. See :mod:`.sparse_rewrite`.
+        a format name forces it where the weight fits. See :mod:`.sparse_rewrite`. For the
+        quantized layers of ``graph`` (W8A8): ``"auto"`` measures each as int8 dense, int8
+        1×4-block sparse (AVX-512 VNNI, where at most half its blocks hold a nonzero) and fp32
+        and keeps the fastest; ``"bsr"`` forces int8 block-sparse where it fits; any other
+        value runs them int8 dense. See :mod:`.quant_choice`.
+    int8_tolerance : float, optional
+        The accuracy budget of the quantized layers: the largest relative output error
+        (``||y_int8 - y|| / ||y||``, the layer alone on the calibration data, as
+        ``gp.quantize`` measured it and its report lists) a layer may add and still run int8;
+        a layer above it runs fp32. ``None`` (default): every W8A8 layer runs int8. A
+        quantization without ``calib`` measured no errors: then giving it is a
+        ``ConfigError``. The manifest records, per layer (``quant:<weight>``), ``kernel``,
+        ``rel_error`` and ``int8_tolerance``.
     graph : PruneGraph, optional
         The model's IR. Where its ``masks`` is non-empty, each layer's sparsity pattern comes
         from its mask (a weight with nonzeros outside its mask is a ``ConfigError``) and layers
@@ -150,7 +163,11 @@ def compile(
         if lowered.dims:
             raise ConfigError("dynamic_shapes with a quantized graph: the int8 kernels are "
                               "built for one batch size; compile without dynamic_shapes")
-        lowered, quant_records = rewrite_quant(lowered, tgt, graph.quant, graph.aliases, step)
+        lowered, quant_records = rewrite_quant(lowered, tgt, graph.quant, graph.aliases, step,
+                                               kernels, int8_tolerance)  # fmt: skip
+    elif int8_tolerance is not None:
+        raise ConfigError(f"int8_tolerance={int8_tolerance!r} without a quantized graph: pass "
+                          f"gp.quantize's result (or graph= with quantization specs)")  # fmt: skip
     lowered, sparse_records = rewrite_sparse(
         lowered, tgt, kernels=kernels, progress=step, masks=masks
     )

@@ -3,10 +3,11 @@
 Runs in :func:`graphprune.codegen.compiler.compile` after :mod:`.lower` (and :mod:`.masks`) and
 *before* :mod:`.sparse_rewrite` and :func:`.build.build`, when ``compile`` is given a graph whose
 :attr:`~graphprune.ir.PruneGraph.quant` is non-empty (``gp.quantize``'s result, issue 18): a
-layer rewritten here is no longer a ``matmul``, so the sparse rewrite leaves it alone (int8
-sparse kernels are not written yet; a weight both sparse and quantized runs int8 dense, its zeros
-kept). The layers are matched as the sparse rewrite matches them
-(:func:`graphprune.codegen.kernels.relax_layers.match_linear`, both importers' forms).
+layer rewritten here is no longer a ``matmul``, so the sparse rewrite leaves it alone; a layer
+:mod:`.quant_choice` keeps in fp32 (``int8_tolerance``, or slower in int8 under
+``kernels="auto"``) stays a ``matmul`` for the sparse rewrite. The layers are matched as the
+sparse rewrite matches them (:func:`graphprune.codegen.kernels.relax_layers.match_linear`, both
+importers' forms).
 
 Per scheme (``graphprune.ir.quant.QuantSpec``):
 
@@ -15,7 +16,10 @@ Per scheme (``graphprune.ir.quant.QuantSpec``):
   dequantized in the kernel's epilogue) → reshape back; the int8 weight is packed for the
   target's instruction path (:func:`~graphprune.codegen.kernels.cpu_int8.int8_isa`: AVX-512 VNNI,
   else AVX2) and shipped as new weight arrays; the fp32 weight is dropped when nothing else
-  reads it. The bias add stays a separate op.
+  reads it. The bias add goes into the kernel's epilogue. ``kind == "int8_bsr"``
+  (:mod:`.quant_choice`): the same quantizer, its output made quad-major once per input
+  (``quads_kernel``), then the 1×4-block sparse kernel of :mod:`.kernels.cpu_int8_sparse`
+  (block count symbolic: one kernel per shape).
 * ``w8`` (weights only): the layer computes in fp32 with the weight dequantized at build time
   (``fake_quantize``): what the torch fake-quant model computes. There is no weight-only int8
   kernel (it would pay only where the layer is memory-bound).
@@ -44,11 +48,18 @@ from graphprune.codegen.kernels.cpu_int8 import (
     pad_m,
     quantize_rows_kernel,
 )
+from graphprune.codegen.kernels.cpu_int8_sparse import (
+    bsr_int8_kernel,
+    compress_int8_bsr,
+    quads_kernel,
+    token_vectors,
+)
 from graphprune.codegen.kernels.relax_layers import match_linear
 from graphprune.codegen.lower import LoweredModel, num_inputs
+from graphprune.codegen.quant_choice import Int8Chooser, check_tolerance
 
 from graphprune.ir.errors import CodegenUnsupported, ConfigError
-from graphprune.ir.quant import QuantSpec, fake_quantize, quantize_weight
+from graphprune.ir.quant import QuantSpec, fake_quantize, quantize_weight, weight_scales
 
 __all__ = ["rewrite_quant"]
 
@@ -97,7 +108,8 @@ def _dequantize_w8(lowered: LoweredModel, specs: dict, records: dict) -> Lowered
 
 
 def rewrite_quant(lowered: LoweredModel, target, quant: dict, aliases: dict | None = None,
-                  progress=None):  # fmt: skip
+                  progress=None, kernels: str = "dense",
+                  int8_tolerance: float | None = None):  # fmt: skip
     """Rewrite the Linears of ``lowered`` whose weight has a ``QuantSpec`` to INT8 kernels.
 
     Parameters
@@ -109,6 +121,11 @@ def rewrite_quant(lowered: LoweredModel, target, quant: dict, aliases: dict | No
         ``PruneGraph.quant`` (keyed by the source model's parameter names).
     aliases : dict, optional
         ``PruneGraph.aliases`` (other names of a tied weight).
+    kernels : str
+        ``compile``'s ``kernels``: ``"auto"`` measures int8 dense, int8 block-sparse and fp32
+        per layer, ``"bsr"`` forces int8 block-sparse where it fits (:mod:`.quant_choice`).
+    int8_tolerance : float, optional
+        Layers whose ``QuantSpec.rel_error`` is above it stay fp32.
 
     Returns
     -------
@@ -122,6 +139,7 @@ def rewrite_quant(lowered: LoweredModel, target, quant: dict, aliases: dict | No
     'int8'
     """
     step = progress or (lambda msg: None)
+    tol = check_tolerance(int8_tolerance)
     specs = _specs_by_param(lowered, quant, aliases)
     for name, w in zip(lowered.param_names, lowered.params):
         if name in specs:
@@ -138,7 +156,12 @@ def rewrite_quant(lowered: LoweredModel, target, quant: dict, aliases: dict | No
             records[name] = {"kernel": "fp32", "scheme": spec.scheme, "reason": str(e)}
         return lowered, {f"quant:{k}": v for k, v in records.items()}
     step(f"rewriting {len(int8)} quantized layers to int8 kernels ({isa})")
-    new = _rewrite(lowered, int8, isa, records)
+
+    def probe(w, batch, kind, spec):
+        return _probe(target, isa, w, batch, kind, spec)
+
+    choose = Int8Chooser(target, isa, kernels, tol, probe, step)
+    new = _rewrite(lowered, int8, isa, records, choose)
     for name, spec in int8.items():
         records.setdefault(name, {"kernel": "fp32", "scheme": spec.scheme, "reason": (
             "not matched as a Linear (int8 kernels take Linear/MatMul weights only; no int8 "
@@ -147,7 +170,23 @@ def rewrite_quant(lowered: LoweredModel, target, quant: dict, aliases: dict | No
     return new, {f"quant:{k}": v for k, v in records.items()}
 
 
-def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> LoweredModel:
+def _probe(target, isa: str, w: np.ndarray, batch: int, kind: str, spec: QuantSpec):
+    """``(vm, args)`` of ``x[batch, K] @ w.T`` alone, built as ``kind``: ``"fp32"`` (what the
+    sparse rewrite's ``auto`` makes of it) or an int8 kernel with ``spec``'s scheme."""
+    from graphprune.codegen.sparse_rewrite import compile_probe, rewrite_sparse, single_linear
+
+    lowered = replace(single_linear(w, batch), param_names=["w"])
+    own = QuantSpec(spec.scheme, weight_scales(w, 0), 0, spec.act_scale)
+    # fp32 as auto would run it: its input through the int8 quantizer and back
+    choice = (kind, {"input": "fake-quantized"} if kind == "fp32" else {})
+    lowered = _rewrite(lowered, {"w": own}, isa, {}, lambda *a: choice)
+    if kind == "fp32":
+        lowered, _ = rewrite_sparse(lowered, target, kernels="auto")
+    return compile_probe(lowered, None, target, 16)
+
+
+def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict,
+             choose) -> LoweredModel:  # fmt: skip
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -170,6 +209,8 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
     bias_of, add_of = _bias_adds(main, weight_of)
     fused: list = []  # the original add calls whose bias went into an int8 kernel
     quantized: list = []  # ((input var, rows, K, static scale, isa), (xu, xs)) emitted so far
+    transposed_inputs: list = []  # ((xu, xs), (xt, xsp)): quad-major copies for int8_bsr
+    dequantized: list = []  # fp32 layers fed their quantizer's output, dequantized
     single_block = len(main.body.blocks) == 1
 
     @mutator
@@ -206,17 +247,39 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
             wq = np.ascontiguousarray(wq.T if transposed else wq)
             n, k = wq.shape
             batch = layer.batch
+            kind, choice = choose(name, np.asarray(layer.dense, np.float32), wq, spec, batch)
             static = spec.act_scale if spec.scheme == "w8a8_static" else None
-            qname = f"int8_quantize_rows_{batch}x{k}" + ("" if static is None else f"_s{name}")
-            qf = add_func(self.builder_, quantize_rows_kernel(batch, k, static, isa),
-                          _sym(f"{qname}_{isa}"))  # fmt: skip
+            if kind == "fp32":
+                records[name] = {"kernel": "fp32", "scheme": spec.scheme, "shape": [n, k],
+                                 "batch": batch, **choice}  # fmt: skip
+                if choice.get("input") != "fake-quantized":
+                    return call
+                # chosen for speed, not accuracy: the same numbers as the int8 kernel (its
+                # quantizer, dequantized), so the choice never changes what the model computes
+                xu, xs = self.quantized_input(call.args[0], name, batch, k, static, isa)
+                xf = relax.op.astype(relax.op.strided_slice(xu, [0, 1], [0, 0], [batch, k]),
+                                     "int32")  # fmt: skip
+                xf = relax.op.multiply(relax.op.astype(relax.op.subtract(
+                    xf, relax.const(128, "int32")), "float32"), relax.op.reshape(xs, (batch, 1)))
+                xf = relax.op.reshape(self.builder_.emit(xf), call.args[0].ty.shape)
+                dequantized.append(name)
+                return relax.op.matmul(self.builder_.emit(xf), call.args[1])
             if bias is not None and weight_of[bias[1]].shape != (n,):
                 bias = None
-            gname = f"int8_gemm_{isa}_{batch}x{n}x{k}" + ("_bias" if bias else "")
-            gf = add_func(self.builder_, gemm_int8_kernel(batch, n, k, isa, bias=bool(bias)),
-                          gname)  # fmt: skip
-            arrays = dense_arrays(wq, spec.weight_scale,
-                                  None if bias is None else weight_of[bias[1]], isa)  # fmt: skip
+            bias_value = None if bias is None else weight_of[bias[1]]
+            if kind == "int8_bsr":
+                blocks = compress_int8_bsr(wq)
+                gname = f"int8_bsr_{batch}x{n}x{k}_c{blocks.chunks}" + ("_bias" if bias else "")
+                gf = add_func(self.builder_, bsr_int8_kernel(
+                    batch, n, k, None, blocks.chunks, bias=bool(bias)), gname)  # fmt: skip
+                arrays = [*blocks.arrays, np.asarray(spec.weight_scale, np.float32).reshape(-1)]
+                if bias is not None:
+                    arrays.append(np.asarray(bias_value, np.float32).reshape(-1))
+            else:
+                gname = f"int8_gemm_{isa}_{batch}x{n}x{k}" + ("_bias" if bias else "")
+                gf = add_func(self.builder_, gemm_int8_kernel(batch, n, k, isa, bias=bool(bias)),
+                              gname)  # fmt: skip
+                arrays = dense_arrays(wq, spec.weight_scale, bias_value, isa)
             vars_ = []
             for i, arr in enumerate(arrays):
                 v = relax.Var(f"{name}_int8_{i}", relax.TensorType(arr.shape, str(arr.dtype)))
@@ -224,7 +287,28 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
                 new_values.append(arr)
                 vars_.append(v)
             emit = self.builder_.emit
-            x = call.args[0]
+            xu, xs = seen = self.quantized_input(call.args[0], name, batch, k, static, isa)
+            out_ty = relax.TensorType((batch, n), "float32")
+            if kind == "int8_bsr":
+                xt, xsp = self.quads(seen, batch, k, isa)
+                y = emit(relax.call_tir(gf, [xt, *vars_[:5], xsp, *vars_[5:]], out_ty=out_ty))
+            else:
+                y = emit(relax.call_tir(gf, [xu, vars_[0], vars_[1], xs, *vars_[2:]],
+                                        out_ty=out_ty))  # fmt: skip
+            records[name] = {"kernel": kind, "scheme": spec.scheme, "isa": isa,
+                             "shape": [n, k], "batch": batch, **choice}  # fmt: skip
+            if bias is not None:
+                fused.append(bias[0])
+                records[name]["bias"] = name_of[bias[1]]
+            out_shape = [int(d) for d in call.ty.shape.values]
+            return y if len(out_shape) == 2 else relax.op.reshape(y, out_shape)
+
+        def quantized_input(self, x, name, batch, k, static, isa):
+            """``(xu, xs)``: the quantizer's outputs for the layer input ``x``."""
+            emit = self.builder_.emit
+            qname = f"int8_quantize_rows_{batch}x{k}" + ("" if static is None else f"_s{name}")
+            qf = add_func(self.builder_, quantize_rows_kernel(batch, k, static, isa),
+                          _sym(f"{qname}_{isa}"))  # fmt: skip
             # one quantizer per input (attention's Q, K and V projections read the same
             # activations, each through its own reshape); shared only where the quantizer's
             # outputs are sure to be in scope: a dataflow var's consumers are in its block, and
@@ -244,22 +328,27 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict) -> Low
                     relax.TensorType((batch,), "float32")]))  # fmt: skip
                 seen = emit(relax.TupleGetItem(q, 0)), emit(relax.TupleGetItem(q, 1))
                 quantized.append(((x, batch, k, static, isa), seen))
-            xu, xs = seen
-            y = emit(relax.call_tir(gf, [xu, vars_[0], vars_[1], xs, *vars_[2:]],
-                                    out_ty=relax.TensorType((batch, n), "float32")))  # fmt: skip
-            records[name] = {"kernel": "int8", "scheme": spec.scheme, "isa": isa,
-                             "shape": [n, k], "batch": batch}  # fmt: skip
-            if bias is not None:
-                fused.append(bias[0])
-                records[name]["bias"] = name_of[bias[1]]
-            out_shape = [int(d) for d in call.ty.shape.values]
-            return y if len(out_shape) == 2 else relax.op.reshape(y, out_shape)
+            return seen
+
+        def quads(self, seen, batch, k, isa):
+            """The quantized input ``seen`` quad-major (:func:`quads_kernel`), once per input."""
+            hit = next((q for key, q in transposed_inputs if key is seen), None)
+            if hit is None:
+                mv, kg = token_vectors(batch) * 16, pad_k(k) // 4
+                qf = add_func(self.builder_, quads_kernel(batch, k, pad_m(batch, isa),
+                              pad_k(k, isa)), f"int8_quads_{batch}x{k}_{isa}")  # fmt: skip
+                t = self.builder_.emit(relax.call_tir(qf, list(seen), out_ty=[
+                    relax.TensorType((kg, mv), "int32"), relax.TensorType((mv,), "float32")]))
+                hit = (self.builder_.emit(relax.TupleGetItem(t, 0)),
+                       self.builder_.emit(relax.TupleGetItem(t, 1)))  # fmt: skip
+                transposed_inputs.append((seen, hit))
+            return hit
 
     m = _Mutator(lowered.mod)
     new_main = m.visit_expr(main)
     if errors:
         raise errors[0]
-    if not new_params:
+    if not new_params and not dequantized:
         return lowered
     func = relax.Function(list(new_main.params) + new_params, new_main.body, new_main.ret_ty,
                           new_main.is_pure, new_main.attrs)  # fmt: skip

@@ -38,6 +38,7 @@ from graphprune.codegen.kernels.cpu_common import (
     ACC_SCOPE,
     PARALLEL_CHUNKS,
     balanced_row_split,
+    nnz_var,
 )
 from graphprune.codegen.kernels.cpu_int8 import INT8_ATTRS, ZERO_POINT, pad_k
 from tvm.script import tirx as T
@@ -148,9 +149,10 @@ def quads_kernel(m: int, k: int, mp: int, kp: int):
     return int8_quads
 
 
-def bsr_int8_kernel(m: int, n: int, k: int, nnzb: int, chunks: int, out: str = "float32",
-                    bias: bool = False, tv: int = TILE_VECTORS):  # fmt: skip
-    """PrimFunc for ``Y[M, N]`` from ``xt`` of :func:`quads_kernel` and :class:`Int8BSR`.
+def bsr_int8_kernel(m: int, n: int, k: int, nnzb: int | None, chunks: int,
+                    out: str = "float32", bias: bool = False, tv: int = TILE_VECTORS):  # fmt: skip
+    """PrimFunc for ``Y[M, N]`` from ``xt`` of :func:`quads_kernel` and :class:`Int8BSR`
+    (``nnzb=None``: a symbolic block count, one kernel for every layer of the shape).
 
     Arguments: ``xt[Kp/4, Mv] int32``, ``data[nnzb] int32``, ``indices[nnzb] int16``,
     ``indptr[N+1] int32``, ``split[chunks+1] int32``, ``corr[N] int32``; for ``out="float32"``
@@ -166,7 +168,7 @@ def bsr_int8_kernel(m: int, n: int, k: int, nnzb: int, chunks: int, out: str = "
     vecs = token_vectors(m)
     mv = vecs * LANES
     tv = max(1, min(tv, vecs))
-    nnzb = max(int(nnzb), 1)
+    nnzb = nnz_var() if nnzb is None else max(int(nnzb), 1)
     is_float = out == "float32"
     ydtype = "float32" if is_float else "int32"
 

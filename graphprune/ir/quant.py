@@ -37,6 +37,10 @@ class QuantSpec:
         The weight tensor's output-channel axis (0 for torch Linear/Conv weights).
     act_scale : float or None
         ``w8a8_static``: the per-tensor symmetric int8 scale of the layer's input; else None.
+    rel_error : float or None
+        The relative output error the layer alone adds on the calibration data
+        (``||y_q - y|| / ||y||``, what ``gp.quantize``'s report lists); None when not measured.
+        ``gp.compile(int8_tolerance=)`` keeps a layer above the tolerance in fp32.
 
     Examples
     --------
@@ -49,6 +53,7 @@ class QuantSpec:
     weight_scale: np.ndarray
     axis: int
     act_scale: float | None = None
+    rel_error: float | None = None
 
     def __post_init__(self) -> None:
         # Invariants a constructor can check without the weight; verify() checks the rest.

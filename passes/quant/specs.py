@@ -9,7 +9,7 @@ input, so a large number points at the layer itself, not at error accumulated be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from graphprune.passes.quant.config import QuantConfig
@@ -75,6 +75,7 @@ def choose_specs(targets: list[QuantTarget], observers: dict[str, ActObserver],
                       key=lambda a: layer_error(t, QuantSpec(cfg.scheme, s, t.axis, a), x))
         spec = QuantSpec(cfg.scheme, s, t.axis, act)
         err = layer_error(t, spec, obs.sample()) if seen and t.groups == 1 else None
+        spec = replace(spec, rel_error=err)  # what gp.compile(int8_tolerance=) reads
         specs[t.param] = spec
         report.layers.append(LayerQuant(t.layer, t.param, cfg.scheme, int(s.size),
                                         float(s.min()), float(s.max()), act, err,
