@@ -137,8 +137,11 @@ def variant_of(model, inputs, variant):
         if res.report.form != "module":
             raise RuntimeError(f"pruned form {res.report.form!r} is specialised to batch 2")
         return pruned.eval(), {}
-    if variant == "90% unstr.":
-        res = gp.sparsify(model, inputs, sparsity=0.9, pattern="unstructured")
+    if variant in ("90% unstr.", "2:4"):
+        if variant == "2:4":
+            res = gp.sparsify(model, inputs, pattern="2:4")
+        else:
+            res = gp.sparsify(model, inputs, sparsity=0.9, pattern="unstructured")
         kw = {"kernels": "auto"}
         if res.graph is not None:  # the masks on the IR name each layer's pattern
             kw["graph"] = res.graph

@@ -30,7 +30,7 @@ from pathlib import Path
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--model", default="ResNet-50", choices=["ResNet-50", "MobileNetV2", "BERT-base"])
-p.add_argument("--variant", default="dense", choices=["dense", "50% pruned", "90% unstr."])
+p.add_argument("--variant", default="dense", choices=["dense", "50% pruned", "90% unstr.", "2:4"])
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--runs", type=int, default=20, help="profiled peer runs (after 3 warm-up runs)")
 p.add_argument("--top", type=int, default=12)
