@@ -5,6 +5,9 @@ the result leaves transposed, ``YT[N, B]``, so that the batch is the contiguous 
 the kernels vectorise over it (one weight value broadcast against a vector of batch columns).
 For ``B == 1`` the transposes are free reshapes and the kernels vectorise over the weight's own
 nonzeros instead (gathered activations). The Relax rewrite adds the transposes around the call.
+The exception are the row-major panel kernels of :mod:`.cpu_panel` (``X[B, K]`` in, ``Y[B, N]``
+out), which transpose 16 × 16 blocks in registers inside the kernel; the rewrite prefers them
+where they apply (Linears, AVX-512, sizes multiples of 16, 16 or more rows, or a symbolic batch).
 """
 
 from __future__ import annotations
