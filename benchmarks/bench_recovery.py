@@ -236,6 +236,8 @@ def main() -> None:
     parts = {}
     if "minilm" in args.only:
         key = "minilm" if args.text == "pydoc" else f"minilm_{args.text}"
+        if args.output_loss != "auto":  # its own block: one run does not replace another's
+            key += f"_{args.output_loss}"
         parts[key] = (os.getloadavg(), bench_minilm(args.steps, args.lr, args.batch, args.seq, args.progress,
                                   args.output_loss, args.text), os.getloadavg())
     if "llm" in args.only:
