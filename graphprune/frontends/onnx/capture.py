@@ -20,11 +20,18 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from graphprune.frontends.onnx.files import (INLINE_BYTES, annotate_shapes, check_model,
-                                             load_onnx, skeleton, tensor_nbytes)
+from graphprune.frontends.onnx.files import (
+    INLINE_BYTES,
+    annotate_shapes,
+    check_model,
+    load_onnx,
+    skeleton,
+    tensor_nbytes,
+)
 from graphprune.frontends.onnx.nodes import const_input
 from graphprune.frontends.onnx.patterns import merge_chunk_slices
-from graphprune.frontends.onnx.shapes import example_feeds, prepare
+from graphprune.frontends.onnx.prepare import prepare
+from graphprune.frontends.onnx.shapes import example_feeds
 from graphprune.frontends.onnx.source import OnnxSource
 from graphprune.frontends.onnx.symbols import record_dynamic
 from graphprune.ir import OpNode, PruneGraph, Value

@@ -5,9 +5,11 @@ stored as a small ``.onnx`` file plus *external data* (the tensors' bytes in fil
 ``onnx.save(..., save_as_external_data=True)``). In memory such a model is an ordinary
 ``ModelProto`` once its external data is loaded, but everything that serialises it fails past
 2 GB: ``onnx.checker.check_model`` and ``onnx.shape_inference.infer_shapes`` on the message,
-``InferenceSession(model.SerializeToString())``. :func:`on_disk` gives those callers a path
+``InferenceSession(model.SerializeToString())``. :func:`on_disk` gives onnxruntime a path
 instead (the model written with external data into a temporary folder), the route the onnx
-documentation gives for large models (``check_model(path)``, ``infer_shapes_path``).
+documentation gives for large models. The checker and shape inference run on the model's
+:func:`skeleton` (its large tensors replaced by references to data that does not exist), which
+is small at any size and spares the serialised copies of the weights they would make.
 
 Used by capture (load, check, infer), the shape folding and the onnxruntime sessions; the API
 and the CLI write models with :func:`save_onnx`.
