@@ -26,8 +26,10 @@ Kernels:
 * :func:`bsr_int8_kernel`: per output row, the row's blocks once per tile of up to ``tv``
   vectors of 16 tokens (``tv`` accumulators, one broadcast weight word, ``tv`` loads and
   ``vpdpbusd`` per block), then the epilogue ``(acc - corr[n]) · s_x[m] · s_w[n] (+ b[n])``
-  in registers and a lane-by-lane store into ``Y[M, N]`` (the model's layout, no transpose op
-  after it). Rows are cut into ``chunks`` parallel tasks of equal block counts
+  in registers into a buffer of 16 rows × all tokens, written into ``Y[M, N]`` (the model's
+  layout, no transpose op after it) token by token, 16 adjacent values each: storing each
+  row's values straight into ``Y`` (one value per cache line, stride ``N``) took 8× the
+  whole kernel's time at 768×768, 90% sparse, 128 tokens (1.5 ms vs 0.19 ms, loaded machine). Rows are cut into ``chunks`` parallel tasks of equal block counts
   (:func:`~.cpu_common.balanced_row_split`). ``out="int32"`` stores ``Xq @ Wq.T`` exactly.
 """
 
@@ -49,6 +51,7 @@ __all__ = ["Int8BSR", "bsr_int8_kernel", "compress_int8_bsr", "quads_kernel", "t
 
 LANES = 16  # int32 lanes of a zmm register: tokens per vector
 TILE_VECTORS = 8  # token vectors per tile (accumulators): 128 tokens, BERT's sequence
+ROWS = 16  # output rows computed before they are written out, token by token
 
 
 def token_vectors(m: int) -> int:
@@ -183,7 +186,7 @@ def bsr_int8_kernel(m: int, n: int, k: int, nnzb: int | None, chunks: int,
         return f + T.Broadcast(b[i], LANES) if bias else f
 
     @T.macro
-    def tile(xt, data, indices, indptr, corr, xsp, ws, b, y, acc, stage, i, v0, nv):
+    def tile(xt, data, indices, indptr, corr, xsp, ws, b, rows, acc, i, r, v0, nv):
         for a in T.unroll(nv):
             acc[ramp(a * LANES)] = T.Broadcast(T.int32(0), LANES)
         for j in range(indptr[i], indptr[i + 1]):
@@ -196,25 +199,32 @@ def bsr_int8_kernel(m: int, n: int, k: int, nnzb: int | None, chunks: int,
                                                 ramp((v0 + a) * LANES)]), wv,
                 )  # fmt: skip
         for a in T.unroll(nv):
-            stage[ramp(0)] = finish(acc[ramp(a * LANES)], corr, xsp, ws, b, i, (v0 + a) * LANES)
-            for l in range(T.min(LANES, m - (v0 + a) * LANES)):
-                y[(v0 + a) * LANES + l, i] = stage[l]
+            rows[ramp(r * mv + (v0 + a) * LANES)] = finish(acc[ramp(a * LANES)], corr, xsp, ws,
+                                                           b, i, (v0 + a) * LANES)  # fmt: skip
 
     @T.macro
     def body(xt, data, indices, indptr, split, corr, xsp, ws, b, y):
         for t in T.parallel(chunks):
             acc = T.decl_buffer((tv * LANES,), "int32", scope=ACC_SCOPE)
-            stage = T.decl_buffer((LANES,), ydtype, scope=ACC_SCOPE)
+            # ROWS output rows x all tokens, written out token by token: ROWS adjacent values
+            # of Y per token, where one row at a time stored one value per cache line of Y
+            # (stride N) and cost more than the whole block loop at BERT's shapes
+            rows = T.decl_buffer((ROWS * mv,), ydtype, scope=ACC_SCOPE)
+            first: T.let = split[t]
+            count: T.let = split[t + 1] - split[t]
             # rows as an offset from a bound start (see cpu_csr: a range over split[t]..
             # computed later chunks from chunk 0's rows in this TVM)
-            for r in range(split[t + 1] - split[t]):
-                i: T.let = split[t] + r
-                for vt in range(vecs // tv):
-                    tile(xt, data, indices, indptr, corr, xsp, ws, b, y, acc, stage, i,
-                         vt * tv, tv)  # fmt: skip
-                if vecs % tv > 0:
-                    tile(xt, data, indices, indptr, corr, xsp, ws, b, y, acc, stage, i,
-                         vecs // tv * tv, vecs % tv)  # fmt: skip
+            for g in range((count + ROWS - 1) // ROWS):
+                for r in range(T.min(ROWS, count - g * ROWS)):
+                    for vt in range(vecs // tv):
+                        tile(xt, data, indices, indptr, corr, xsp, ws, b, rows, acc,
+                             first + g * ROWS + r, r, vt * tv, tv)  # fmt: skip
+                    if vecs % tv > 0:
+                        tile(xt, data, indices, indptr, corr, xsp, ws, b, rows, acc,
+                             first + g * ROWS + r, r, vecs // tv * tv, vecs % tv)  # fmt: skip
+                for mm in range(m):
+                    for r in range(T.min(ROWS, count - g * ROWS)):
+                        y[mm, first + g * ROWS + r] = rows[r * mv + mm]
 
     if not is_float:
 
