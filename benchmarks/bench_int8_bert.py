@@ -141,7 +141,8 @@ def build(variant: str, root: Path) -> dict:
         recs = [r for k, r in man["kernels"].items() if k.startswith("quant:")]
         info[f"layers_{col}"] = {
             "int8": sum(r["kernel"] == "int8" for r in recs), "all": len(recs),
-            "sparse": sum(r.get("sparsity", "dense") != "dense" for r in recs)}  # fmt: skip
+            "sparse": sum(r["kernel"] == "int8_bsr" for r in recs),
+            "fp32": sum(r["kernel"] == "fp32" for r in recs)}  # fmt: skip
     dyn, qdq = _ort_quantized(fp32, calib, d)
     calib_np = [tuple(t.numpy() for t in b) for b in calib]
     ours_qdq = gp.quantize(str(fp32), [a.numpy() for a in inputs], scheme="w8a8_static",
@@ -212,8 +213,9 @@ def render(rows: list[dict], infos: dict) -> tuple[str, list[str]]:
     layers = []
     for v, info in infos.items():
         ld, ls = info["layers_dyn"], info["layers_static"]
-        layers.append(f"{v}: {ld['int8']}/{ld['all']} quantized layers int8 ({ld['sparse']} "
-                      f"sparse int8), builds fp32 {info['build_fp32_s']:.0f} s, int8 dyn "
+        layers.append(f"{v}: {ld['int8'] + ld['sparse']}/{ld['all']} quantized layers int8 "
+                      f"({ld['sparse']} of them int8 block-sparse, {ld.get('fp32', 0)} chosen "
+                      f"fp32), builds fp32 {info['build_fp32_s']:.0f} s, int8 dyn "
                       f"{info['build_dyn_s']:.0f} s, static {info['build_static_s']:.0f} s")  # fmt: skip
     text = (md_table(head, body) + "\n\nMax |error| / max |y| of the last hidden state against "
             "torch fp32 (first thread count):\n\n" + md_table(["variant", *OURS, *PEERS], errs)
