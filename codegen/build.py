@@ -42,8 +42,13 @@ import numpy as np
 
 from graphprune.codegen.cpu_reductions import RowReduction
 from graphprune.codegen.cpu_rules import Contraction, Injective, vector_lanes
-from graphprune.codegen.fold_constants import fold_constants
-from graphprune.codegen.lifted_weights import evaluate_lifted_weights, has_lifted_weights
+from graphprune.codegen.fold_constants import evaluate_in_numpy, fold_constants
+from graphprune.codegen.lifted_weights import (
+    TRANSFORM,
+    evaluate_lifted_weights,
+    has_lifted_weights,
+    without_function,
+)
 from graphprune.codegen.lower import LoweredModel, num_inputs
 from graphprune.codegen.pad_channels import pad_channels
 from graphprune.codegen.rewrites import (
@@ -311,7 +316,12 @@ def build(
         mod = optimise(mod, target, schedule, padded)
         if has_lifted_weights(mod):
             step("precomputing transformed weights")
-            mod, weights = evaluate_lifted_weights(mod, weights)
+            # numpy where it can (CNNs: layouts, BN folding, padding), else compiled and run
+            values = evaluate_in_numpy(mod[TRANSFORM], weights)
+            if values is not None:
+                mod, weights = without_function(mod, TRANSFORM), values
+            else:
+                mod, weights = evaluate_lifted_weights(mod, weights)
         if not is_cpu:
             mod = relax.transform.FuseTransposeMatmul()(mod)
     report: dict[str, dict] = {}

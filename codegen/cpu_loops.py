@@ -15,8 +15,9 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 __all__ = [
-    "NOMINAL_EXTENT", "REFUSED", "Injective", "const_extent", "is_cpu", "largest_divisor",
-    "planning_extent", "schedule_injective_block", "vector_lanes",
+    "MIN_PARALLEL_ELEMENTS", "MIN_PARALLEL_WORK", "NOMINAL_EXTENT", "REFUSED", "Injective",
+    "const_extent", "is_cpu", "largest_divisor", "planning_extent", "schedule_injective_block",
+    "vector_lanes",
 ]  # fmt: skip
 
 REFUSED = (
@@ -64,6 +65,15 @@ def const_extent(sch: s_tir.Schedule, loop) -> int | None:
 NOMINAL_EXTENT = 16 * 720720  # 16 * lcm(1..16): any vector width times any tile
 
 
+# A parallel loop costs a fork-join of TVM's thread pool (waking the workers, then a barrier):
+# microseconds, as much as a whole small kernel (the late layers of a CNN at small inputs take
+# 2-10 us). Kernels with less work than this run serially. Contractions count multiply-adds
+# (every loop extent), injective nests the elements they write. A symbolic extent is planned at
+# NOMINAL_EXTENT, so dynamic shapes keep their parallel loops.
+MIN_PARALLEL_WORK = 1 << 17
+MIN_PARALLEL_ELEMENTS = 1 << 14
+
+
 def planning_extent(sch: s_tir.Schedule, loop) -> int:
     ext = const_extent(sch, loop)
     return NOMINAL_EXTENT if ext is None else ext
@@ -96,6 +106,10 @@ def schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
+    elements = 1
+    for lp in loops:
+        elements *= planning_extent(sch, lp)
+    parallel = sch.parallel if elements >= MIN_PARALLEL_ELEMENTS else (lambda loop: None)
     inner_ext = const_extent(sch, loops[-1])
     inner_vec = largest_divisor(inner_ext, lanes, powers_of_two=True) if inner_ext else 1
     if inner_vec >= 4 and len(loops) > 1:
@@ -106,7 +120,7 @@ def schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.vectorize(iv)
         outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         if planning_extent(sch, outer) >= 2:
-            sch.parallel(outer)
+            parallel(outer)
         return
     if inner_ext is None and len(loops) > 1:
         # A symbolic innermost axis (a dynamic sequence: attention's key axis, the row copies
@@ -115,7 +129,7 @@ def schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         # extents (the padded copy of P before P @ V took 10x the matmul itself that way).
         outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         if planning_extent(sch, outer) >= 2:
-            sch.parallel(outer)
+            parallel(outer)
         return
     if len(loops) > 1 and not _same_index_everywhere(stmt):
         # A short innermost axis (the 3 colour channels of an NCHW->NHWC input transpose or
@@ -127,20 +141,20 @@ def schedule_injective_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         if inner_ext is not None and inner_ext <= 8:
             sch.unroll(loops[-1])
         if rows is not None and planning_extent(sch, rows) >= 2:
-            sch.parallel(rows)
+            parallel(rows)
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     ext = const_extent(sch, fused)
     if ext is None:  # symbolic: parallel, vectorised in the body where LLVM can
-        sch.parallel(fused)
+        parallel(fused)
         return
     vec = largest_divisor(ext, lanes, powers_of_two=True)
     if vec > 1 and ext // vec >= 2:
         outer, inner = sch.split(fused, [None, vec])
-        sch.parallel(outer)
+        parallel(outer)
         sch.vectorize(inner)
     elif ext >= 64:
-        sch.parallel(fused)
+        parallel(fused)
 
 
 class Injective(ScheduleRule):

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import tvm
 from graphprune.codegen.cpu_blocking import row_blocks
 from graphprune.codegen.cpu_loops import (
+    MIN_PARALLEL_WORK,
     NOMINAL_EXTENT,
     REFUSED,
     Injective,
@@ -192,6 +193,10 @@ class Contraction(ScheduleRule):
         shown = tuple(str(sch.get(lp).extent) if sym else e
                       for lp, sym, e in zip(loops, symbolic, extents))  # fmt: skip
         row_extents = extents[: n_spatial - 1]
+        work = 1
+        for e in extents:
+            work *= e
+        parallel = work >= MIN_PARALLEL_WORK  # else the fork-join costs more than it saves
         # A row tile must not straddle a row of a symbolic extent (its write-back would cover
         # a box of rows that were not computed): plan it within the constant extents after the
         # last symbolic row axis, or, where the innermost row axis is symbolic, split that
@@ -267,8 +272,9 @@ class Contraction(ScheduleRule):
             inner_fits = padded if split_last_row else extents[n_spatial - 2] % rt == 0
             split_inner = bool(sym_rows) and n_spatial > 2 and inner_fits
             self._schedule_k_blocked(
-                sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks, split_inner
-            )
+                sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks, split_inner,
+                parallel,
+            )  # fmt: skip
             for name in producers:
                 schedule_injective_block(sch, sch.get_sblock(name), lanes)
             self.last_match = ContractionInfo(
@@ -307,7 +313,8 @@ class Contraction(ScheduleRule):
             outer, inner = [c_o], [c_t, c_v]
         sch.reorder(*outer, *reduce, *inner)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(fused)
+        if parallel:
+            sch.parallel(fused)
 
         acc = sch.cache_write(block, 0, "local")
         # With padded tiles the epilogue covers fewer rows than the tile: it stays a loop nest
@@ -340,8 +347,9 @@ class Contraction(ScheduleRule):
 
     @staticmethod
     def _schedule_k_blocked(
-        sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks=1, split_inner=False
-    ):
+        sch, block, spatial, reduce, epilogue, rt, ct, vec, kc, blocks=1, split_inner=False,
+        parallel=True,
+    ):  # fmt: skip
         """GEMM blocking for long reductions: the panel loop ``c_o`` and ``blocks`` M-blocks of
         rows outermost (parallel pairs, :func:`.cpu_blocking.row_blocks`), then ``kc``-deep
         slices of the reduction, then row tiles, so a ``kc x bn`` slice of the packed weight
@@ -363,7 +371,8 @@ class Contraction(ScheduleRule):
         k_o, k_i = sch.split(reduce[-1], [None, kc])
         sch.reorder(*outer, k_o, *lead, r_o, *reduce[:-1], k_i, r_i, c_t, c_v)
         par = sch.fuse(*outer) if len(outer) > 1 else c_o
-        sch.parallel(par)
+        if parallel:
+            sch.parallel(par)
         if epilogue is not None:
             sch.reverse_compute_at(epilogue, par)
             e_loops = sch.get_loops(epilogue)

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fold_constants"]
+__all__ = ["evaluate_in_numpy", "fold_constants"]
 
 _BINARY = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "divide": np.divide}
 _UNARY = {"sqrt": np.sqrt, "negative": np.negative}
 _LAYOUT = ("expand_dims", "reshape", "squeeze")
+_FOLDABLE = {*_BINARY, *_UNARY, *_LAYOUT, "permute_dims", "nn.pad"}
 # A folded constant may broadcast its operands up to this many elements (a (1, 1, 1, C) vector
 # from a scalar and a vector); beyond that only when it is no larger than its largest operand.
 _SMALL = 1 << 16
@@ -33,7 +34,13 @@ _SMALL = 1 << 16
 
 def _evaluate(name: str, call, arrays: list[np.ndarray], shape: tuple[int, ...], dtype: str):
     """The folded value of ``call`` (Relax op ``relax.<name>``) on ``arrays``, or ``None``."""
-    floating = dtype.startswith("float")
+    try:
+        np.dtype(dtype)
+    except TypeError:  # bfloat16, float8, ...: numpy would round differently from TVM
+        return None
+    if any(a.dtype != np.dtype(dtype) for a in arrays if name not in _LAYOUT):
+        return None  # a mixed-dtype op: leave its promotion rules to TVM
+    floating = dtype in ("float16", "float32", "float64")
     with np.errstate(all="ignore"):  # inf/nan fold exactly as the kernel would compute them
         if name in _BINARY and floating and len(arrays) == 2:
             out = _BINARY[name](*(a.astype(dtype, copy=False) for a in arrays))
@@ -44,6 +51,10 @@ def _evaluate(name: str, call, arrays: list[np.ndarray], shape: tuple[int, ...],
         elif name == "permute_dims":
             axes = call.attrs.axes
             out = np.transpose(arrays[0], None if axes is None else [int(a) for a in axes])
+        elif name == "nn.pad" and str(call.attrs.pad_mode) == "constant":
+            w = [int(v) for v in call.attrs.pad_width]
+            value = float(call.attrs.pad_value)
+            out = np.pad(arrays[0], list(zip(w[::2], w[1::2])), constant_values=value)
         else:
             return None
     if out.size != int(np.prod(shape, dtype=np.int64)):
@@ -63,7 +74,7 @@ def fold_constants():
     from tvm import relax
     from tvm.ir.expr import Constant  # relax constants are GenericConst, a subclass
 
-    foldable = {*_BINARY, *_UNARY, *_LAYOUT, "permute_dims"}
+    foldable = _FOLDABLE
 
     @relax.expr_functor.mutator
     class _Fold(relax.PyExprMutator):
@@ -102,3 +113,50 @@ def fold_constants():
         return relax.transform.DeadCodeElimination()(fold(mod))
 
     return _pass
+
+
+def evaluate_in_numpy(func, weights: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The outputs of ``main_transform_params`` (``func``: what ``LiftTransformParams`` split
+    off, one tuple parameter of weights) on ``weights``, evaluated in numpy where every op is
+    one :func:`fold_constants` folds (CNN weight transforms are layout changes, BN folding and
+    channel padding); ``None`` otherwise, and the caller compiles it. Saves the LLVM build of
+    the transform (2.8 s CPU of MobileNetV2's 16 s compile)."""
+    import tvm
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    env: dict = {}
+
+    def value(e):
+        if isinstance(e, Constant):
+            return e.value.numpy()
+        return env.get(e)
+
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            v, out = binding.value, None
+            if isinstance(v, relax.TupleGetItem) and v.tuple_value.same_as(func.params[0]):
+                out = weights[v.index]
+            elif isinstance(v, relax.Tuple):
+                fields = [value(f) for f in v.fields]
+                out = None if any(f is None for f in fields) else fields
+            elif isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+                name = v.op.name.removeprefix("relax.")
+                arrays = [value(a) for a in v.args if not isinstance(a, relax.ShapeExpr)]
+                ty = binding.var.ty
+                if name not in _FOLDABLE or any(a is None for a in arrays) or not (
+                    isinstance(ty, relax.TensorType) and ty.shape is not None
+                ):  # fmt: skip
+                    return None
+                try:
+                    shape = tuple(int(d) for d in ty.shape.values)
+                except TypeError:
+                    return None
+                out = _evaluate(name, v, arrays, shape, str(ty.dtype))
+            elif isinstance(v, (relax.Var, Constant)):
+                out = value(v)
+            if out is None:
+                return None
+            env[binding.var] = out
+    result = value(func.body.body)
+    return list(result) if isinstance(result, list) else None
