@@ -79,7 +79,8 @@ def _cache_path() -> Path:
 class Int8Chooser:
     """``chooser(name, w, wq, spec, batch) -> (kind, record)`` for one Linear (``w`` the float
     weight ``[N, K]`` as compiled, ``wq`` its int8 values). ``probe(w, batch, kind, spec)``
-    returns the one-layer model built as ``kind`` (``"fp32"``, ``"int8"``, ``"int8_bsr"``), ready to time:
+    returns the one-layer model built as ``kind`` (``"fp32"``, ``"int8"``, ``"int8_bsr"``),
+    ready to time:
     ``(vm, args)`` (given by :mod:`.quant_rewrite`, which owns the rewriting)."""
 
     def __init__(self, target, isa: str, kernels: str, tolerance: float | None, probe,
@@ -112,7 +113,7 @@ class Int8Chooser:
                 return "int8_bsr", rec
             return "int8", {**rec, "reason": (
                 f"kernels='bsr': {bd:.0%} of the 1x4 blocks hold a nonzero (int8 block-sparse "
-                f"only at <= {BSR_MAX_BLOCK_DENSITY:.0%}, on AVX-512 VNNI): int8 dense")}  # fmt: skip
+                f"only at <= {BSR_MAX_BLOCK_DENSITY:.0%}, on AVX-512 VNNI): int8 dense")}
         kinds = ["fp32", "int8"] + (["int8_bsr"] if bsr_fits else [])
         density = float(np.count_nonzero(wq) / max(wq.size, 1))
         key = (f"{self.target}|{INT8_REVISION}|{wq.shape[0]}x{wq.shape[1]}|b{batch}|"

@@ -206,8 +206,9 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict,
         return funcs[fname]
 
     errors: list[ConfigError] = []
-    bias_of, add_of = _bias_adds(main, weight_of)
+    bias_of, add_of, gelu_of = _bias_adds(main, weight_of)
     fused: list = []  # the original add calls whose bias went into an int8 kernel
+    fused_gelu: list = []  # the original gelu calls an int8 kernel's epilogue applies
     quantized: list = []  # ((input var, rows, K, static scale, isa), (xu, xs)) emitted so far
     transposed_inputs: list = []  # ((xu, xs), (xt, xsp)): quad-major copies for int8_bsr
     dequantized: list = []  # fp32 layers fed their quantizer's output, dequantized
@@ -220,6 +221,8 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict,
             call = super().visit_call_(call)
             if any(original.same_as(a) for a in fused):  # its matmul now adds the bias
                 return call.args[add_of[original][0]]
+            if any(original.same_as(g) for g in fused_gelu):  # and applies the gelu
+                return call.args[0]
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
                 return call
             try:
@@ -276,9 +279,15 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict,
                 if bias is not None:
                     arrays.append(np.asarray(bias_value, np.float32).reshape(-1))
             else:
-                gname = f"int8_gemm_{isa}_{batch}x{n}x{k}" + ("_bias" if bias else "")
-                gf = add_func(self.builder_, gemm_int8_kernel(batch, n, k, isa, bias=bool(bias)),
-                              gname)  # fmt: skip
+                gelu = gelu_of.get(bias[0]) if bias is not None else None
+                gname = f"int8_gemm_{isa}_{batch}x{n}x{k}" + ("_bias" if bias else "") + (
+                    "_gelu" if gelu is not None else "")  # fmt: skip
+                gf = add_func(self.builder_, gemm_int8_kernel(
+                    batch, n, k, isa, bias=bool(bias), activation="gelu" if gelu is not None
+                    else None), gname)  # fmt: skip
+                if gelu is not None:
+                    fused_gelu.append(gelu)
+                    choice = {**choice, "activation": "gelu"}
                 arrays = dense_arrays(wq, spec.weight_scale, bias_value, isa)
             vars_ = []
             for i, arr in enumerate(arrays):
@@ -366,19 +375,27 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict,
 
 
 def _bias_adds(main, weight_of: dict):
-    """``({matmul call: (add call, bias var)}, {add call: (matmul operand index, bias var)})``
-    for every ``add(mm, b)`` / ``add(b, mm)`` in ``main`` where ``mm`` is bound to a matmul
+    """``({matmul call: (add call, bias var)}, {add call: (matmul operand index, bias var)},
+    {add call: gelu call})`` for every ``add(mm, b)`` / ``add(b, mm)`` in ``main`` where ``mm`` is bound to a matmul
     read by nothing else and ``b`` a 1-D weight parameter: the adds an int8 kernel can absorb
-    (its epilogue adds the bias), so the bias costs no second pass over the output."""
+    (its epilogue adds the bias), so the bias costs no second pass over the output; and the erf ``gelu``
+    that alone reads such an add (BERT's FFN), which the epilogue then applies too."""
     from tvm import relax
 
     bindings = [b for block in main.body.blocks for b in block.bindings]
     value_of = {b.var: b.value for b in bindings}
+    var_of = {b.value: b.var for b in bindings}
     uses: dict = {}
     for expr in [b.value for b in bindings] + [main.body.body]:
         for v in relax.analysis.free_vars(expr):
             uses[v] = uses.get(v, 0) + 1
     bias_of, add_of = {}, {}
+    gelu_of = {}  # add call -> the nn.gelu call that alone reads its result
+    readers: dict = {}
+    for b in bindings:
+        if isinstance(b.value, relax.Call):
+            for a in b.value.args:
+                readers.setdefault(a, []).append(b.value)
     for b in bindings:
         call = b.value
         if not (isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.add"):
@@ -391,8 +408,16 @@ def _bias_adds(main, weight_of: dict):
                     and weight_of[bias].ndim == 1 and weight_of[bias].dtype == np.float32):  # fmt: skip
                 bias_of[mm_call] = (call, bias)
                 add_of[call] = (i, bias)
+                v, after = b.var, readers.get(b.var, [])
+                while (uses.get(v) == 1 and len(after) == 1  # through reshapes (torch's 3-D
+                       and getattr(after[0].op, "name", "") == "relax.reshape"):  # Linear)
+                    v = var_of[after[0]]
+                    after = readers.get(v, [])
+                if (uses.get(v) == 1 and len(after) == 1
+                        and getattr(after[0].op, "name", "") == "relax.nn.gelu"):  # fmt: skip
+                    gelu_of[call] = after[0]
                 break
-    return bias_of, add_of
+    return bias_of, add_of, gelu_of
 
 
 def _sym(name: str) -> str:

@@ -7,8 +7,8 @@ instructions multiply unsigned by signed bytes. The int32 product of the signed 
 ``Σ_k Xu·Wq - 128·Σ_k Wq[n, k]``: the column sums are computed once, when the weight is packed,
 so the kernels' int32 result equals ``Xq @ Wq.T`` exactly (:func:`gemm_int8_kernel` with
 ``out="int32"``). The float epilogue dequantizes in registers: ``acc · s_x[m] · s_w[n]``, adds
-the bias and applies ``relu`` when asked, and stores float32; nothing goes back to memory as
-int32.
+the bias and applies ``relu`` or ``gelu`` (:mod:`.cpu_int8_epilogue`) when asked, and stores
+float32; nothing goes back to memory as int32.
 
 Three instruction paths, chosen by :func:`int8_isa` from the target's features:
 
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from graphprune.codegen.kernels.cpu_common import ACC_SCOPE, KERNEL_ATTRS
+from graphprune.codegen.kernels.cpu_int8_epilogue import ACTIVATIONS, activate
 from graphprune.codegen.kernels.cpu_int8_amx import (
     AMX_K_ALIGN,
     AMX_M_ALIGN,
@@ -74,7 +75,6 @@ __all__ = [
 ]  # fmt: skip
 
 ISAS = ("amx", "vnni", "avx2")
-ACTIVATIONS = (None, "relu")
 ZERO_POINT = 128  # u8 activations: Xu = Xq + 128
 # op_pattern kOpaque (8): Relax's pattern analysis asserts a block body otherwise, and FuseOps
 # must not fuse a neighbour (the reshape before, the bias add after) into a hand-written loop nest
@@ -263,9 +263,7 @@ def gemm_int8_kernel(m: int, n: int, k: int, isa: str = "vnni", out: str = "floa
         f = T.Cast(fty, v) * (T.Broadcast(xs[row], lanes) * ws[ramp(col)])
         if bias:
             f = f + b[ramp(col)]
-        if activation == "relu":
-            f = T.max(f, T.Broadcast(T.float32(0), lanes))
-        return f
+        return activate(f, activation, lanes)
 
     @T.macro
     def tile(xw, wp, corr, xs, ws, b, y, acc, stage, m0, rows, blk, j0, vecs, partial):

@@ -25,6 +25,7 @@ configuration itself: it is per thread.
 from __future__ import annotations
 
 from graphprune.codegen.kernels.cpu_common import KERNEL_ATTRS
+from graphprune.codegen.kernels.cpu_int8_epilogue import activate
 from tvm.script import tirx as T
 
 __all__ = ["AMX_K_ALIGN", "AMX_M_ALIGN", "AMX_NR", "gemm_amx_kernel"]
@@ -60,9 +61,7 @@ def gemm_amx_kernel(m: int, n: int, k: int, out: str = "float32", bias: bool = F
         f = T.Cast("float32x16", v) * (T.Broadcast(xs[row], 16) * ws[T.Ramp(col, 1, 16)])
         if bias:
             f = f + b[T.Ramp(col, 1, 16)]
-        if activation == "relu":
-            f = T.max(f, T.Broadcast(T.float32(0), 16))
-        return f
+        return activate(f, activation, 16)
 
     @T.macro
     def body(xu, wp, corr, xs, ws, b, y):

@@ -29,7 +29,8 @@ Kernels:
   in registers into a buffer of 16 rows × all tokens, written into ``Y[M, N]`` (the model's
   layout, no transpose op after it) token by token, 16 adjacent values each: storing each
   row's values straight into ``Y`` (one value per cache line, stride ``N``) took 8× the
-  whole kernel's time at 768×768, 90% sparse, 128 tokens (1.5 ms vs 0.19 ms, loaded machine). Rows are cut into ``chunks`` parallel tasks of equal block counts
+  whole kernel's time at 768×768, 90% sparse, 128 tokens (1.5 ms vs 0.19 ms, loaded machine).
+  Rows are cut into ``chunks`` parallel tasks of equal block counts
   (:func:`~.cpu_common.balanced_row_split`). ``out="int32"`` stores ``Xq @ Wq.T`` exactly.
 """
 

@@ -115,3 +115,21 @@ def test_auto_keeps_the_fastest_of_its_measured_candidates(tmp_path, monkeypatch
         assert set(times) == {"fp32", "int8", "int8_bsr"}, rec
         assert rec["kernel"] == min(times, key=times.get)
     assert (tmp_path / "int8.json").exists()  # decisions cached for the next compile
+
+
+def test_gelu_after_a_quantized_linear_runs_in_its_epilogue(tmp_path):
+    """Linear -> GELU (BERT's FFN): the int8 kernel applies bias and gelu, no separate
+    elementwise kernel evaluates erf, and the artifact equals the fake-quant model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 48)).eval()
+    x = torch.randn(1, 16, 64)
+    res = gp.quantize(model, (x,), scheme="w8a8_dynamic", calib=[(x,)], exclude=[])
+    art = gp.compile(res, (x,), out_dir=tmp_path / "a")
+    kern = art.manifest["kernels"]
+    assert kern["quant:0.weight"]["activation"] == "gelu"
+    assert "activation" not in kern["quant:2.weight"]
+    assert not any("erf" in name for name in kern), sorted(kern)
+    with torch.no_grad():
+        want = res.model(x).numpy()
+    got = np.asarray(art(x.numpy()))
+    assert np.mean(np.abs(got - want) <= 1e-4 * (1 + np.abs(want))) > 0.95

@@ -206,7 +206,7 @@ def test_amx_quantizer_pads_rows_and_k_with_the_zero_point():
 
 def test_unsupported_requests_raise_codegen_errors():
     with pytest.raises(CodegenUnsupported, match="activation"):
-        gemm_int8_kernel(4, 4, 4, "vnni", activation="gelu")
+        gemm_int8_kernel(4, 4, 4, "vnni", activation="silu")  # gelu and relu are supported
     with pytest.raises(CodegenUnsupported, match="isa"):
         gemm_int8_kernel(4, 4, 4, "sse4")
     with pytest.raises(CodegenUnsupported, match="int8"):
@@ -227,3 +227,27 @@ def test_avx2_build_uses_vpmaddwd_and_never_zmm(tmp_path):
     assert re.search(r"vpmaddwd\s.*ymm", asm), "no 256-bit vpmaddwd in the AVX2 build"
     bad = [ln.strip() for ln in asm.splitlines() if re.search(r"\bzmm\d+|vpdpbusd", ln)]
     assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("isa", ["amx", "vnni"])
+def test_gelu_epilogue_is_the_erf_gelu_of_the_dequantized_product(isa):
+    """activation="gelu": x (1 + erf(x / sqrt 2)) / 2 of the dequantized, bias-added product,
+    erf as the float32 rational approximation of fast_erf (what the fp32 build runs for gelu):
+    within 1e-6 absolute of the exact erf at these magnitudes (|x| < 10)."""
+    if ISA_RANK[isa] < ISA_RANK[int8_isa(HOST)]:
+        pytest.skip(f"host CPU has no {isa}")
+    from math import erf
+
+    rng = np.random.default_rng(9)
+    m, n, k = 9, 45, 37
+    xq, wq = _int8(rng, (m, k)), _int8(rng, (n, k))
+    xs = rng.uniform(0.001, 0.01, m).astype(np.float32)
+    ws = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    lib = _build(gemm_int8_kernel(m, n, k, isa, bias=True, activation="gelu"), HOST)
+    arrays = dense_arrays(wq, ws, b, isa)
+    got = _run(lib, _as_u8(xq, isa), *arrays[:2], xs, *arrays[2:], np.zeros((m, n), np.float32))
+    h = (xq.astype(np.int64) @ wq.astype(np.int64).T) * xs[:, None].astype(np.float64) * ws + b
+    assert np.abs(h).max() < 10 and h.min() < -1 and h.max() > 1  # both tails exercised
+    want = h * 0.5 * (1 + np.vectorize(erf)(h / np.sqrt(2)))
+    np.testing.assert_allclose(got, want, atol=1e-6 + 1e-6 * np.abs(want).max(), rtol=1e-5)
