@@ -16,7 +16,8 @@ Per scheme (``graphprune.ir.quant.QuantSpec``):
   dequantized in the kernel's epilogue) → reshape back; the int8 weight is packed for the
   target's instruction path (:func:`~graphprune.codegen.kernels.cpu_int8.int8_isa`: AVX-512 VNNI,
   else AVX2) and shipped as new weight arrays; the fp32 weight is dropped when nothing else
-  reads it. The bias add goes into the kernel's epilogue. ``kind == "int8_bsr"``
+  reads it. The bias add goes into the kernel's epilogue, and so does an erf ``gelu`` that
+  alone reads that add (BERT's FFN; record ``"activation": "gelu"``). ``kind == "int8_bsr"``
   (:mod:`.quant_choice`): the same quantizer, its output made quad-major once per input
   (``quads_kernel``), then the 1×4-block sparse kernel of :mod:`.kernels.cpu_int8_sparse`
   (block count symbolic: one kernel per shape).
@@ -376,10 +377,11 @@ def _rewrite(lowered: LoweredModel, specs: dict, isa: str, records: dict,
 
 def _bias_adds(main, weight_of: dict):
     """``({matmul call: (add call, bias var)}, {add call: (matmul operand index, bias var)},
-    {add call: gelu call})`` for every ``add(mm, b)`` / ``add(b, mm)`` in ``main`` where ``mm`` is bound to a matmul
-    read by nothing else and ``b`` a 1-D weight parameter: the adds an int8 kernel can absorb
-    (its epilogue adds the bias), so the bias costs no second pass over the output; and the erf ``gelu``
-    that alone reads such an add (BERT's FFN), which the epilogue then applies too."""
+    {add call: gelu call})`` for every ``add(mm, b)`` / ``add(b, mm)`` in ``main`` where ``mm``
+    is bound to a matmul read by nothing else and ``b`` a 1-D weight parameter: the adds an int8
+    kernel can absorb (its epilogue adds the bias), so the bias costs no second pass over the
+    output; and the erf ``gelu`` that alone reads such an add (BERT's FFN), which the epilogue
+    then applies too."""
     from tvm import relax
 
     bindings = [b for block in main.body.blocks for b in block.bindings]
