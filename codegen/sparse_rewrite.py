@@ -20,9 +20,13 @@ bias add is left in place.
 stays dense: the graph says which layers are sparse. Without ``masks`` (a plain model), the
 pattern is the nonzeros of each weight, as detected here. Either way the compressed arrays hold
 the weight's nonzeros, which lie inside its mask. The replacement is ``reshape/permute_dims(x) → call_tir(kernel, XT,
-*compressed) → permute_dims/reshape``; compressed arrays become new weight parameters (shipped in
-``weights.npz`` like every other weight), and the dense weight is dropped when nothing else
-reads it.
+*compressed) → permute_dims/reshape``, or, for a Linear the row-major panel kernels take
+(:mod:`graphprune.codegen.kernels.cpu_panel`: AVX-512, sizes multiples of 16, 16+ rows or a
+symbolic batch), ``reshape(x) → call_tir(kernel, X, *compressed) → reshape`` with no transposes
+(the manifest record's ``layout``: ``"rows"`` or ``"xt"``); compressed arrays become new weight
+parameters (shipped in ``weights.npz`` like every other weight), and the dense weight is dropped
+when nothing else reads it. Dynamic-shape models: Linears with symbolic leading axes go to the
+panel kernels (``auto`` probes them at 128 rows); others stay dense, with the reason.
 
 ``kernels="auto"`` measures, per layer shape and batch on the target, the layer alone compiled
 dense (our scheduled matmul or conv) and rewritten to each sparse format the weight fits, keeps
