@@ -24,6 +24,9 @@ p.add_argument("--full", action="store_true", help="full-size models (default: q
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--rounds", type=int, default=3, help="alternating kernel profiles per side")
 p.add_argument("--repeat", type=int, default=60, help="whole-model timed calls per side")
+p.add_argument("--try-work", type=int, default=0, metavar="MACS",
+               help="time the rule against this MIN_PARALLEL_WORK (elements: an eighth of it) "
+                    "instead of against every loop parallel")  # fmt: skip
 ARGS = p.parse_args()
 os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)  # before tvm is imported
 
@@ -43,7 +46,8 @@ FACTORY = {
     ("MobileNetV2", True): lambda: mobilenet(),
 }
 RULE = (cpu_loops.MIN_PARALLEL_WORK, cpu_loops.MIN_PARALLEL_ELEMENTS)
-SIDES = {"all parallel": (0, 0), "grain": RULE}
+SIDES = {f"grain {ARGS.try_work}" if ARGS.try_work else "all parallel":
+         (ARGS.try_work, ARGS.try_work // 8), "rule": RULE}  # fmt: skip
 
 
 def set_grain(work: int, elements: int) -> None:

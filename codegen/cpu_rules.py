@@ -34,6 +34,9 @@ Memory layout and loop order (what made the rules match PyTorch on full-size mod
   per load within the register file (a weight load counted twice where the panel streams from
   L2: a kh x kw > 1 conv, not K-blocked, with a panel over L1), rows forming a box of the output
   so the fused epilogue covers the tile exactly.
+* **Parallel grain.** A contraction under :data:`.cpu_loops.MIN_PARALLEL_WORK` multiply-adds
+  gets no parallel loop: the thread pool's fork-join costs microseconds, what a late layer of a
+  small CNN takes in all (and on loaded cores a barrier waits for a descheduled worker).
 """
 
 from __future__ import annotations
