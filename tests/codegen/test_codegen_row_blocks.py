@@ -112,3 +112,16 @@ def test_row_blocked_linear_matches_torch(artifact_dir, case):
     panels = 48 // (up[0]["tile_col_vectors"] * up[0]["vector_lanes"])
     assert row_blocks(64, up[0]["tile_rows"], 768, panels) > 1  # the blocked path ran
     assert_matches(art(*inputs), torch_outputs(model, inputs))
+
+
+@pytest.mark.parametrize("shape, parallel", [((8, 64, 64), False), ((64, 256, 256), True)])
+def test_small_contractions_run_serially(shape, parallel):
+    """Under MIN_PARALLEL_WORK multiply-adds the fork-join would cost more than the kernel saves:
+    no parallel loop (8 x 64 x 64 = 32 K MACs); a 4 M MAC GEMM keeps its parallel panels."""
+    from graphprune.codegen.cpu_loops import MIN_PARALLEL_WORK
+
+    m, k, n = shape
+    assert (m * k * n >= MIN_PARALLEL_WORK) == parallel
+    sch = Contraction().apply(_matmul(m, k, n), make_target(AVX512), False)
+    assert sch is not None
+    assert ("T.parallel" in sch.mod.script()) == parallel
