@@ -118,6 +118,8 @@ def schedule_pass(rules, target, report: dict):
                         choice["packed_weight"] = match.packed
                     if match.k_block:
                         choice["k_block"] = match.k_block
+                    if match.row_blocks > 1:
+                        choice["row_blocks"] = match.row_blocks
                 break
             report[gv.name_hint] = choice
         for gv, func in updates.items():

@@ -20,6 +20,8 @@ its tail is padded to the register tile, not to a block).
 
 from __future__ import annotations
 
+from graphprune.codegen.cpu_tiles import row_tile_fits
+
 __all__ = ["L2_ROW_BLOCK_BYTES", "MIN_PARALLEL", "MIN_TILES_PER_BLOCK", "row_blocks"]
 
 # Activation bytes per M-block: half of the smallest L2 of the project's machines (AMD Zen 4:
@@ -30,7 +32,8 @@ MIN_PARALLEL = 4
 MIN_TILES_PER_BLOCK = 4
 
 
-def row_blocks(rows: int, rt: int, k: int, panels: int, dtype_bits: int = 32) -> int:
+def row_blocks(rows: int, rt: int, k: int, panels: int, dtype_bits: int = 32,
+               row_extents: list[int] | None = None) -> int:  # fmt: skip
     """How many M-blocks to split ``rows`` (a multiple of ``rt``) into, for a K-blocked
     contraction with reduction length ``k`` and ``panels`` output-channel panels.
 
@@ -40,18 +43,27 @@ def row_blocks(rows: int, rt: int, k: int, panels: int, dtype_bits: int = 32) ->
     :data:`MIN_TILES_PER_BLOCK` register tiles per block.
     1 = no row blocking (the rule's previous schedule).
 
+    ``row_extents`` (the row axes fused into ``rows``, outermost first): a block must be a box of
+    them (:func:`.cpu_tiles.row_tile_fits`). The epilogue runs once per (panel, block) over the
+    block's region, and TVM covers a block that straddles an outer row axis (224 rows of a
+    ``2 x 28 x 28`` conv output: half of image 0's last rows and image 1's first) with the bounding
+    box of both images, so it would read rows another thread is still accumulating.
+
     >>> row_blocks(128, 4, 3072, 16)  # BERT-base FFN down: 1.5 MiB of activation -> 4 x 384 KiB
     4
     >>> row_blocks(128, 8, 768, 32)  # FFN up: 384 KiB, 32 panels: one block
     1
     >>> row_blocks(128, 8, 768, 3)  # 3 panels: 2 blocks, 6 pairs for 2 threads
     2
+    >>> row_blocks(1568, 4, 512, 2, row_extents=[2, 28, 28])  # not 7 x 224 rows: 8 x 7 image rows
+    8
     """
     if rt <= 0 or rows % rt:
         return 1
     tiles = rows // rt
     options = [
         b for b in range(1, tiles + 1) if tiles % b == 0 and tiles // b >= MIN_TILES_PER_BLOCK
+        and (b == 1 or row_extents is None or row_tile_fits(rows // b, row_extents))
     ]
     if not options:
         return 1

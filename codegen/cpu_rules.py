@@ -268,7 +268,8 @@ class Contraction(ScheduleRule):
             for e in row_extents:
                 rows *= e
             # A symbolic row count keeps one M-block (its tail is padded to rt, not to a block).
-            blocks = 1 if sym_rows else row_blocks(rows, rt, extents[-1], c_ext // bn, dtype_bits)
+            blocks = 1 if sym_rows else row_blocks(rows, rt, extents[-1], c_ext // bn, dtype_bits,
+                                                    row_extents)  # fmt: skip
             # Symbolic rows: split only the innermost row axis where the tile fits in it (padded
             # to whole tiles, or a constant multiple of rt), the other row axes loops of their
             # own, so no index of the tile divides by a symbolic extent.
