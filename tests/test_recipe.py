@@ -21,7 +21,8 @@ def test_defaults_are_filled_and_absent_steps_skipped():
     r = load_recipe({**BASE, "prune": {}})
     assert r["prune"]["ratio"] == 0.5 and r["prune"]["criterion"] == "l2"
     assert r["sparsify"] is None and r["calib"] is None
-    assert r["compile"] == {"target": "llvm", "schedule": "ours", "kernels": "auto"}
+    assert r["compile"] == {"target": "llvm", "schedule": "ours", "kernels": "auto",
+                            "int8_tolerance": None}
     assert r["verify"]["atol"] == 1e-4 and r["verify"]["enabled"] is True
 
 

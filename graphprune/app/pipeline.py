@@ -343,6 +343,7 @@ def _compile(settings: dict, model: Any, inputs: tuple, art_dir: Path, clock: St
     with clock.step("compile", f"compiling for {c['target']} (schedule {c['schedule']})"):
         return compile_model(model, inputs, target=c["target"], out_dir=art_dir,
                              schedule=c["schedule"], kernels=c["kernels"], graph=graph,
+                             int8_tolerance=c.get("int8_tolerance"),
                              progress=lambda m: clock.progress("  " + m))  # fmt: skip
 
 

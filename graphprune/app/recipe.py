@@ -125,6 +125,10 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "target": Field("str", "llvm", choices=("llvm", "cuda")),
         "schedule": Field("str", "ours", choices=("ours", "stock", "dlight")),
         "kernels": Field("str", "auto"),
+        "int8_tolerance": Field("float|null", None, lo=0.0,
+                                doc="largest relative output error of a layer in int8 on the "
+                                    "calibration data; a layer above it stays fp32 (needs "
+                                    "quantize:)"),  # fmt: skip
     },
     "verify": {
         "atol": Field("float", 1e-4, lo=0.0),
@@ -417,6 +421,10 @@ def _check_contradictions(data: dict, source: str) -> None:
         if (q["observer"] != "minmax" or q["percentile"] is not None) and (
                 q["scheme"] != "w8a8_static"):  # fmt: skip
             fail("quantize.observer / percentile set static input scales: use scheme w8a8_static")
+    comp = data.get("compile")
+    if comp is not None and comp.get("int8_tolerance") is not None and q is None:
+        fail("compile.int8_tolerance keeps layers over it in fp32 after a quantize: step; add a "
+             "quantize: section or drop int8_tolerance")  # fmt: skip
     rec = data["recover"]
     if rec is not None:
         if data["model"].endswith(".onnx"):

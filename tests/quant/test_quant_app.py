@@ -43,16 +43,23 @@ def test_recipe_checks_the_quantize_section() -> None:
         load_recipe({"model": "m.onnx", "quantize": {"smooth": 0.5}, "calib": {}})
     with pytest.raises(ConfigError, match="use scheme w8a8_static"):
         load_recipe({"model": "resnet_tiny", "quantize": {"percentile": 99.9}})
+    with pytest.raises(ConfigError, match="compile.int8_tolerance keeps layers over it in fp32"):
+        load_recipe({"model": "resnet_tiny", "compile": {"int8_tolerance": 0.01}})
+    r = load_recipe({"model": "resnet_tiny", "quantize": {}, "compile": {"int8_tolerance": 0.01}})
+    assert r["compile"]["int8_tolerance"] == 0.01
 
 
 def test_run_quantizes_after_sparsify_and_compiles(factory, tmp_path) -> None:
     res = gp.run({"model": factory, "sparsify": {"sparsity": 0.5},
                   "quantize": {"scheme": "w8a8_static", "exclude": []},
+                  "compile": {"int8_tolerance": 1.0},
                   "calib": {"batches": 2}, "out": str(tmp_path / "art"), "report": False,
                   "verify": {"atol": 1e-3, "rtol": 1e-3}})  # fmt: skip
     q = res.summary["quantize"]
     assert q["scheme"] == "w8a8_static" and q["layers"] == 3 and q["max_rel_error"] < 0.05
     assert res.summary["verify"]["passed"]
+    quant = [k for k in res.artifact.manifest["kernels"].values() if "int8_tolerance" in k]
+    assert len(quant) == 3 and all(k["int8_tolerance"] == 1.0 for k in quant), quant
     # the returned model is the fake-quantized one; its sparse weights are still sparse
     w = res.model[0].weight
     assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
