@@ -62,6 +62,13 @@ def _evaluate(name: str, call, arrays: list[np.ndarray], shape: tuple[int, ...],
     return np.ascontiguousarray(np.asarray(out, dtype=dtype).reshape(shape))
 
 
+def _array_of(const) -> np.ndarray | None:
+    """A tensor constant's data; ``None`` for a scalar ``PrimValue`` argument (``T.int64(0)``: an
+    op's axis or index, e.g. GPT-2's ``take``), which the numpy evaluation leaves alone."""
+    data = getattr(const, "value", None)
+    return data.numpy() if hasattr(data, "numpy") else None
+
+
 def fold_constants():
     """A module pass: every call of a foldable op (module docstring) whose tensor arguments are
     constants, or variables bound to constants, becomes the constant it computes, in every Relax
@@ -82,7 +89,7 @@ def fold_constants():
             if isinstance(e, relax.Var):
                 bound = self.lookup_binding(e)
                 e = bound if bound is not None else e
-            return e.value.numpy() if isinstance(e, Constant) else None
+            return _array_of(e) if isinstance(e, Constant) else None
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
@@ -129,7 +136,7 @@ def evaluate_in_numpy(func, weights: list[np.ndarray]) -> list[np.ndarray] | Non
 
     def value(e):
         if isinstance(e, Constant):
-            return e.value.numpy()
+            return _array_of(e)
         return env.get(e)
 
     for block in func.body.blocks:
