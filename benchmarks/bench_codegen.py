@@ -28,7 +28,8 @@ The ratio column is **best peer ÷ ours** (medians; above 1 = we are faster).
     python benchmarks/bench_codegen.py --tune 64  # adds a MetaSchedule-tuned column (64 trials)
 
 A model whose build exceeds ``--build-budget`` seconds is retried at the next smaller size. The
-table goes into BENCHMARKS.md between the ``bench_peers`` markers, with the CPU, date and load.
+table goes into BENCHMARKS.md between the ``bench_peers`` markers (``bench_peers_full`` for a
+full-size run), with the CPU, date and load.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ from full_models import bert, macs, mobilenet, resnet, seeded, variant_of  # noq
 from record import PATH, cpu_name, write_block  # noqa: E402
 
 torch.set_num_threads(ARGS.threads[0] if ARGS.worker else 2)
-START, END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
+START, END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"  # --quick runs
+# Full-size runs (the issue's rows) keep a block of their own, so neither replaces the other.
+FULL_START, FULL_END = "<!-- bench_peers_full:start -->", "<!-- bench_peers_full:end -->"
 
 
 FULL = {
@@ -249,6 +252,14 @@ LOAD0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
 T0 = time.time()
 
 
+def _after_quick_block(text: str, block: str) -> str:
+    """A new full-size block goes right after the quick one (else at the end)."""
+    if END in text:
+        at = text.index(END) + len(END)
+        return text[:at] + "\n\n" + block + text[at:]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
 def main() -> int:
     if ARGS.worker:
         worker(Path(ARGS.worker))
@@ -304,7 +315,9 @@ def main() -> int:
             f"{' Quick mode: small sizes, not the issue rows.' if ARGS.quick else ''}\n\n"
             f"{result}\n\nGoals on this run (issue 16):\n{goals(rows, times, misses)}"
         )
-        write_block(START, END, body, path=ARGS.benchmarks_md or PATH)
+        marks = (START, END) if ARGS.quick else (FULL_START, FULL_END)
+        write_block(*marks, body, path=ARGS.benchmarks_md or PATH,
+                    insert=_after_quick_block)
     return 0
 
 
