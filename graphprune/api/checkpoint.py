@@ -115,15 +115,7 @@ def sparsify_checkpoint(src, dst, calib, sparsity=None, pattern="unstructured", 
     if calib is None:
         raise ConfigError("sparsify_checkpoint needs calib=[batch, ...]: the calibration inputs "
                           "are what is streamed through the layers")
-    if not src.is_dir():
-        raise ArtifactError(f"src={str(src)!r} is not a directory: pass the folder "
-                            "save_pretrained wrote")
-    if dst.exists() or dst.is_symlink():
-        raise ArtifactError(f"dst={str(dst)!r} exists: choose a new folder (nothing is replaced)")
-    reader = ckpt.CheckpointReader(src)
-    check_disk(reader, dst, keep_free)
-    model = ckpt.build_skeleton(src)
-    bname, blist = decoder_layers(model, src, reader)
+    reader, model, bname, blist = open_checkpoint(src, dst, keep_free)
 
     report = SparsityReport(cfg.method, str(cfg.pattern), "layer", cfg.sparsity,
                             f"streamed from {src.name}, sequential over {bname} "
@@ -168,7 +160,24 @@ def sparsify_checkpoint(src, dst, calib, sparsity=None, pattern="unstructured", 
     return CheckpointResult(dst, report, masks)
 
 
-# -- steps (check_disk, decoder_layers, first_inputs and OneBlock also serve prune_checkpoint) --
+# -- steps (open_checkpoint, first_inputs and OneBlock also serve prune_checkpoint) --
+
+
+def open_checkpoint(src: Path, dst: Path, keep_free: int
+                    ) -> tuple[ckpt.CheckpointReader, nn.Module, str, nn.ModuleList]:  # fmt: skip
+    """Check the folders and the free disk, then open ``src``: its shard reader, the model's
+    meta-device skeleton and its decoder layers (name and list)."""
+    if not src.is_dir():
+        raise ArtifactError(f"src={str(src)!r} is not a directory: pass the folder "
+                            "save_pretrained wrote")
+    if dst.exists() or dst.is_symlink():
+        raise ArtifactError(f"dst={str(dst)!r} exists: choose a new folder (nothing is replaced)")
+    reader = ckpt.CheckpointReader(src)
+    check_disk(reader, dst, keep_free)
+    model = ckpt.build_skeleton(src)
+    bname, blist = decoder_layers(model, src, reader)
+    return reader, model, bname, blist
+
 def check_disk(reader: ckpt.CheckpointReader, dst: Path, keep_free: int) -> None:
     need = reader.nbytes() + keep_free
     free = ckpt.stat_free(dst.parent)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.api.checkpoint import OneBlock, check_disk, decoder_layers, first_inputs
+from graphprune.api.checkpoint import OneBlock, first_inputs, open_checkpoint
 from graphprune.api.graph import capture
 from graphprune.frontends.torch import checkpoint as ckpt
 from graphprune.frontends.torch import hf
@@ -148,15 +148,7 @@ def prune_checkpoint(src, dst, ratio: float = 0.5, criterion: str = "l2",
                                heads=heads)
     cfg.validate()
     cfg.uniform = True
-    if not src.is_dir():
-        raise ArtifactError(f"src={str(src)!r} is not a directory: pass the folder "
-                            "save_pretrained wrote")
-    if dst.exists() or dst.is_symlink():
-        raise ArtifactError(f"dst={str(dst)!r} exists: choose a new folder (nothing is replaced)")
-    reader = ckpt.CheckpointReader(src)
-    check_disk(reader, dst, keep_free)
-    model = ckpt.build_skeleton(src)
-    bname, blist = decoder_layers(model, src, reader)
+    reader, model, bname, blist = open_checkpoint(src, dst, keep_free)
     tmpl = _Template.capture(model, reader, bname, blist, cfg)
     report = CheckpointPruneReport(criterion, scope, ratio, len(blist), notes=tmpl.notes)
     say = progress or (lambda _line: None)
