@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from graphprune.staging import existing_ancestor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import record
@@ -201,6 +202,22 @@ def write(row: list) -> None:
     record.write_block(START, END, body)
 
 
+def checkpoint_bytes(shape: str) -> int:
+    """fp32 bytes of the checkpoint :func:`build_checkpoint` writes for ``shape`` (untied head)."""
+    cfg = _config(shape)
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    return 4 * (cfg.num_hidden_layers * (2 * h * h + 2 * kv * h + 3 * h * f) + 2 * v * h)
+
+
+def require_disk(directory: str, need: int) -> None:
+    """Stop before writing when the filesystem of ``directory`` has less than ``need`` bytes."""
+    free = shutil.disk_usage(existing_ancestor(Path(directory) / "x")[0]).free
+    if free < need:
+        raise SystemExit(f"refusing: the input and output checkpoints need {need / GIB:.0f} GiB "
+                         f"on the filesystem of {directory}; it has {free / GIB:.0f} GiB free")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -219,18 +236,7 @@ def main() -> None:
     root = Path(args.dir) / args.shape
     if root.exists():
         raise SystemExit(f"{root} exists (a previous run?): remove it first")
-    cfg = _config(args.shape)
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    est = 4 * (cfg.num_hidden_layers * (2 * h * h + 2 * kv * h + 3 * h * f) + 2 * v * h)
-    need = 2 * est + 6 * GIB
-    probe = Path(args.dir)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise SystemExit(f"refusing: the input and output checkpoints need {need / 1e9:.0f} GB "
-                         f"on the filesystem of {args.dir}; it has {free / 1e9:.0f} GB free")
+    require_disk(args.dir, 2 * checkpoint_bytes(args.shape) + 6 * GIB)
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     src, dst = root / "src", root / "out"
     try:

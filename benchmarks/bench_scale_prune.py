@@ -172,18 +172,8 @@ def main() -> None:
     root = Path(args.dir) / f"prune-{args.shape}"
     if root.exists():
         raise SystemExit(f"{root} exists (a previous run?): remove it first")
-    cfg = bench_scale._config(args.shape)
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    est = 4 * (cfg.num_hidden_layers * (2 * h * h + 2 * kv * h + 3 * h * f) + 2 * v * h)
-    need = 2 * est + 2 * GIB  # the output is smaller, but prune_checkpoint asks for src's size
-    probe = Path(args.dir)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise SystemExit(f"refusing: the input and output checkpoints need {need / GIB:.0f} GiB "
-                         f"on the filesystem of {args.dir}; it has {free / GIB:.0f} GiB free")
+    # the output is smaller, but prune_checkpoint asks for src's size
+    bench_scale.require_disk(args.dir, 2 * bench_scale.checkpoint_bytes(args.shape) + 2 * GIB)
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     src, dst = root / "src", root / "out"
     try:
